@@ -1,0 +1,157 @@
+"""The core service's local API: JSON over HTTP on loopback, with a bearer token.
+
+The token lives in ``DATA/service.token`` (mode 0600), so only the account that runs the service
+(and root) can call it; ``DATA/service.json`` says where it listens. Clients use ``ServiceClient``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ApplianceError, ServiceError
+
+log = logging.getLogger(__name__)
+
+SERVICE_FILE = "service.json"
+TOKEN_FILE = "service.token"
+MAX_BODY = 8 * 1024 * 1024
+
+Handler = Callable[[dict[str, Any]], Any]
+
+
+class ApiServer:
+    """A threaded HTTP server whose routes are ``(method, path) -> handler(body) -> JSON``."""
+
+    def __init__(self, data_dir: Path, host: str, port: int, routes: dict[tuple[str, str], Handler]):
+        self.data_dir = data_dir
+        self.routes = routes
+        self.token = secrets.token_urlsafe(32)
+        server = self
+
+        class _Request(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, fmt: str, *args: Any) -> None:
+                log.debug("api: " + fmt, *args)
+
+            def _reply(self, status: int, body: Any) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _handle(self, method: str) -> None:
+                path = self.path.split("?", 1)[0]
+                if path != "/health" and not secrets.compare_digest(
+                    self.headers.get("Authorization", ""), f"Bearer {server.token}"
+                ):
+                    self._reply(401, {"error": "missing or wrong token"})
+                    return
+                handler = server.routes.get((method, path))
+                if handler is None:
+                    self._reply(404, {"error": f"no route {method} {path}"})
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > MAX_BODY:
+                    self._reply(413, {"error": "request too large"})
+                    return
+                try:
+                    body = json.loads(self.rfile.read(length) or b"{}") if length else {}
+                    if not isinstance(body, dict):
+                        raise ValueError("the request body must be a JSON object")
+                    self._reply(200, handler(body))
+                except (ApplianceError, ValueError, KeyError, TypeError) as exc:
+                    self._reply(400, {"error": str(exc), "type": type(exc).__name__})
+                except Exception as exc:
+                    log.exception("api handler %s %s failed", method, path)
+                    self._reply(500, {"error": f"internal error: {type(exc).__name__}"})
+
+            def do_GET(self) -> None:
+                self._handle("GET")
+
+            def do_POST(self) -> None:
+                self._handle("POST")
+
+        self._httpd = ThreadingHTTPServer((host, port), _Request)
+        self._httpd.daemon_threads = True
+        self.host, self.port = self._httpd.server_address[:2]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="api", daemon=True)
+
+    def start(self) -> None:
+        token_path = self.data_dir / TOKEN_FILE
+        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(self.token)
+        info = {"pid": os.getpid(), "host": self.host, "port": self.port}
+        tmp = self.data_dir / (SERVICE_FILE + ".tmp")
+        tmp.write_text(json.dumps(info), encoding="utf-8")
+        os.replace(tmp, self.data_dir / SERVICE_FILE)
+        self._thread.start()
+
+    def stop(self) -> None:
+        for name in (SERVICE_FILE, TOKEN_FILE):
+            try:
+                info = (self.data_dir / name).read_text(encoding="utf-8")
+                if name == TOKEN_FILE or json.loads(info).get("pid") == os.getpid():
+                    (self.data_dir / name).unlink()
+            except (OSError, ValueError):
+                pass
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+class ServiceClient:
+    """Calls a running core service of a data folder."""
+
+    def __init__(self, host: str, port: int, token: str, timeout: float = 600.0) -> None:
+        self.host, self.port, self.token, self.timeout = host, port, token, timeout
+
+    @classmethod
+    def find(cls, data_dir: Path) -> ServiceClient | None:
+        """The client of the data folder's running service, or None when none answers."""
+        try:
+            info = json.loads((data_dir / SERVICE_FILE).read_text(encoding="utf-8"))
+            token = (data_dir / TOKEN_FILE).read_text(encoding="utf-8").strip()
+            pid = int(info["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        client = cls(str(info["host"]), int(info["port"]), token)
+        try:
+            client.call("GET", "/health", timeout=2.0)
+        except ServiceError:
+            return None
+        return client
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout or self.timeout)
+        try:
+            data = json.dumps(body or {}).encode() if method == "POST" else None
+            headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+            conn.request(method, path, body=data, headers=headers)
+            response = conn.getresponse()
+            payload = json.loads(response.read() or b"null")
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise ServiceError(f"the core service at {self.host}:{self.port} did not answer: {exc}") from exc
+        finally:
+            conn.close()
+        if response.status != 200:
+            message = payload.get("error") if isinstance(payload, dict) else payload
+            raise ServiceError(f"the core service refused {method} {path}: {message}")
+        return payload

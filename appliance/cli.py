@@ -1,0 +1,338 @@
+"""The ``appliance`` command line: ``main(argv)`` parses, loads settings once and dispatches.
+
+Errors become a message on stderr and a non-zero exit code here, and only here.
+``--json`` output is one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from appliance import __version__
+from appliance.errors import ApplianceError, ServiceError, StoreLockedError
+from appliance.settings import Settings, load_settings
+
+log = logging.getLogger("appliance")
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_HELD = 3
+
+
+def _setup_logging(settings: Settings, verbose: bool, to_file: bool) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if to_file:
+        settings.log_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(settings.log_dir / "appliance.log", encoding="utf-8"))
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+    handlers[0].setLevel(logging.DEBUG if verbose else logging.WARNING)
+    for noisy in ("httpx", "sentence_transformers", "transformers", "watchdog", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+
+
+def _quiet_model_loading() -> None:
+    """Progress bars of weight loading are noise on a terminal and in JSON pipelines."""
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    from appliance.api import ServiceClient
+    from appliance.wiring import open_ingestion
+
+    docs = Path(args.folder)
+    client = ServiceClient.find(settings.data_dir)
+    if client is not None:
+        report = client.call(
+            "POST",
+            "/reconcile",
+            {"docs_dir": str(docs), "confirm_deletions": args.confirm_deletions},
+        )
+    else:
+        _quiet_model_loading()
+        with open_ingestion(settings, docs, role="appliance ingest") as ingestion:
+            progress = _progress_bar() if sys.stderr.isatty() and not args.json else None
+            try:
+                result = ingestion.indexer.reconcile(
+                    confirm_deletions=args.confirm_deletions, progress=progress
+                )
+            finally:
+                if progress is not None:
+                    progress.close()  # type: ignore[attr-defined]
+            if result.held_deletions == 0:
+                ingestion.finish_switch()
+            report = result.as_json()
+    if args.json:
+        _print_json({k: report[k] for k in ("added", "updated", "removed", "unchanged", "failed", "chunks", "seconds")} | {"failures": report["failures"], "held_deletions": report["held_deletions"]})
+    else:
+        print(
+            f"added {report['added']}, updated {report['updated']}, removed {report['removed']}, "
+            f"unchanged {report['unchanged']}, failed {report['failed']}; "
+            f"{report['chunks']} chunks in {report['seconds']:.1f} s"
+        )
+        for failure in report["failures"]:
+            print(f"  failed: {failure['path']}: {failure['reason']}")
+    if report["held_deletions"]:
+        print(
+            f"refused to remove {report['held_deletions']} documents that disappeared at once; "
+            "if they were really deleted, run again with --confirm-deletions",
+            file=sys.stderr,
+        )
+        return EXIT_HELD
+    return 0
+
+
+class _Progress:
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self._bar: Any = None
+        self._tqdm = tqdm
+
+    def __call__(self, rel: str, done: int, total: int) -> None:
+        if self._bar is None:
+            self._bar = self._tqdm(total=total, unit="file", file=sys.stderr, dynamic_ncols=True)
+        self._bar.n = done
+        self._bar.set_postfix_str(rel[-40:], refresh=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _progress_bar() -> Callable[[str, int, int], None]:
+    return _Progress()
+
+
+def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
+    from appliance.service import CoreService
+    from appliance.wiring import open_ingestion
+
+    _quiet_model_loading()
+    docs = Path(args.folder) if args.folder else settings.ingest.docs_dir
+    docs.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with open_ingestion(settings, docs, role="appliance watch") as ingestion:
+        service = CoreService(ingestion, settings)
+        print(
+            f"watching {docs} (data in {settings.data_dir}); Ctrl-C stops",
+            file=sys.stderr,
+        )
+        service.run_until(stop)
+    return 0
+
+
+def _local_or_service(settings: Settings) -> Any:
+    """The running service's client, or None when this process may open the store itself."""
+    from appliance.api import ServiceClient
+
+    return ServiceClient.find(settings.data_dir)
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    client = _local_or_service(settings)
+    if client is not None:
+        status = client.call("GET", "/status")
+    else:
+        if not settings.state_path.exists():
+            status = {"documents": 0, "chunks": 0, "failed": [], "in_progress": [], "stuck": []}
+        else:
+            status = _offline_status(settings)
+    if args.json:
+        _print_json(status)
+        return 0
+    print(f"documents: {status['documents']}   chunks: {status['chunks']}")
+    watcher = status.get("watcher")
+    if watcher:
+        print(f"watcher: {watcher['state']}" + (f" ({watcher['reason']})" if watcher.get("reason") else ""))
+    if status.get("held_deletions"):
+        print(f"held deletions: {status['held_deletions']} (confirm with: appliance ingest FOLDER --confirm-deletions)")
+    for item in status.get("in_progress", []):
+        print(f"in progress: {item}")
+    for item in status.get("stuck", []):
+        print(f"STUCK: {item['path']} in state {item['state']} for {item['seconds']} s")
+    for item in status.get("failed", []):
+        print(f"failed: {item['path']}: {item['reason']}")
+    return 0
+
+
+def _offline_status(settings: Settings) -> dict[str, Any]:
+    """Status read from the ingestion state alone: no model is loaded."""
+    from appliance.ownership import DataDirLock
+    from appliance.wiring import ACTIVE_COLLECTION
+    from ingest.state import IngestState
+
+    with DataDirLock(settings.data_dir, "appliance status"):
+        state = IngestState(settings.state_path)
+        try:
+            collection = state.get_meta(ACTIVE_COLLECTION) or ""
+            documents, chunks = state.counts(collection)
+            files = state.files(collection)
+            return {
+                "collection": collection,
+                "documents": documents,
+                "chunks": chunks,
+                "failed": [
+                    {"path": r.path, "reason": r.reason or "failed"}
+                    for r in sorted(files.values(), key=lambda r: r.path)
+                    if r.state == "failed"
+                ],
+                "in_progress": sorted(
+                    r.path for r in files.values() if r.state in ("queued", "parsing", "embedding")
+                ),
+                "stuck": [],
+                "held_deletions": state.get_meta("held_deletions"),
+            }
+        finally:
+            state.close()
+
+
+def _read_queries(path: Path) -> list[str]:
+    questions = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            questions.append(str(record["question"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ApplianceError(f"{path}:{n}: each line must be a JSON object with a 'question' field") from exc
+    return questions
+
+
+def _result_view(hit: dict[str, Any]) -> dict[str, Any]:
+    return {k: hit.get(k) for k in ("path", "page", "heading", "score", "text")}
+
+
+def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
+    from appliance.wiring import open_ingestion
+
+    if args.queries:
+        queries = _read_queries(Path(args.queries))
+    elif args.query:
+        queries = [args.query]
+    else:
+        raise ApplianceError("give a QUERY or --queries FILE")
+    client = _local_or_service(settings)
+    if client is not None:
+        batches = client.call("POST", "/search/batch", {"queries": queries, "k": args.k, "mode": args.mode})
+    else:
+        _quiet_model_loading()
+        try:
+            with open_ingestion(settings, settings.ingest.docs_dir, role="appliance search") as ing:
+                batches = [ing.searcher.search(q, args.k, mode=args.mode) for q in queries]
+        except StoreLockedError as exc:
+            raise ServiceError(f"{exc}") from exc
+    if args.queries:
+        for question, hits in zip(queries, batches, strict=True):
+            _print_json({"question": question, "results": [_result_view(h) for h in hits]})
+        return 0
+    hits = batches[0]
+    if args.json:
+        _print_json({"query": queries[0], "results": [_result_view(h) for h in hits]})
+        return 0
+    if not hits:
+        print("no results (is anything indexed? see: appliance status)")
+    for rank, hit in enumerate(hits, 1):
+        where = f"page {hit['page']}" if hit.get("page") else (hit.get("heading") or "")
+        print(f"[{rank}] {hit['path']}  {where}  score {hit['score']:.4f}")
+        text = " ".join(str(hit["text"]).split())
+        print(f"    {text[:300]}{'...' if len(text) > 300 else ''}")
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="appliance", description="Offline domain assistant appliance.")
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    parser.add_argument("--config", type=Path, help="YAML settings file (or APPLIANCE_CONFIG)")
+    parser.add_argument("--data-dir", type=Path, help="data folder (or APPLIANCE_DATA_DIR; default ./data)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="index a folder once and exit")
+    p.add_argument("folder", help="the documents folder")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--confirm-deletions", action="store_true", help="apply a mass deletion the guard held")
+    p.set_defaults(func=cmd_ingest, log_file=True)
+
+    p = sub.add_parser("watch", help="run the core service: keep the index equal to a folder")
+    p.add_argument("folder", nargs="?", help="the documents folder (default: ingest.docs_dir)")
+    p.add_argument("--port", type=int, help="port of the local API (default 8765; 0: any free port)")
+    p.set_defaults(func=cmd_watch, log_file=True)
+
+    p = sub.add_parser("status", help="documents, chunks and failures")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status, log_file=False)
+
+    p = sub.add_parser("search", help="hybrid search over the index")
+    p.add_argument("query", nargs="?", help="the query")
+    p.add_argument("-k", type=int, default=5, help="number of results (default 5)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--mode", choices=["hybrid", "dense", "sparse"], default="hybrid")
+    p.add_argument("--queries", help="JSONL file of {\"question\": ...}; prints one JSON line per question")
+    p.set_defaults(func=cmd_search, log_file=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.data_dir is not None:
+        overrides["data_dir"] = str(args.data_dir)
+    if getattr(args, "port", None) is not None:
+        overrides["service"] = {"port": args.port}
+    try:
+        settings = load_settings(args.config, overrides=overrides)
+        from appliance.wiring import prepare_process
+
+        prepare_process(settings)
+        _setup_logging(settings, args.verbose, args.log_file)
+        started = time.monotonic()
+        code = int(args.func(args, settings))
+        log.debug("%s took %.2f s", args.command, time.monotonic() - started)
+        return code
+    except ApplianceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The appliance's error hierarchy.
+
+    ApplianceError
+     ├── ConfigError          bad settings or a missing optional dependency
+     ├── IngestError          a document could not be ingested
+     │    └── ParseError      the parser rejected or could not read a file (reason kept)
+     ├── StoreError           the vector store failed or is unusable
+     │    └── StoreLockedError  another process owns the data folder
+     ├── ServiceError         the core service's local API failed or answered an error
+     ├── ModelError           a model could not be loaded or run
+     └── ExportError          a model could not be merged, converted or exported
+
+Messages name the bad value and the fix. They become exit codes only at the CLI edge.
+"""
+
+from __future__ import annotations
+
+
+class ApplianceError(Exception):
+    """Base of every error the appliance raises on purpose."""
+
+
+class ConfigError(ApplianceError):
+    """Settings are invalid, or an optional dependency is missing."""
+
+
+class IngestError(ApplianceError):
+    """A document could not be ingested."""
+
+
+class ParseError(IngestError):
+    """A parser rejected a file; ``reason`` is short and shown to admins."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StoreError(ApplianceError):
+    """The vector store failed."""
+
+
+class StoreLockedError(StoreError):
+    """Another process owns the data folder."""
+
+
+class ServiceError(ApplianceError):
+    """The core service's local API failed or answered with an error."""
+
+
+class ModelError(ApplianceError):
+    """A model could not be loaded or run."""
+
+
+class ExportError(ApplianceError):
+    """A model could not be merged, converted or exported."""
+
+
+def missing_dependency(module: str, extra: str | None = None, package: str | None = None) -> ConfigError:
+    """The error for a lazily imported library that is not installed, with the command that mends it."""
+    fix = f"pip install 'domain-appliance[{extra}]'" if extra else f"pip install {package or module}"
+    return ConfigError(f"the Python package {module!r} is not installed; run: {fix} (or ./install.sh)")

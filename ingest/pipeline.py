@@ -1,0 +1,508 @@
+"""The indexer: keeps one collection of the vector store exactly equal to the documents folder.
+
+Writing a file's new version (crash-safe at every step, see ``IngestState``):
+  1. parse (in the sandbox), chunk, embed what the vector cache lacks;
+  2. record the new points as 'pending', then upsert them into the store;
+  3. in one transaction make them 'live', mark the path's previous points 'doomed' and the file
+     indexed; 4. delete the doomed points from the store, then their rows.
+The previous version stays searchable until the new one is complete, and a failed parse leaves
+it in place. ``recover()`` (run at every start) deletes what 'pending' and 'doomed' rows name
+and then compares the store's point ids with the live rows, so whatever a killed process left
+behind, the index again equals the state, and the folder scan makes the state equal the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from appliance.errors import IngestError, ParseError
+from appliance.protocols import Chunk, Embedder, ParsedDocument, Point, SparseEncoder, VectorStore
+from appliance.settings import ChunkingSettings, IngestSettings
+from ingest.chunking import chunk_sections
+from ingest.identity import file_name_terms, identity_line
+from ingest.scan import FoundFile, walk
+from ingest.state import ChunkRow, FileRow, IngestState
+
+log = logging.getLogger(__name__)
+
+_POINT_NS = uuid.UUID("6f1c2f0e-8d7a-4b8e-9a51-3c0d2b7e9f10")
+HELD_DELETIONS = "held_deletions"
+CACHE_TTL_S = 24 * 3600
+
+
+class Parser(Protocol):
+    def parse(self, path: Path) -> ParsedDocument: ...
+
+
+@dataclass
+class IngestReport:
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    chunks: int = 0
+    seconds: float = 0.0
+    held_deletions: int = 0
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ProgressFn = Callable[[str, int, int], None]
+"""Called with (relative path, files done, files to do)."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def collection_of(rel: str) -> str:
+    """The access collection of a document: its top-level subfolder ('' at the root)."""
+    return rel.split("/", 1)[0] if "/" in rel else ""
+
+
+def display_path(rel: str) -> str:
+    """A path that SQLite and JSON can hold even when the name is not valid UTF-8."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A file ready to write: its chunks with their dense vectors."""
+
+    found: FoundFile
+    sha256: str
+    identity: str
+    pages: int | None
+    chunks: list[Chunk]
+    text_keys: list[str]
+    vectors: list[list[float]]
+
+
+class Indexer:
+    """Indexes one folder into one store collection, tracking it in ``IngestState``."""
+
+    def __init__(
+        self,
+        *,
+        docs_dir: Path,
+        state: IngestState,
+        store: VectorStore,
+        embedder: Embedder,
+        sparse: SparseEncoder,
+        parser: Parser,
+        suffixes: frozenset[str],
+        ingest: IngestSettings,
+        chunking: ChunkingSettings,
+    ) -> None:
+        self.docs_dir = docs_dir
+        self.state = state
+        self.store = store
+        self.embedder = embedder
+        self.sparse = sparse
+        self.parser = parser
+        self.suffixes = suffixes
+        self.settings = ingest
+        self.chunking = chunking
+        self.collection = store.name
+        # One writer at a time: the watcher thread and API calls share the indexer.
+        self._write_lock = threading.RLock()
+
+    # --- texts and ids -----------------------------------------------------------------------
+
+    def dense_text(self, identity: str, chunk: Chunk) -> str:
+        head = f"{identity}\n{chunk.heading}" if chunk.heading else identity
+        return f"{head}\n{chunk.text}" if head else chunk.text
+
+    def sparse_text(self, rel: str, identity: str, chunk: Chunk) -> str:
+        return f"{file_name_terms(rel)}\n{self.dense_text(identity, chunk)}"
+
+    def text_key(self, dense_text: str) -> str:
+        return hashlib.sha256(f"{self.embedder.model_id}\0{dense_text}".encode()).hexdigest()
+
+    def point_id(self, rel: str, sha256: str, index: int) -> str:
+        return str(uuid.uuid5(_POINT_NS, f"{self.collection}\0{rel}\0{sha256}\0{index}"))
+
+    # --- recovery ----------------------------------------------------------------------------
+
+    def recover(self) -> dict[str, int]:
+        """Undo what a killed process left half done, then make the store equal the live rows."""
+        with self._write_lock:
+            pending = self.state.chunk_ids(self.collection, "pending")
+            doomed = self.state.chunk_ids(self.collection, "doomed")
+            self.store.delete(pending + doomed)
+            self.store.flush()
+            self.state.drop_chunks(self.collection, pending + doomed)
+            live = set(self.state.chunk_ids(self.collection, "live"))
+            in_store = self.store.ids()
+            stale = sorted(in_store - live)
+            missing = live - in_store
+            self.store.delete(stale)
+            broken = self.state.paths_of_points(self.collection, missing)
+            for rel in broken:
+                self.state.invalidate_path(self.collection, rel)
+            if broken:
+                doomed = self.state.chunk_ids(self.collection, "doomed")
+                self.store.delete(doomed)
+                self.state.drop_chunks(self.collection, doomed)
+            self.store.flush()
+            for rel, row in self.state.files(self.collection).items():
+                if row.state in ("parsing", "embedding"):
+                    self.state.set_file_state(self.collection, rel, "queued")
+            result = {
+                "pending": len(pending),
+                "doomed": len(doomed),
+                "stale": len(stale),
+                "reindex": len(broken),
+            }
+            if any(result.values()):
+                log.warning("recovered an interrupted ingestion: %s", result)
+            return result
+
+    # --- scanning ----------------------------------------------------------------------------
+
+    def reconcile(
+        self,
+        *,
+        confirm_deletions: bool = False,
+        progress: ProgressFn | None = None,
+        only: Iterable[str] | None = None,
+    ) -> IngestReport:
+        """Make the index equal the folder (or the given relative paths of it)."""
+        start = time.monotonic()
+        report = IngestReport()
+        with self._write_lock:
+            if not self.docs_dir.is_dir():
+                raise IngestError(
+                    f"documents folder {self.docs_dir} does not exist or is not a folder"
+                )
+            known = self.state.files(self.collection)
+            wanted = set(only) if only is not None else None
+            found: dict[str, FoundFile] = {}
+            for item in walk(self.docs_dir, self.suffixes):
+                if isinstance(item, tuple):
+                    rel, reason = item
+                    if wanted is None or rel in wanted:
+                        self._reject(rel, reason, report)
+                    continue
+                if wanted is None or item.rel in wanted:
+                    found[item.rel] = item
+            todo: list[FoundFile] = []
+            for rel, item in found.items():
+                row = known.get(rel)
+                if row is not None and row.size == item.size and row.mtime_ns == item.mtime_ns:
+                    if row.indexed_sha256 is not None and row.indexed_sha256 == row.sha256:
+                        report.unchanged += 1
+                        continue
+                    if row.state == "failed":
+                        report.failed += 1  # retried when the file changes
+                        report.failures.append({"path": rel, "reason": row.reason or "failed"})
+                        continue
+                todo.append(item)
+            scope = known if wanted is None else {r: known[r] for r in wanted if r in known}
+            gone = sorted(rel for rel in scope if rel not in found)
+            self._index_files(todo, known, report, progress)
+            self._remove_files(gone, known, report, confirm_deletions)
+            self.store.flush()
+            if wanted is None:
+                self.state.prune_cache(CACHE_TTL_S)
+        report.seconds = round(time.monotonic() - start, 3)
+        return report
+
+    def _reject(self, rel: str, reason: str, report: IngestReport) -> None:
+        shown = display_path(rel)
+        row = self.state.file(self.collection, shown)
+        if row is None or row.state != "failed" or row.reason != reason:
+            self.state.set_file_state(self.collection, shown, "failed", reason=reason)
+        report.failed += 1
+        report.failures.append({"path": shown, "reason": reason})
+
+    def _remove_files(
+        self, gone: list[str], known: dict[str, FileRow], report: IngestReport, confirmed: bool
+    ) -> None:
+        indexed = [rel for rel in gone if known[rel].indexed_sha256 is not None]
+        total = sum(1 for row in known.values() if row.indexed_sha256 is not None)
+        s = self.settings
+        if (
+            not confirmed
+            and total >= s.mass_delete_min_files
+            and len(indexed) > s.mass_delete_fraction * total
+        ):
+            # A share that dropped or a folder emptied by mistake looks like this: hold it.
+            report.held_deletions = len(indexed)
+            self.state.set_meta(HELD_DELETIONS, f"{len(indexed)}/{total}")
+            log.error(
+                "refusing to remove %d of %d indexed documents without confirmation; "
+                "run `appliance ingest --confirm-deletions` if they were really deleted",
+                len(indexed),
+                total,
+            )
+            gone = [rel for rel in gone if known[rel].indexed_sha256 is None]
+        else:
+            self.state.set_meta(HELD_DELETIONS, None)
+        for rel in gone:
+            self.remove(rel)
+            if known[rel].indexed_sha256 is not None:
+                report.removed += 1
+
+    def remove(self, rel: str) -> None:
+        """Remove a file's points and its state."""
+        with self._write_lock:
+            doomed = self.state.doom_path(self.collection, rel)
+            self.store.delete(doomed)
+            self.state.drop_chunks(self.collection, doomed)
+            self.state.forget_file(self.collection, rel)
+
+    # --- indexing ----------------------------------------------------------------------------
+
+    def _index_files(
+        self,
+        todo: list[FoundFile],
+        known: dict[str, FileRow],
+        report: IngestReport,
+        progress: ProgressFn | None,
+    ) -> None:
+        if not todo:
+            return
+        for item in todo:
+            self.state.set_file_state(
+                self.collection, item.rel, "queued", size=item.size, mtime_ns=item.mtime_ns
+            )
+        # Parse the next files while this one is embedded: the parser is another process.
+        prepared: queue.Queue[tuple[FoundFile, _Prepared | str | None]] = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def produce() -> None:
+            for item in todo:
+                if stop.is_set():
+                    return
+                try:
+                    prepared.put((item, self._prepare_lexical(item)))
+                except Exception as exc:  # reported per file; never stops the batch
+                    log.exception("preparing %s failed", display_path(item.rel))
+                    prepared.put((item, f"internal error: {type(exc).__name__}: {exc}"))
+
+        producer = threading.Thread(target=produce, name="ingest-parse", daemon=True)
+        producer.start()
+        try:
+            for done in range(len(todo)):
+                item, result = prepared.get()
+                if progress:
+                    progress(item.rel, done, len(todo))
+                if isinstance(result, str):
+                    self._fail(item, result, report)
+                    continue
+                if result is None:  # unchanged content (a touch)
+                    report.unchanged += 1
+                    continue
+                try:
+                    ready = self._embed(result)
+                    self._write(ready)
+                except ParseError as exc:
+                    self._fail(item, exc.reason, report)
+                    continue
+                row = known.get(item.rel)
+                if row is not None and row.indexed_sha256 is not None:
+                    report.updated += 1
+                else:
+                    report.added += 1
+                report.chunks += len(ready.chunks)
+            if progress:
+                progress("", len(todo), len(todo))
+        finally:
+            stop.set()
+            while producer.is_alive():
+                try:
+                    prepared.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            producer.join()
+
+    def _fail(self, item: FoundFile, reason: str, report: IngestReport) -> None:
+        rel = display_path(item.rel)
+        log.warning("cannot ingest %s: %s", rel, reason)
+        self.state.set_file_state(self.collection, rel, "failed", reason=reason)
+        report.failed += 1
+        report.failures.append({"path": rel, "reason": reason})
+
+    def _prepare_lexical(self, item: FoundFile) -> _Prepared | str | None:
+        """Hash, then reuse an indexed copy's chunks or parse and chunk. Returns a failure
+        reason as a string, or None when the content is already indexed under this path."""
+        rel = item.rel
+        if display_path(rel) != rel:
+            return "file name is not valid UTF-8"
+        limit = self.settings.max_file_mb * 1024 * 1024
+        if item.size > limit:
+            return f"file too large ({item.size / 1048576:.1f} MB > {self.settings.max_file_mb:g} MB limit)"
+        try:
+            sha = file_sha256(item.path)
+        except OSError as exc:
+            return f"cannot read file: {exc.strerror}"
+        row = self.state.file(self.collection, rel)
+        if row is not None and row.indexed_sha256 == sha:
+            self.state.touch_file(self.collection, rel, item.size, item.mtime_ns)
+            self.state.set_file_state(self.collection, rel, "indexed", sha256=sha)
+            return None
+        self.state.set_file_state(self.collection, rel, "parsing", sha256=sha)
+        copies = self.state.live_chunks_of_hash(self.collection, sha)
+        doc = self.state.get_doc(sha)
+        if copies and doc is not None:
+            # A rename, a move or a copy: same content, so the same chunks and vectors.
+            identity, pages = doc
+            chunks = [c.chunk for c in copies]
+            keys = [c.text_key for c in copies]
+        else:
+            try:
+                parsed = self.parser.parse(item.path)
+            except ParseError as exc:
+                return exc.reason
+            identity = identity_line(parsed)
+            pages = parsed.pages
+            chunks = chunk_sections(
+                parsed.sections,
+                self.embedder.token_spans,
+                self.chunking.max_tokens,
+                self.chunking.overlap_tokens,
+            )
+            if not chunks:
+                return "empty document: no extractable text"
+            keys = [self.text_key(self.dense_text(identity, c)) for c in chunks]
+        return _Prepared(item, sha, identity, pages, chunks, keys, [])
+
+    def _embed(self, prep: _Prepared) -> _Prepared:
+        self.state.set_file_state(self.collection, prep.found.rel, "embedding")
+        cached = self.state.get_vectors(prep.text_keys)
+        missing = {
+            key: self.dense_text(prep.identity, chunk)
+            for key, chunk in zip(prep.text_keys, prep.chunks, strict=True)
+            if key not in cached
+        }
+        if missing:
+            keys = list(missing)
+            vectors = self.embedder.embed([missing[k] for k in keys])
+            fresh = dict(zip(keys, vectors, strict=True))
+            self.state.put_vectors(fresh.items())
+            cached.update(fresh)
+        return _Prepared(
+            prep.found,
+            prep.sha256,
+            prep.identity,
+            prep.pages,
+            prep.chunks,
+            prep.text_keys,
+            [cached[k] for k in prep.text_keys],
+        )
+
+    def _write(self, prep: _Prepared) -> None:
+        rel = prep.found.rel
+        self.state.put_doc(prep.sha256, prep.identity, prep.pages)
+        rows = [
+            ChunkRow(self.point_id(rel, prep.sha256, c.index), rel, prep.sha256, c, key)
+            for c, key in zip(prep.chunks, prep.text_keys, strict=True)
+        ]
+        points = [
+            Point(
+                id=row.point_id,
+                dense=vector,
+                sparse=self.sparse.embed_document(self.sparse_text(rel, prep.identity, row.chunk)),
+                payload=self._payload(rel, prep, row.chunk),
+            )
+            for row, vector in zip(rows, prep.vectors, strict=True)
+        ]
+        self.state.add_pending(self.collection, rows)
+        for i in range(0, len(points), 256):
+            self.store.upsert(points[i : i + 256])
+        doomed = self.state.commit_file(
+            self.collection,
+            rel,
+            prep.sha256,
+            [r.point_id for r in rows],
+            size=prep.found.size,
+            mtime_ns=prep.found.mtime_ns,
+            pages=prep.pages,
+        )
+        self.store.delete(doomed)
+        self.state.drop_chunks(self.collection, doomed)
+
+    def _payload(self, rel: str, prep: _Prepared, chunk: Chunk) -> dict[str, Any]:
+        return {
+            "path": rel,
+            "collection": collection_of(rel),
+            "doc_hash": prep.sha256,
+            "chunk_index": chunk.index,
+            "page": chunk.page,
+            "heading": chunk.heading,
+            "start": chunk.start,
+            "end": chunk.end,
+            "text": chunk.text,
+            "identity": prep.identity,
+        }
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        files = self.state.files(self.collection)
+        documents, chunks = self.state.counts(self.collection)
+        now = time.time()
+        stuck_after = self.settings.stuck_after_s
+        return {
+            "collection": self.collection,
+            "documents": documents,
+            "chunks": chunks,
+            "failed": [
+                {"path": r.path, "reason": r.reason or "failed"}
+                for r in sorted(files.values(), key=lambda r: r.path)
+                if r.state == "failed"
+            ],
+            "in_progress": sorted(
+                r.path for r in files.values() if r.state in ("queued", "parsing", "embedding")
+            ),
+            "stuck": [
+                {"path": r.path, "state": r.state, "seconds": round(now - r.state_since)}
+                for r in sorted(files.values(), key=lambda r: r.path)
+                if r.state in ("queued", "parsing", "embedding")
+                and now - r.state_since > stuck_after
+            ],
+            "held_deletions": self.state.get_meta(HELD_DELETIONS),
+        }
+
+    def search(
+        self,
+        query: str,
+        k: int = 5,
+        *,
+        mode: str = "hybrid",
+        where: dict[str, Sequence[str]] | None = None,
+    ) -> list[dict[str, Any]]:
+        dense = self.embedder.embed_query(query) if mode != "sparse" else None
+        sparse = self.sparse.embed_query(query) if mode != "dense" else None
+        hits = self.store.query(dense, sparse, k, mode=mode, where=where)  # type: ignore[arg-type]
+        return [
+            {
+                "path": h.payload.get("path"),
+                "page": h.payload.get("page"),
+                "heading": h.payload.get("heading"),
+                "score": round(h.score, 6),
+                "text": h.payload.get("text", ""),
+                "start": h.payload.get("start"),
+                "end": h.payload.get("end"),
+                "chunk_index": h.payload.get("chunk_index"),
+            }
+            for h in hits
+        ]
+

@@ -1,0 +1,105 @@
+"""Shared fixtures: hermetic settings, a network guard, and tiny real components."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.offline import enforce_offline
+from appliance.settings import ChunkingSettings, IngestSettings, Settings, load_settings
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SEC10Q = SHARED / "eval" / "sec10q"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Any attempt to reach a non-loopback address fails the test that made it.
+    enforce_offline()
+
+
+@pytest.fixture(autouse=True)
+def hermetic_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No APPLIANCE_* variable leaks in; the data folder is the test's own."""
+    for name in list(os.environ):
+        if name.startswith("APPLIANCE_"):
+            monkeypatch.delenv(name)
+    data = tmp_path / "data"
+    monkeypatch.setenv("APPLIANCE_DATA_DIR", str(data))
+    return data
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return load_settings(
+        overrides={
+            "data_dir": str(tmp_path / "data"),
+            "ingest": {"docs_dir": str(tmp_path / "docs"), "debounce_s": 0.3, "reconcile_interval_s": 0},
+            "service": {"port": 0},
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def real_embedder():  # type: ignore[no-untyped-def]
+    """The packaged all-MiniLM-L6-v2, loaded once per session."""
+    from ingest.embedders import SentenceTransformerEmbedder
+
+    return SentenceTransformerEmbedder()
+
+
+@pytest.fixture(scope="session")
+def sec10q_docs() -> Path:
+    docs = SEC10Q / "docs"
+    if not docs.is_dir():
+        pytest.skip(f"the shared corpus is absent ({docs}); it lives beside the project in ../shared")
+    return docs
+
+
+def small_settings() -> tuple[IngestSettings, ChunkingSettings]:
+    return (
+        IngestSettings(debounce_s=0.3, reconcile_interval_s=0, mass_delete_min_files=10),
+        ChunkingSettings(max_tokens=64, overlap_tokens=8),
+    )
+
+
+@pytest.fixture
+def make_indexer(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    """Build real indexers (Qdrant Edge, SQLite state, the parser sandbox) over a folder, with
+    the hashing embedder unless one is given; everything is closed at teardown."""
+    from ingest.embedders import Bm25Encoder, HashingEmbedder
+    from ingest.parsers import supported_suffixes
+    from ingest.pipeline import Indexer
+    from ingest.sandbox import ParserSandbox
+    from ingest.state import IngestState
+    from ingest.store import EdgeBackend
+
+    opened: list = []  # type: ignore[type-arg]
+
+    def build(docs: Path, *, embedder=None, data: Path | None = None, collection: str = "appliance_test", ingest: IngestSettings | None = None):  # type: ignore[no-untyped-def]
+        data = data or tmp_path / "data"
+        ing, chunking = small_settings()
+        state = IngestState(data / "ingest.sqlite3")
+        backend = EdgeBackend(data / "index")
+        sandbox = ParserSandbox(timeout_s=30, memory_mb=1024, max_text_chars=5_000_000)
+        opened.extend([sandbox, backend, state])
+        embedder = embedder or HashingEmbedder(64)
+        indexer = Indexer(
+            docs_dir=docs,
+            state=state,
+            store=backend.open(collection, embedder.dim),
+            embedder=embedder,
+            sparse=Bm25Encoder(),
+            parser=sandbox,
+            suffixes=supported_suffixes(),
+            ingest=ingest or ing,
+            chunking=chunking,
+        )
+        indexer.recover()
+        return indexer
+
+    yield build
+    for resource in opened:
+        resource.close()
