@@ -31,7 +31,9 @@ Handler = Callable[[dict[str, Any]], Any]
 class ApiServer:
     """A threaded HTTP server whose routes are ``(method, path) -> handler(body) -> JSON``."""
 
-    def __init__(self, data_dir: Path, host: str, port: int, routes: dict[tuple[str, str], Handler]):
+    def __init__(
+        self, data_dir: Path, host: str, port: int, routes: dict[tuple[str, str], Handler]
+    ):
         self.data_dir = data_dir
         self.routes = routes
         self.token = secrets.token_urlsafe(32)
@@ -139,7 +141,14 @@ class ServiceClient:
             return None
         return client
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout or self.timeout)
         try:
             data = json.dumps(body or {}).encode() if method == "POST" else None
@@ -148,7 +157,9 @@ class ServiceClient:
             response = conn.getresponse()
             payload = json.loads(response.read() or b"null")
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise ServiceError(f"the core service at {self.host}:{self.port} did not answer: {exc}") from exc
+            raise ServiceError(
+                f"the core service at {self.host}:{self.port} did not answer: {exc}"
+            ) from exc
         finally:
             conn.close()
         if response.status != 200:

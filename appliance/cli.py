@@ -92,7 +92,13 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
                 ingestion.finish_switch()
             report = result.as_json()
     if args.json:
-        _print_json({k: report[k] for k in ("added", "updated", "removed", "unchanged", "failed", "chunks", "seconds")} | {"failures": report["failures"], "held_deletions": report["held_deletions"]})
+        _print_json(
+            {
+                k: report[k]
+                for k in ("added", "updated", "removed", "unchanged", "failed", "chunks", "seconds")
+            }
+            | {"failures": report["failures"], "held_deletions": report["held_deletions"]}
+        )
     else:
         print(
             f"added {report['added']}, updated {report['updated']}, removed {report['removed']}, "
@@ -175,9 +181,15 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     print(f"documents: {status['documents']}   chunks: {status['chunks']}")
     watcher = status.get("watcher")
     if watcher:
-        print(f"watcher: {watcher['state']}" + (f" ({watcher['reason']})" if watcher.get("reason") else ""))
+        print(
+            f"watcher: {watcher['state']}"
+            + (f" ({watcher['reason']})" if watcher.get("reason") else "")
+        )
     if status.get("held_deletions"):
-        print(f"held deletions: {status['held_deletions']} (confirm with: appliance ingest FOLDER --confirm-deletions)")
+        print(
+            f"held deletions: {status['held_deletions']} "
+            "(confirm with: appliance ingest FOLDER --confirm-deletions)"
+        )
     for item in status.get("in_progress", []):
         print(f"in progress: {item}")
     for item in status.get("stuck", []):
@@ -227,7 +239,9 @@ def _read_queries(path: Path) -> list[str]:
             record = json.loads(line)
             questions.append(str(record["question"]))
         except (ValueError, KeyError, TypeError) as exc:
-            raise ApplianceError(f"{path}:{n}: each line must be a JSON object with a 'question' field") from exc
+            raise ApplianceError(
+                f"{path}:{n}: each line must be a JSON object with a 'question' field"
+            ) from exc
     return questions
 
 
@@ -246,7 +260,9 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
         raise ApplianceError("give a QUERY or --queries FILE")
     client = _local_or_service(settings)
     if client is not None:
-        batches = client.call("POST", "/search/batch", {"queries": queries, "k": args.k, "mode": args.mode})
+        batches = client.call(
+            "POST", "/search/batch", {"queries": queries, "k": args.k, "mode": args.mode}
+        )
     else:
         _quiet_model_loading()
         try:
@@ -276,22 +292,30 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="appliance", description="Offline domain assistant appliance.")
+    parser = argparse.ArgumentParser(
+        prog="appliance", description="Offline domain assistant appliance."
+    )
     parser.add_argument("--version", action="version", version=f"appliance {__version__}")
     parser.add_argument("--config", type=Path, help="YAML settings file (or APPLIANCE_CONFIG)")
-    parser.add_argument("--data-dir", type=Path, help="data folder (or APPLIANCE_DATA_DIR; default ./data)")
+    parser.add_argument(
+        "--data-dir", type=Path, help="data folder (or APPLIANCE_DATA_DIR; default ./data)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="index a folder once and exit")
     p.add_argument("folder", help="the documents folder")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--confirm-deletions", action="store_true", help="apply a mass deletion the guard held")
+    p.add_argument(
+        "--confirm-deletions", action="store_true", help="apply a mass deletion the guard held"
+    )
     p.set_defaults(func=cmd_ingest, log_file=True)
 
     p = sub.add_parser("watch", help="run the core service: keep the index equal to a folder")
     p.add_argument("folder", nargs="?", help="the documents folder (default: ingest.docs_dir)")
-    p.add_argument("--port", type=int, help="port of the local API (default 8765; 0: any free port)")
+    p.add_argument(
+        "--port", type=int, help="port of the local API (default 8765; 0: any free port)"
+    )
     p.set_defaults(func=cmd_watch, log_file=True)
 
     p = sub.add_parser("status", help="documents, chunks and failures")
@@ -303,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=5, help="number of results (default 5)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--mode", choices=["hybrid", "dense", "sparse"], default="hybrid")
-    p.add_argument("--queries", help="JSONL file of {\"question\": ...}; prints one JSON line per question")
+    p.add_argument(
+        "--queries", help='JSONL file of {"question": ...}; prints one JSON line per question'
+    )
     p.set_defaults(func=cmd_search, log_file=False)
     return parser
 

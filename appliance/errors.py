@@ -56,7 +56,13 @@ class ExportError(ApplianceError):
     """A model could not be merged, converted or exported."""
 
 
-def missing_dependency(module: str, extra: str | None = None, package: str | None = None) -> ConfigError:
-    """The error for a lazily imported library that is not installed, with the command that mends it."""
-    fix = f"pip install 'domain-appliance[{extra}]'" if extra else f"pip install {package or module}"
-    return ConfigError(f"the Python package {module!r} is not installed; run: {fix} (or ./install.sh)")
+def missing_dependency(
+    module: str, extra: str | None = None, package: str | None = None
+) -> ConfigError:
+    """The error for a missing lazily imported library, with the command that mends it."""
+    fix = (
+        f"pip install 'domain-appliance[{extra}]'" if extra else f"pip install {package or module}"
+    )
+    return ConfigError(
+        f"the Python package {module!r} is not installed; run: {fix} (or ./install.sh)"
+    )

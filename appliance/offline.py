@@ -8,6 +8,7 @@ connection to an address that is neither loopback nor a Unix socket nor in the a
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -76,10 +77,8 @@ def allowed_hosts_from_urls(urls: Iterable[str | None]) -> set[str]:
         if not host:
             continue
         hosts.add(host)
-        try:
+        with contextlib.suppress(OSError):
             hosts.update(str(info[4][0]) for info in socket.getaddrinfo(host, None))
-        except OSError:
-            pass
     return hosts
 
 
@@ -89,5 +88,5 @@ def enforce_offline(allowed_hosts: Iterable[str] = ()) -> None:
         os.environ[key] = value
     _allowed_hosts.clear()
     _allowed_hosts.update(allowed_hosts)
-    socket.socket.connect = _guarded_connect  # type: ignore[method-assign]
-    socket.socket.connect_ex = _guarded_connect_ex  # type: ignore[method-assign]
+    socket.socket.connect = _guarded_connect  # type: ignore[method-assign,assignment]
+    socket.socket.connect_ex = _guarded_connect_ex  # type: ignore[method-assign,assignment]

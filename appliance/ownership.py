@@ -54,7 +54,8 @@ class DataDirLock:
         except BlockingIOError:
             os.close(fd)
             raise StoreLockedError(
-                f"the data folder {self.data_dir} is in use by {describe(read_owner(self.data_dir))}; "
+                f"the data folder {self.data_dir} is in use by "
+                f"{describe(read_owner(self.data_dir))}; "
                 "stop it first, or run this command while it serves (search and status ask it)"
             ) from None
         os.ftruncate(fd, 0)
@@ -82,4 +83,3 @@ class DataDirLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-

@@ -28,11 +28,11 @@ def search_results(ingestion: Ingestion, body: dict[str, Any]) -> list[dict[str,
         raise ValueError(f"unknown search mode {mode!r}: use hybrid, dense or sparse")
     if not 1 <= k <= 1000:
         raise ValueError(f"k must be between 1 and 1000, got {k}")
-    return ingestion.searcher.search(query, k, mode=mode)  # type: ignore[no-any-return]
+    return ingestion.searcher.search(query, k, mode=mode)
 
 
 class CoreService:
-    """Watcher + local API over one ``Ingestion``; ``start()`` / ``stop()``, or a context manager."""
+    """The watcher and the local API over one ``Ingestion``; a context manager."""
 
     def __init__(self, ingestion: Ingestion, settings: Settings) -> None:
         from ingest.watcher import FolderWatcher
@@ -79,7 +79,7 @@ class CoreService:
         report = self.watcher.reconcile_now(confirm_deletions=bool(body.get("confirm_deletions")))
         if report.held_deletions == 0:
             self.ingestion.finish_switch()
-        return report.as_json()  # type: ignore[no-any-return]
+        return report.as_json()
 
     def start(self) -> None:
         self.api.start()

@@ -60,7 +60,9 @@ class IngestSettings(_Section):
     docs_dir: Path = Field(Path("documents"), description="The watched documents folder.")
     max_file_mb: float = Field(200, gt=0, description="Larger files are rejected.")
     parse_timeout_s: float = Field(120, gt=0, description="Wall-clock limit of one parse.")
-    parse_memory_mb: int = Field(2048, ge=64, description="Address-space limit of a parser process.")
+    parse_memory_mb: int = Field(
+        2048, ge=64, description="Address-space limit of a parser process."
+    )
     max_text_chars: int = Field(
         20_000_000, ge=1000, description="A file whose extracted text is longer is rejected."
     )
@@ -142,7 +144,9 @@ def load_settings(
     """Build the settings tree from a YAML file, the environment and CLI overrides."""
     env = os.environ if env is None else env
     data: dict[str, Any] = {}
-    path = config_path or (Path(env[ENV_PREFIX + "CONFIG"]) if env.get(ENV_PREFIX + "CONFIG") else None)
+    path = config_path or (
+        Path(env[ENV_PREFIX + "CONFIG"]) if env.get(ENV_PREFIX + "CONFIG") else None
+    )
     if path is not None:
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

@@ -46,7 +46,9 @@ def build_backend(settings: Settings) -> StoreBackend:
     s = settings.store
     if s.mode == "server":
         if not s.url:
-            raise ApplianceError("store.mode is 'server' but store.url is empty; set APPLIANCE_STORE__URL")
+            raise ApplianceError(
+                "store.mode is 'server' but store.url is empty; set APPLIANCE_STORE__URL"
+            )
         return ServerBackend.from_url(s.url, s.api_key, s.collection_prefix)
     return EdgeBackend(settings.index_dir)
 
@@ -177,7 +179,12 @@ def _old_embedder(settings: Settings, path: str | None) -> Embedder | None:
     from ingest.embedders import SentenceTransformerEmbedder
 
     try:
-        return SentenceTransformerEmbedder(Path(path) if path else None, device=settings.embedding.device)
+        return SentenceTransformerEmbedder(
+            Path(path) if path else None, device=settings.embedding.device
+        )
     except ApplianceError as exc:
-        log.warning("the previous embedding model cannot be loaded (%s); searches wait for the new index", exc)
+        log.warning(
+            "the previous embedding model cannot be loaded (%s); searches wait for the new index",
+            exc,
+        )
         return None

@@ -61,7 +61,9 @@ class SentenceTransformerEmbedder:
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError as exc:
-            raise missing_dependency("sentence_transformers", package="sentence-transformers") from exc
+            raise missing_dependency(
+                "sentence_transformers", package="sentence-transformers"
+            ) from exc
         self._folder = folder
         self._batch_size = batch_size
         self._model: Any = SentenceTransformer(str(folder), device=device, local_files_only=True)
@@ -69,7 +71,7 @@ class SentenceTransformerEmbedder:
         # thread) gets its own copy so it never races the encoder's.
         self._span_tokenizer: Any = copy.deepcopy(self._model.tokenizer)
         self._span_lock = threading.Lock()
-        self._dim = int(self._model.get_embedding_dimension())
+        self._dim = int(self._model.get_embedding_dimension() or 0)
         self._model_id = f"{folder.name}-{self._dim}-{_folder_digest(folder)}"
         # torch releases the GIL, but one model must not run two encodes at once.
         self._lock = threading.Lock()

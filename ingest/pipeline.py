@@ -13,22 +13,32 @@ behind, the index again equals the state, and the folder scan makes the state eq
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from appliance.errors import IngestError, ParseError
-from appliance.protocols import Chunk, Embedder, ParsedDocument, Point, SparseEncoder, VectorStore
+from appliance.protocols import (
+    Chunk,
+    Embedder,
+    ParsedDocument,
+    Point,
+    SearchMode,
+    SparseEncoder,
+    VectorStore,
+)
 from appliance.settings import ChunkingSettings, IngestSettings
 from ingest.chunking import chunk_sections
 from ingest.identity import file_name_terms, identity_line
+from ingest.retrieval import retrieve
 from ingest.scan import FoundFile, walk
 from ingest.state import ChunkRow, FileRow, IngestState
 
@@ -154,12 +164,20 @@ class Indexer:
             missing = live - in_store
             self.store.delete(stale)
             broken = self.state.paths_of_points(self.collection, missing)
+            # A file whose removal was cut short (its points doomed and deleted above) or whose
+            # rows disagree with its chunk count is indexed again from the folder.
+            live_counts = self.state.live_counts(self.collection)
+            broken |= {
+                rel
+                for rel, row in self.state.files(self.collection).items()
+                if row.indexed_sha256 is not None and live_counts.get(rel, 0) != row.chunks
+            }
             for rel in broken:
                 self.state.invalidate_path(self.collection, rel)
             if broken:
-                doomed = self.state.chunk_ids(self.collection, "doomed")
-                self.store.delete(doomed)
-                self.state.drop_chunks(self.collection, doomed)
+                redo = self.state.chunk_ids(self.collection, "doomed")
+                self.store.delete(redo)
+                self.state.drop_chunks(self.collection, redo)
             self.store.flush()
             for rel, row in self.state.files(self.collection).items():
                 if row.state in ("parsing", "embedding"):
@@ -327,10 +345,8 @@ class Indexer:
         finally:
             stop.set()
             while producer.is_alive():
-                try:
+                with contextlib.suppress(queue.Empty):
                     prepared.get(timeout=0.1)
-                except queue.Empty:
-                    pass
             producer.join()
 
     def _fail(self, item: FoundFile, reason: str, report: IngestReport) -> None:
@@ -348,7 +364,10 @@ class Indexer:
             return "file name is not valid UTF-8"
         limit = self.settings.max_file_mb * 1024 * 1024
         if item.size > limit:
-            return f"file too large ({item.size / 1048576:.1f} MB > {self.settings.max_file_mb:g} MB limit)"
+            return (
+                f"file too large ({item.size / 1048576:.1f} MB > "
+                f"{self.settings.max_file_mb:g} MB limit)"
+            )
         try:
             sha = file_sha256(item.path)
         except OSError as exc:
@@ -486,12 +505,10 @@ class Indexer:
         query: str,
         k: int = 5,
         *,
-        mode: str = "hybrid",
-        where: dict[str, Sequence[str]] | None = None,
+        mode: SearchMode = "hybrid",
+        where: Mapping[str, Sequence[str]] | None = None,
     ) -> list[dict[str, Any]]:
-        dense = self.embedder.embed_query(query) if mode != "sparse" else None
-        sparse = self.sparse.embed_query(query) if mode != "dense" else None
-        hits = self.store.query(dense, sparse, k, mode=mode, where=where)  # type: ignore[arg-type]
+        hits = retrieve(self.store, self.embedder, self.sparse, query, k, mode=mode, where=where)
         return [
             {
                 "path": h.payload.get("path"),
@@ -505,4 +522,3 @@ class Indexer:
             }
             for h in hits
         ]
-

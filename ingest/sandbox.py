@@ -119,16 +119,18 @@ class ParserSandbox:
                 raise ParseError(f"parsing took longer than {self.timeout_s:g}s") from None
             if line is None:
                 raise ParseError(self._crash_reason())
-        try:
-            reply = json.loads(line)
-            if reply["ok"]:
-                return self._document(reply["doc"])
-            reason = str(reply["reason"])
-        except (ValueError, KeyError, TypeError) as exc:
-            with self._lock:
+            try:
+                reply = json.loads(line)
+                ok, body = bool(reply["ok"]), reply["doc"] if reply["ok"] else reply["reason"]
+            except (ValueError, KeyError, TypeError) as exc:
                 self._discard_worker()
-            raise IngestError(f"the parser process sent a malformed reply: {exc}") from None
-        raise ParseError(reason)
+                raise IngestError(f"the parser process sent a malformed reply: {exc}") from None
+        if not ok:
+            raise ParseError(str(body))
+        try:
+            return self._document(body)
+        except (KeyError, TypeError) as exc:
+            raise IngestError(f"the parser process sent a malformed document: {exc}") from None
 
     def close(self) -> None:
         """Stop the worker (it exits when its stdin closes; killed if it does not)."""
@@ -239,11 +241,7 @@ class ParserSandbox:
         except subprocess.TimeoutExpired:
             return "no answer"
         if code < 0:
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:
-                name = "unknown"
-            return f"signal {-code}, {name}"
+            return f"signal {-code}"
         return f"exit code {code}"
 
     def _crash_reason(self) -> str:

@@ -350,6 +350,15 @@ class IngestState:
                 (time.time(), collection, path),
             )
 
+    def live_counts(self, collection: str) -> dict[str, int]:
+        """Live chunks per path."""
+        rows = self._query(
+            "SELECT path, count(*) FROM chunks WHERE collection = ? AND status = 'live' "
+            "GROUP BY path",
+            (collection,),
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
     def counts(self, collection: str) -> tuple[int, int]:
         """(indexed documents, live chunks)."""
         docs = self._query(
@@ -405,8 +414,7 @@ class IngestState:
         cutoff = time.time() - older_than_s
         with self.transaction() as db:
             db.execute(
-                "UPDATE vectors SET last_used = ? WHERE text_key IN "
-                "(SELECT text_key FROM chunks)",
+                "UPDATE vectors SET last_used = ? WHERE text_key IN (SELECT text_key FROM chunks)",
                 (time.time(),),
             )
             db.execute(

@@ -214,8 +214,12 @@ class ServerStore:
             if not client.collection_exists(name):
                 client.create_collection(
                     name,
-                    vectors_config={DENSE: models.VectorParams(size=dim, distance=models.Distance.COSINE)},
-                    sparse_vectors_config={SPARSE: models.SparseVectorParams(modifier=models.Modifier.IDF)},
+                    vectors_config={
+                        DENSE: models.VectorParams(size=dim, distance=models.Distance.COSINE)
+                    },
+                    sparse_vectors_config={
+                        SPARSE: models.SparseVectorParams(modifier=models.Modifier.IDF)
+                    },
                 )
                 with warnings.catch_warnings():
                     # qdrant-client's local mode (tests) warns that it ignores payload indexes.
@@ -240,7 +244,9 @@ class ServerStore:
             self._name,
             points=[
                 m.PointStruct(
-                    id=p.id, vector={DENSE: p.dense, SPARSE: self._sparse(p.sparse)}, payload=p.payload
+                    id=p.id,
+                    vector={DENSE: p.dense, SPARSE: self._sparse(p.sparse)},
+                    payload=p.payload,
                 )
                 for p in points
             ],
@@ -249,7 +255,9 @@ class ServerStore:
 
     def delete(self, ids: Sequence[str]) -> None:
         if ids:
-            self._client.delete(self._name, points_selector=self._m.PointIdsList(points=list(ids)), wait=True)
+            self._client.delete(
+                self._name, points_selector=self._m.PointIdsList(points=list(ids)), wait=True
+            )
 
     def _filter(self, where: Mapping[str, Sequence[str]] | None) -> Any:
         if not where:
@@ -275,7 +283,12 @@ class ServerStore:
             if dense is None:
                 return []
             result = self._client.query_points(
-                self._name, query=dense, using=DENSE, limit=limit, query_filter=flt, with_payload=True
+                self._name,
+                query=dense,
+                using=DENSE,
+                limit=limit,
+                query_filter=flt,
+                with_payload=True,
             )
         elif mode == "sparse" or dense is None:
             if not has_sparse or sparse is None:
@@ -348,7 +361,9 @@ class ServerBackend:
 
     def collections(self) -> list[str]:
         return sorted(
-            c.name for c in self._client.get_collections().collections if c.name.startswith(self._prefix)
+            c.name
+            for c in self._client.get_collections().collections
+            if c.name.startswith(self._prefix)
         )
 
     def drop(self, name: str) -> None:

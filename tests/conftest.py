@@ -36,7 +36,11 @@ def settings(tmp_path: Path) -> Settings:
     return load_settings(
         overrides={
             "data_dir": str(tmp_path / "data"),
-            "ingest": {"docs_dir": str(tmp_path / "docs"), "debounce_s": 0.3, "reconcile_interval_s": 0},
+            "ingest": {
+                "docs_dir": str(tmp_path / "docs"),
+                "debounce_s": 0.3,
+                "reconcile_interval_s": 0,
+            },
             "service": {"port": 0},
         }
     )
@@ -54,7 +58,9 @@ def real_embedder():  # type: ignore[no-untyped-def]
 def sec10q_docs() -> Path:
     docs = SEC10Q / "docs"
     if not docs.is_dir():
-        pytest.skip(f"the shared corpus is absent ({docs}); it lives beside the project in ../shared")
+        pytest.skip(
+            f"the shared corpus is absent ({docs}); it lives beside the project in ../shared"
+        )
     return docs
 
 
@@ -78,7 +84,14 @@ def make_indexer(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
 
     opened: list = []  # type: ignore[type-arg]
 
-    def build(docs: Path, *, embedder=None, data: Path | None = None, collection: str = "appliance_test", ingest: IngestSettings | None = None):  # type: ignore[no-untyped-def]
+    def build(
+        docs: Path,
+        *,
+        embedder=None,
+        data: Path | None = None,
+        collection: str = "appliance_test",
+        ingest: IngestSettings | None = None,
+    ):  # type: ignore[no-untyped-def]
         data = data or tmp_path / "data"
         ing, chunking = small_settings()
         state = IngestState(data / "ingest.sqlite3")

@@ -1,0 +1,253 @@
+"""Retrieval quality on the shared SEC 10-Q questions: recall@5, top-1 and MRR per search mode.
+
+Builds an index of ``../shared/eval/sec10q/docs`` with the real pipeline (parser sandbox,
+chunking, the packaged MiniLM, BM25, Qdrant Edge) in a temporary folder, asks every question of
+``qa.jsonl`` in dense, sparse (BM25) and hybrid mode, and scores the documents of the chunks that
+come back against the question's ``evidence_doc``:
+
+- recall@5: a gold document is among the top-5 chunks' documents;
+- top-1: the first chunk's document is a gold document;
+- MRR: the mean of 1 / rank of the first chunk from a gold document (0 when none is in the top 5).
+
+``--distractors`` also runs the questions against an index that holds the 40 unrelated PDFs of
+``../shared/eval/regulated`` beside the filings. ``--data-dir DIR`` keeps the built indexes in
+``DIR`` so that later runs only re-index what changed (query-side changes need no rebuild; a
+new identity line or chunk size re-embeds everything). Run from the repository root:
+
+    .venv/bin/python benchmarks/retrieval_quality.py [--distractors] [--data-dir DIR] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SEC10Q = SHARED / "eval" / "sec10q"
+REGULATED = SHARED / "eval" / "regulated"
+MODES = ("dense", "sparse", "hybrid")
+K = 5
+
+# The starting point, for comparison: every chunk indexed with no document identity at all,
+# one store query per question (hybrid figures from the brief of this benchmark).
+NAIVE_HYBRID = {"recall@5": 0.88, "top1": 0.50}
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    question: str
+    gold: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Scores:
+    mode: str
+    questions: int
+    recall_at_5: float
+    top1: float
+    mrr: float
+
+
+def load_questions(path: Path) -> list[Question]:
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            out.append(
+                Question(record["id"], record["question"], frozenset(record["evidence_doc"]))
+            )
+    return out
+
+
+def document_name(path: str) -> str:
+    """The file name of an indexed path: gold documents are named without their folder."""
+    return path.rsplit("/", 1)[-1]
+
+
+def score(mode: str, ranked: Sequence[Sequence[str]], questions: Sequence[Question]) -> Scores:
+    """Scores of ranked document paths (one list per question, best chunk first)."""
+    recall = top1 = rr = 0.0
+    for docs, q in zip(ranked, questions, strict=True):
+        names = [document_name(d) for d in docs[:K]]
+        recall += any(n in q.gold for n in names)
+        top1 += bool(names) and names[0] in q.gold
+        rr += next((1 / rank for rank, n in enumerate(names, 1) if n in q.gold), 0.0)
+    n = len(questions) or 1
+    return Scores(mode, len(questions), recall / n, top1 / n, rr / n)
+
+
+def evaluate(searcher: Any, questions: Sequence[Question], mode: str) -> Scores:
+    """Ask every question of an ``Indexer`` (``search(query, k, mode=...)``) and score it."""
+    ranked = [[str(h["path"]) for h in searcher.search(q.question, K, mode=mode)] for q in questions]
+    return score(mode, ranked, questions)
+
+
+def _sync_copy(sources: Sequence[tuple[Path, str]], docs: Path) -> None:
+    """Make ``docs`` hold exactly the given files (source, relative path), copying only what
+    differs, so that a cached index sees unchanged files."""
+    wanted = {rel: src for src, rel in sources}
+    for path in sorted(docs.rglob("*"), reverse=True):
+        rel = path.relative_to(docs).as_posix()
+        if path.is_file() and rel not in wanted:
+            path.unlink()
+    for rel, src in wanted.items():
+        dst = docs / rel
+        stat = src.stat()
+        if dst.is_file() and dst.stat().st_size == stat.st_size:
+            if dst.stat().st_mtime_ns == stat.st_mtime_ns:
+                continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+
+
+def corpus_files(distractors: bool) -> list[tuple[Path, str]]:
+    """The filings at the top level, and with ``distractors`` the regulated PDFs in folders."""
+    files = [(p, p.name) for p in sorted((SEC10Q / "docs").glob("*.pdf"))]
+    if distractors:
+        files += [
+            (p, f"{p.parent.name}/{p.name}") for p in sorted(REGULATED.glob("*/*.pdf"))
+        ]
+    return files
+
+
+@contextmanager
+def built_index(
+    root: Path, files: Sequence[tuple[Path, str]], *, embedder: Any = None
+) -> Iterator[Any]:
+    """An ``Ingestion`` over a copy of ``files`` in ``root/docs``, its data in ``root/data``,
+    indexed up to date (an existing index there is reused and brought up to date)."""
+    from appliance.settings import load_settings
+    from appliance.wiring import open_ingestion
+
+    docs = root / "docs"
+    docs.mkdir(parents=True, exist_ok=True)
+    _sync_copy(files, docs)
+    settings = load_settings(
+        env={},
+        overrides={
+            "data_dir": str(root / "data"),
+            "ingest": {"docs_dir": str(docs), "reconcile_interval_s": 0},
+        },
+    )
+    with open_ingestion(settings, docs, role="benchmark", embedder=embedder) as ing:
+        start = time.monotonic()
+        report = ing.indexer.reconcile(confirm_deletions=True)
+        if report.failed:
+            raise RuntimeError(f"documents failed to index: {report.failures}")
+        logging.getLogger(__name__).info(
+            "indexed %s in %.0f s (%d added, %d updated, %d unchanged, %d chunks)",
+            root.name,
+            time.monotonic() - start,
+            report.added,
+            report.updated,
+            report.unchanged,
+            report.chunks,
+        )
+        yield ing
+
+
+def run(data_dir: Path, *, distractors: bool) -> dict[str, Any]:
+    """Build (or reuse) the indexes under ``data_dir`` and score every mode."""
+    from ingest.embedders import SentenceTransformerEmbedder
+
+    questions = load_questions(SEC10Q / "qa.jsonl")
+    embedder = SentenceTransformerEmbedder()
+    variants = {"sec10q": False, **({"sec10q+distractors": True} if distractors else {})}
+    results: dict[str, Any] = {"questions": len(questions), "k": K, "naive_hybrid": NAIVE_HYBRID}
+    for name, with_distractors in variants.items():
+        files = corpus_files(with_distractors)
+        with built_index(data_dir / name, files, embedder=embedder) as ing:
+            chunks = ing.indexer.store.count()
+            start = time.monotonic()
+            scores = [evaluate(ing.searcher, questions, mode) for mode in MODES]
+            seconds = time.monotonic() - start
+        results[name] = {
+            "documents": len(files),
+            "chunks": chunks,
+            "query_ms": round(1000 * seconds / (len(MODES) * len(questions)), 1),
+            "modes": {s.mode: asdict(s) for s in scores},
+        }
+    return results
+
+
+def print_table(results: dict[str, Any]) -> None:
+    naive = results["naive_hybrid"]
+    for name, variant in results.items():
+        if not isinstance(variant, dict) or "modes" not in variant:
+            continue
+        print(
+            f"\n{name}: {variant['documents']} documents, {variant['chunks']} chunks, "
+            f"{results['questions']} questions, {variant['query_ms']} ms per query"
+        )
+        print(f"  {'mode':<8} {'recall@5':>9} {'top-1':>7} {'MRR':>7}")
+        for mode, s in variant["modes"].items():
+            print(f"  {mode:<8} {s['recall_at_5']:>9.3f} {s['top1']:>7.3f} {s['mrr']:>7.3f}")
+        print(f"  {'naive':<8} {naive['recall@5']:>9.2f} {naive['top1']:>7.2f} {'':>7}  (hybrid)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="keep the built indexes here and reuse them (default: a temporary folder)",
+    )
+    parser.add_argument(
+        "--distractors",
+        action="store_true",
+        help="also score an index with the 40 PDFs of ../shared/eval/regulated added",
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log indexing progress")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not (SEC10Q / "qa.jsonl").is_file() or not (SEC10Q / "docs").is_dir():
+        print(
+            f"the evaluation corpus is absent: expected {SEC10Q}/docs and qa.jsonl "
+            "(the shared folder beside the repository)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.distractors and not REGULATED.is_dir():
+        print(f"--distractors needs {REGULATED}, which is absent", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from appliance.wiring import prepare_process
+    from appliance.settings import load_settings
+
+    prepare_process(load_settings(env={}))
+    if args.data_dir is not None:
+        args.data_dir.mkdir(parents=True, exist_ok=True)
+        results = run(args.data_dir, distractors=args.distractors)
+    else:
+        with tempfile.TemporaryDirectory(prefix="retrieval-quality-") as tmp:
+            results = run(Path(tmp), distractors=args.distractors)
+    if args.json:
+        sys.stdout.write(json.dumps(results) + "\n")
+    else:
+        print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
