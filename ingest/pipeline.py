@@ -224,18 +224,18 @@ class Indexer:
             for rel, item in found.items():
                 row = known.get(rel)
                 if row is not None and row.size == item.size and row.mtime_ns == item.mtime_ns:
-                    if row.indexed_sha256 is not None and row.indexed_sha256 == row.sha256:
-                        report.unchanged += 1
-                        continue
                     if row.state == "failed":
                         report.failed += 1  # retried when the file changes
                         report.failures.append({"path": rel, "reason": row.reason or "failed"})
+                        continue
+                    if row.indexed_sha256 is not None and row.indexed_sha256 == row.sha256:
+                        report.unchanged += 1
                         continue
                 todo.append(item)
             scope = known if wanted is None else {r: known[r] for r in wanted if r in known}
             gone = sorted(rel for rel in scope if rel not in found)
             self._index_files(todo, known, report, progress)
-            self._remove_files(gone, known, report, confirm_deletions)
+            self._remove_files(gone, known, report, confirm_deletions, full=wanted is None)
             self.store.flush()
             if wanted is None:
                 self.state.prune_cache(CACHE_TTL_S)
@@ -251,7 +251,13 @@ class Indexer:
         report.failures.append({"path": shown, "reason": reason})
 
     def _remove_files(
-        self, gone: list[str], known: dict[str, FileRow], report: IngestReport, confirmed: bool
+        self,
+        gone: list[str],
+        known: dict[str, FileRow],
+        report: IngestReport,
+        confirmed: bool,
+        *,
+        full: bool,
     ) -> None:
         indexed = [rel for rel in gone if known[rel].indexed_sha256 is not None]
         total = sum(1 for row in known.values() if row.indexed_sha256 is not None)
@@ -271,7 +277,8 @@ class Indexer:
                 total,
             )
             gone = [rel for rel in gone if known[rel].indexed_sha256 is None]
-        else:
+        elif full or confirmed:
+            # Only a whole-folder scan (or a confirmation) knows that nothing is held any more.
             self.state.set_meta(HELD_DELETIONS, None)
         for rel in gone:
             self.remove(rel)
@@ -298,9 +305,9 @@ class Indexer:
         if not todo:
             return
         for item in todo:
-            self.state.set_file_state(
-                self.collection, item.rel, "queued", size=item.size, mtime_ns=item.mtime_ns
-            )
+            # The stat is recorded only with an outcome (indexed, failed): a process killed
+            # before that must not mistake the file for an unchanged one.
+            self.state.set_file_state(self.collection, display_path(item.rel), "queued")
         # Parse the next files while this one is embedded: the parser is another process.
         prepared: queue.Queue[tuple[FoundFile, _Prepared | str | None]] = queue.Queue(maxsize=2)
         stop = threading.Event()
@@ -352,7 +359,10 @@ class Indexer:
     def _fail(self, item: FoundFile, reason: str, report: IngestReport) -> None:
         rel = display_path(item.rel)
         log.warning("cannot ingest %s: %s", rel, reason)
-        self.state.set_file_state(self.collection, rel, "failed", reason=reason)
+        # The failed version's stat is kept so it is retried only when the file changes.
+        self.state.set_file_state(
+            self.collection, rel, "failed", size=item.size, mtime_ns=item.mtime_ns, reason=reason
+        )
         report.failed += 1
         report.failures.append({"path": rel, "reason": reason})
 

@@ -368,14 +368,13 @@ class FolderWatcher:
             if wake:
                 self._cond.notify_all()
 
-    def _request_full(self, why: str, *, activity: bool = True) -> None:
+    def _request_full(self, why: str) -> None:
         now = time.monotonic()
         with self._cond:
             if self._full_since is None:
                 self._full_since = now
                 self._full_why = why
-            if activity:
-                self._last_event = now
+            self._last_event = now  # the full reconcile, too, waits for a quiet folder
             self._cond.notify_all()
 
     def _events_lost(self, reason: str) -> None:
@@ -496,13 +495,15 @@ class FolderWatcher:
 
     def _tick(self) -> None:
         self._check_observer()
+        # Outside the lock: a stat on a hung network share must not block health().
+        folder_back = self._folder_failed and self._indexer.docs_dir.is_dir()
         now = time.monotonic()
         with self._cond:
             if self._next_timer is not None and now >= self._next_timer:
                 self._next_timer = None  # set again when a full reconcile completes
                 if self._full_since is None:
                     self._full_since, self._full_why = now, "periodic scan"
-            if self._folder_failed and self._retry_at > now and self._indexer.docs_dir.is_dir():
+            if self._folder_failed and self._retry_at > now and folder_back:
                 self._retry_at = now  # the folder is back: do not wait for the backoff
             quiet = now - self._last_event >= self._debounce
             candidates = [

@@ -395,6 +395,22 @@ def test_documents_folder_vanishes_and_returns(make_rig: Callable[..., Rig]) -> 
         assert ["d.txt"] in rig.calls.partial
 
 
+def test_start_without_documents_folder_waits_for_it(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig()
+    rig.docs.rmdir()
+    with rig.watcher as watcher:
+        health = watcher.health()
+        assert health["state"] == "degraded"
+        assert "does not exist" in health["reason"]
+        rig.docs.mkdir()
+        (rig.docs / "first.txt").write_text(text(1))
+        settle(watcher, rig.indexer)
+        assert watcher.health()["state"] == "ok"
+        (rig.docs / "second.txt").write_text(text(2))
+        settle(watcher, rig.indexer)
+        assert ["second.txt"] in rig.calls.partial
+
+
 def test_failed_batch_is_recorded_and_retried(make_rig: Callable[..., Rig]) -> None:
     rig = make_rig()
     with rig.watcher as watcher:

