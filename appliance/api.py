@@ -35,7 +35,7 @@ class ApiServer:
         self, data_dir: Path, host: str, port: int, routes: dict[tuple[str, str], Handler]
     ):
         self.data_dir = data_dir
-        self.routes = routes
+        self.routes = {("GET", "/health"): lambda _body: {"ok": True}, **routes}
         self.token = secrets.token_urlsafe(32)
         server = self
 
@@ -85,7 +85,13 @@ class ApiServer:
             def do_POST(self) -> None:
                 self._handle("POST")
 
-        self._httpd = ThreadingHTTPServer((host, port), _Request)
+        try:
+            self._httpd = ThreadingHTTPServer((host, port), _Request)
+        except OSError as exc:
+            raise ServiceError(
+                f"the core service cannot listen on {host}:{port}: {exc.strerror}; "
+                "set service.port (APPLIANCE_SERVICE__PORT) to a free port"
+            ) from exc
         self._httpd.daemon_threads = True
         self.host, self.port = self._httpd.server_address[:2]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="api", daemon=True)
@@ -102,6 +108,10 @@ class ApiServer:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop serving and remove the service files; safe to call twice or before start."""
+        if not self._thread.is_alive():
+            self._httpd.server_close()
+            return
         for name in (SERVICE_FILE, TOKEN_FILE):
             try:
                 info = (self.data_dir / name).read_text(encoding="utf-8")

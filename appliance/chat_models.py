@@ -379,52 +379,80 @@ END_MARKERS = (
 """End-of-turn markers of common templates; those a template uses also stop generation."""
 
 
-class ChatTemplate:
-    """A Hugging Face style chat template, compiled once in Jinja's immutable sandbox.
+MAX_TEMPLATE_OUTPUT = 16_000_000
+"""Characters; a template that renders or multiplies out more is refused (a prompt must fit the
+context anyway)."""
 
-    The environment matches transformers' (trim_blocks, lstrip_blocks, loop controls,
-    ``raise_exception``, ``tojson``, ``strftime_now``, a pass-through ``{% generation %}``).
-    Unsafe attribute access or mutation raises ``ModelError``, as does any template error.
+
+def _sandbox_environment() -> Any:
+    """Jinja's immutable sandbox, set up as transformers renders chat templates (trim_blocks,
+    lstrip_blocks, loop controls, ``raise_exception``, ``tojson``, ``strftime_now``, a
+    pass-through ``{% generation %}``), that also refuses huge ``*`` and ``**`` results."""
+    try:
+        import jinja2
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+    except ImportError as exc:
+        raise missing_dependency("jinja2", package="jinja2") from exc
+
+    class GenerationTag(jinja2.ext.Extension):
+        """``{% generation %}...{% endgeneration %}`` (trl's training markers): the body."""
+
+        tags = {"generation"}  # noqa: RUF012 (jinja2's own class attribute)
+
+        def parse(self, parser: Any) -> Any:
+            parser.stream.skip(1)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "**" and isinstance(right, int) and abs(right) > 1024:
+                raise SecurityError(f"the power {right} is too large for a chat template")
+            if operator == "*":
+                seq, times = (left, right) if isinstance(right, int) else (right, left)
+                if (
+                    isinstance(seq, str | list | tuple)
+                    and isinstance(times, int)
+                    and len(seq) * times > MAX_TEMPLATE_OUTPUT
+                ):
+                    raise SecurityError("a repetition too large for a chat template")
+            return super().call_binop(context, operator, left, right)
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent)
+
+    env = BoundedSandbox(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[GenerationTag, jinja2.ext.loopcontrols],
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+    return env
+
+
+class ChatTemplate:
+    """A Hugging Face style chat template, compiled once in a bounded Jinja sandbox.
+
+    The template comes from a model file and is untrusted: unsafe attribute access, mutation,
+    huge repetitions and any other failure while rendering raise ``ModelError``.
     """
 
     def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "") -> None:
-        try:
-            import jinja2
-            import jinja2.ext
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-        except ImportError as exc:
-            raise missing_dependency("jinja2", package="jinja2") from exc
+        from jinja2 import TemplateError
 
-        class _GenerationTag(jinja2.ext.Extension):
-            """``{% generation %}...{% endgeneration %}`` (training markers) renders its body."""
-
-            tags = {"generation"}  # noqa: RUF012 (jinja2's own class attribute)
-
-            def parse(self, parser: Any) -> Any:
-                parser.stream.skip(1)
-                return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-        def raise_exception(message: str) -> None:
-            raise jinja2.TemplateError(message)
-
-        def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None) -> str:
-            return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent)
-
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True,
-            lstrip_blocks=True,
-            extensions=[_GenerationTag, jinja2.ext.loopcontrols],
-        )
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
         self.source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
-        self._jinja = jinja2
         try:
-            self._template = env.from_string(source)
-        except jinja2.TemplateError as exc:
+            self._template = _sandbox_environment().from_string(source)
+        except TemplateError as exc:
             raise ModelError(f"the model's chat template does not compile: {exc}") from exc
 
     def render(
@@ -432,19 +460,26 @@ class ChatTemplate:
     ) -> str:
         from jinja2.sandbox import SecurityError
 
+        parts: list[str] = []
+        size = 0
         try:
-            return self._template.render(
+            for part in self._template.generate(
                 messages=[dict(m) for m in messages],
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
                 add_generation_prompt=add_generation_prompt,
-            )
+            ):
+                size += len(part)
+                if size > MAX_TEMPLATE_OUTPUT:
+                    raise SecurityError(f"it rendered more than {MAX_TEMPLATE_OUTPUT} characters")
+                parts.append(part)
         except SecurityError as exc:
             raise ModelError(
                 f"the model's chat template tried something unsafe and was stopped: {exc}"
             ) from exc
-        except (self._jinja.TemplateError, TypeError, ValueError, LookupError) as exc:
+        except Exception as exc:  # untrusted code: whatever it raises is the model's fault
             raise ModelError(f"the model's chat template failed: {exc}") from exc
+        return "".join(parts)
 
     def end_markers(self) -> tuple[str, ...]:
         """The end-of-turn markers this template writes, and the EOS token's text."""
@@ -533,8 +568,7 @@ class LlamaCppChatModel(BaseChatModel):
         self._path = path
         self._seed = seed
         self._threads = n_threads or os.cpu_count() or 1
-        self._llm: Any = self._load(n_ctx)
-        n_train = int(self._llm._model.n_ctx_train())
+        n_train = self._training_context()
         if 0 < n_train < n_ctx:
             log.info(
                 "%s was trained with %d tokens of context: n_ctx %d -> %d",
@@ -543,8 +577,8 @@ class LlamaCppChatModel(BaseChatModel):
                 n_ctx,
                 n_train,
             )
-            self._llm.close()
-            self._llm = self._load(n_train)
+            n_ctx = n_train
+        self._llm: Any = self._load(n_ctx)
         self._n_ctx = int(self._llm.n_ctx())
         model = self._llm._model
         bos, eos = model.token_bos(), model.token_eos()
@@ -563,6 +597,23 @@ class LlamaCppChatModel(BaseChatModel):
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._name: str | None = None
+
+    def _training_context(self) -> int:
+        """The context the model was trained with, read before a context is allocated (a
+        too-large n_ctx would allocate its whole KV cache first)."""
+        llama_cpp = self._llama_cpp
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # as verbose=False does
+        params = llama_cpp.llama_model_default_params()
+        params.use_extra_bufts = False  # map the weights only; no repacking for a peek
+        model = llama_cpp.llama_model_load_from_file(str(self._path).encode(), params)
+        if not model:
+            raise ModelError(
+                f"llama.cpp could not load the chat model {self._path}; is it a GGUF file?"
+            )
+        try:
+            return int(llama_cpp.llama_model_n_ctx_train(model))
+        finally:
+            llama_cpp.llama_model_free(model)
 
     def _load(self, n_ctx: int) -> Any:
         try:

@@ -77,26 +77,44 @@ class CoreService:
                 "stop it to index another folder into this data folder"
             )
         report = self.watcher.reconcile_now(confirm_deletions=bool(body.get("confirm_deletions")))
-        if report.held_deletions == 0:
+        if report.held_deletions == 0 and self.watcher.health()["state"] == "ok":
             self.ingestion.finish_switch()
         return report.as_json()
 
     def start(self) -> None:
+        """Serve the API at once, then scan the folder and watch it (the scan may be long)."""
         self.api.start()
         log.info("core service API on %s:%s", self.api.host, self.api.port)
-        self.watcher.start()  # runs the startup scan first
-        self.ingestion.finish_switch()
+        self.watcher.start()
+        if self.watcher.health()["state"] == "ok":
+            self.ingestion.finish_switch()
 
     def stop(self) -> None:
+        self.ingestion.indexer.interrupt()
         self.watcher.stop()
         self.api.stop()
 
     def run_until(self, stop: threading.Event) -> None:
-        self.start()
+        """Run until ``stop`` is set, also while the startup scan is still going."""
+        failures: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                self.start()
+            except BaseException as exc:
+                failures.append(exc)
+                stop.set()
+
+        starter = threading.Thread(target=start, name="core-start", daemon=True)
+        starter.start()
         try:
             stop.wait()
         finally:
+            self.ingestion.indexer.interrupt()
+            starter.join()
             self.stop()
+        if failures:
+            raise failures[0]
 
     def __enter__(self) -> CoreService:
         self.start()

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 ACTIVE_COLLECTION = "active_collection"
 ACTIVE_MODEL_PATH = "active_model_path"
+ACTIVE_MODEL_ID = "active_model_id"
 
 
 def prepare_process(settings: Settings) -> None:
@@ -80,8 +81,9 @@ class Ingestion:
         if old is None:
             return
         self.previous = None
-        self.state.set_meta(ACTIVE_COLLECTION, self.indexer.collection)
-        self.state.set_meta(ACTIVE_MODEL_PATH, _model_path(self.settings))
+        _activate(
+            self.state, self.settings, self.indexer.collection, self.indexer.embedder.model_id
+        )
         self.searcher = self.indexer
         self.backend.drop(old)
         self.state.drop_collection(old)
@@ -153,11 +155,12 @@ def open_ingestion(
         previous = None
         active = state.get_meta(ACTIVE_COLLECTION)
         if active is None:
-            state.set_meta(ACTIVE_COLLECTION, target)
-            state.set_meta(ACTIVE_MODEL_PATH, _model_path(settings))
+            _activate(state, settings, target, embedder.model_id)
         elif active != target and active in backend.collections():
             previous = active
-            old_model = _old_embedder(settings, state.get_meta(ACTIVE_MODEL_PATH))
+            old_model = _old_embedder(
+                settings, state.get_meta(ACTIVE_MODEL_PATH), state.get_meta(ACTIVE_MODEL_ID)
+            )
             if old_model is not None:
                 searcher = indexer_for(active, old_model)
                 log.warning(
@@ -166,25 +169,33 @@ def open_ingestion(
                     active,
                 )
         elif active != target:  # the previous collection is gone: nothing to keep serving
-            state.set_meta(ACTIVE_COLLECTION, target)
-            state.set_meta(ACTIVE_MODEL_PATH, _model_path(settings))
+            _activate(state, settings, target, embedder.model_id)
         return Ingestion(settings, docs, indexer, searcher, state, backend, stack, previous)
     except BaseException:
         stack.close()
         raise
 
 
-def _old_embedder(settings: Settings, path: str | None) -> Embedder | None:
-    """The previous model, to keep serving the old collection during a switch, if it still loads."""
+def _activate(state: Any, settings: Settings, collection: str, model_id: str) -> None:
+    """Record which collection (and so which embedding model) serves searches."""
+    state.set_meta(ACTIVE_COLLECTION, collection)
+    state.set_meta(ACTIVE_MODEL_PATH, _model_path(settings))
+    state.set_meta(ACTIVE_MODEL_ID, model_id)
+
+
+def _old_embedder(settings: Settings, path: str | None, model_id: str | None) -> Embedder | None:
+    """The previous model, to keep serving the old collection during a switch, if it still
+    loads and is still the same model."""
     from ingest.embedders import SentenceTransformerEmbedder
 
     try:
-        return SentenceTransformerEmbedder(
+        model = SentenceTransformerEmbedder(
             Path(path) if path else None, device=settings.embedding.device
         )
     except ApplianceError as exc:
-        log.warning(
-            "the previous embedding model cannot be loaded (%s); searches wait for the new index",
-            exc,
-        )
+        log.warning("the previous embedding model cannot be loaded (%s)", exc)
         return None
+    if model.model_id != model_id:
+        log.warning("the previous embedding model changed on disk; searches use the new index")
+        return None
+    return model

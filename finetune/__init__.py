@@ -1,1 +1,1 @@
-"""Fine-tuning lifecycle: datasets, QLoRA training, the gate, merge, GGUF export, the model registry."""
+"""Fine-tuning lifecycle: datasets, QLoRA, the gate, merge, GGUF export, the model registry."""

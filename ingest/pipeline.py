@@ -132,6 +132,11 @@ class Indexer:
         self.collection = store.name
         # One writer at a time: the watcher thread and API calls share the indexer.
         self._write_lock = threading.RLock()
+        self._interrupted = threading.Event()
+
+    def interrupt(self) -> None:
+        """Stop a running reconcile after the file in hand (the rest stays queued)."""
+        self._interrupted.set()
 
     # --- texts and ids -----------------------------------------------------------------------
 
@@ -314,7 +319,7 @@ class Indexer:
 
         def produce() -> None:
             for item in todo:
-                if stop.is_set():
+                if stop.is_set() or self._interrupted.is_set():
                     return
                 try:
                     prepared.put((item, self._prepare_lexical(item)))
@@ -326,6 +331,8 @@ class Indexer:
         producer.start()
         try:
             for done in range(len(todo)):
+                if self._interrupted.is_set():
+                    break
                 item, result = prepared.get()
                 if progress:
                     progress(item.rel, done, len(todo))

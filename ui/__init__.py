@@ -1,1 +1,1 @@
-"""The Streamlit UI: a client of the core service; never imports qdrant, transformers or llama.cpp."""
+"""The Streamlit UI: a client of the core service (no qdrant, transformers or llama.cpp)."""

@@ -15,7 +15,9 @@ def test_defaults_need_no_file() -> None:
 
 def test_precedence_file_then_env_then_flags(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
-    config.write_text("data_dir: /from/file\nchunking:\n  max_tokens: 100\nstore:\n  mode: server\n")
+    config.write_text(
+        "data_dir: /from/file\nchunking:\n  max_tokens: 100\nstore:\n  mode: server\n"
+    )
     env = {"APPLIANCE_DATA_DIR": "/from/env", "APPLIANCE_STORE__URL": "http://qdrant:6333"}
     settings = load_settings(config, env=env, overrides={"chunking": {"overlap_tokens": 7}})
     assert settings.data_dir == Path("/from/env")

@@ -1,3 +1,4 @@
+import itertools
 import re
 
 import pytest
@@ -45,7 +46,7 @@ def test_overlap_and_full_coverage() -> None:
     for chunk in chunks:
         covered.update(chunk.text.split())
     assert covered == set(text.split())
-    for a, b in zip(chunks, chunks[1:], strict=False):
+    for a, b in itertools.pairwise(chunks):
         assert b.start < a.end  # consecutive chunks overlap
 
 

@@ -40,13 +40,17 @@ def churn(docs: Path, rng: random.Random, step: int) -> None:
     for path in rng.sample(files, min(5, len(files))):
         action = rng.choice(["modify", "rename", "delete"])
         if action == "modify":
-            path.write_text(path.read_text() + f"\nrevision {step} adds a sentence about item {step}.\n")
+            path.write_text(
+                path.read_text() + f"\nrevision {step} adds a sentence about item {step}.\n"
+            )
         elif action == "rename":
             path.rename(path.with_name(f"r{step}-{path.name}"))
         else:
             path.unlink()
     for i in range(3):
-        (docs / f"new-{step}-{i}.md").write_text(f"# New {step}\n\n" + "fresh words " * (20 + i) + "\n")
+        (docs / f"new-{step}-{i}.md").write_text(
+            f"# New {step}\n\n" + "fresh words " * (20 + i) + "\n"
+        )
 
 
 @pytest.mark.slow
@@ -57,7 +61,9 @@ def test_kill_9_at_random_points_leaves_an_exact_index(tmp_path: Path) -> None:
     for i in range(200):
         sub = docs / f"team{i % 4}"
         sub.mkdir(parents=True, exist_ok=True)
-        body = "\n\n".join(f"Paragraph {j} of document {i} with some policy words." for j in range(8 + i % 20))
+        body = "\n\n".join(
+            f"Paragraph {j} of document {i} with some policy words." for j in range(8 + i % 20)
+        )
         (sub / f"doc{i}.md").write_text(f"# Document {i}\n\n{body}\n")
     kills = 0
     for step in range(10):

@@ -12,7 +12,10 @@ from ingest.embedders import HashingEmbedder
 from ingest.pipeline import Indexer, collection_of
 from tests.ingest.exactness import index_problems
 
-POLICY = "# Policy\n\n## Retention\n\nAudit logs are kept for seven years.\n\n## Access\n\nOnly admins.\n"
+POLICY = (
+    "# Policy\n\n## Retention\n\nAudit logs are kept for seven years.\n\n"
+    "## Access\n\nOnly admins.\n"
+)
 
 
 def write(path: Path, text: str) -> Path:
@@ -53,7 +56,9 @@ def test_payload_carries_citation_fields(make_indexer, docs: Path) -> None:  # t
 def test_changed_file_replaces_its_chunks(make_indexer, docs: Path) -> None:  # type: ignore[no-untyped-def]
     indexer: Indexer = make_indexer(docs)
     indexer.reconcile()
-    old_ids = {c.point_id for c in indexer.state.live_chunks_of_path(indexer.collection, "policy.md")}
+    old_ids = {
+        c.point_id for c in indexer.state.live_chunks_of_path(indexer.collection, "policy.md")
+    }
     write(docs / "policy.md", POLICY.replace("seven", "ten"))
     report = indexer.reconcile()
     assert report.updated == 1
@@ -108,12 +113,16 @@ def test_identical_content_indexed_twice_embedded_once(make_indexer, docs: Path)
 def test_failed_reparse_keeps_last_good_version(make_indexer, docs: Path) -> None:  # type: ignore[no-untyped-def]
     indexer: Indexer = make_indexer(docs)
     indexer.reconcile()
-    good = {c.point_id for c in indexer.state.live_chunks_of_path(indexer.collection, "hr/leave.txt")}
+    good = {
+        c.point_id for c in indexer.state.live_chunks_of_path(indexer.collection, "hr/leave.txt")
+    }
     (docs / "hr" / "leave.txt").write_bytes(b"\x00\x01binary\x00" * 100)
     report = indexer.reconcile()
     assert report.failed == 1
     assert "binary" in report.failures[0]["reason"]
-    assert {c.point_id for c in indexer.state.live_chunks_of_path(indexer.collection, "hr/leave.txt")} == good
+    assert {
+        c.point_id for c in indexer.state.live_chunks_of_path(indexer.collection, "hr/leave.txt")
+    } == good
     assert good <= indexer.store.ids()
     status = indexer.status()
     assert status["failed"] == [{"path": "hr/leave.txt", "reason": report.failures[0]["reason"]}]
@@ -127,7 +136,9 @@ def test_failed_reparse_keeps_last_good_version(make_indexer, docs: Path) -> Non
 def test_bad_files_do_not_stop_ingestion(make_indexer, docs: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     (docs / "broken.pdf").write_bytes(b"%PDF-1.7 this is not a pdf")
     (docs / "empty.txt").write_bytes(b"")
-    (docs / "odd\nname ü ..md").write_text("# Odd\n\nA file with a strange name.\n", encoding="utf-8")
+    (docs / "odd\nname ü ..md").write_text(
+        "# Odd\n\nA file with a strange name.\n", encoding="utf-8"
+    )
     outside = write(tmp_path / "secret.txt", "secret outside the folder")
     (docs / "link.txt").symlink_to(outside)
     indexer: Indexer = make_indexer(docs, ingest=IngestSettings(max_file_mb=0.001))
@@ -144,7 +155,15 @@ def test_bad_files_do_not_stop_ingestion(make_indexer, docs: Path, tmp_path: Pat
 
 
 def test_temporary_and_hidden_files_are_ignored(make_indexer, docs: Path) -> None:  # type: ignore[no-untyped-def]
-    for name in ("~$report.docx", ".hidden.md", "notes.md.swp", ".~lock.a.docx#", "x.tmp", "4913", "unknown.xyz"):
+    for name in (
+        "~$report.docx",
+        ".hidden.md",
+        "notes.md.swp",
+        ".~lock.a.docx#",
+        "x.tmp",
+        "4913",
+        "unknown.xyz",
+    ):
         write(docs / name, "temporary")
     indexer: Indexer = make_indexer(docs)
     report = indexer.reconcile()
@@ -178,19 +197,25 @@ def test_recover_undoes_half_done_writes(make_indexer, docs: Path) -> None:  # t
     # after dooming points but before deleting them, and a stray point nobody recorded:
     write(docs / "policy.md", POLICY + "\nNew paragraph.\n")
     prepared = indexer._prepare_lexical(next(f for f in _found(indexer) if f.rel == "policy.md"))
-    assert prepared is not None and not isinstance(prepared, str)
+    assert prepared is not None
+    assert not isinstance(prepared, str)
     ready = indexer._embed(prepared)
     from ingest.state import ChunkRow
 
     rows = [
-        ChunkRow(indexer.point_id("policy.md", ready.sha256, c.index), "policy.md", ready.sha256, c, k)
+        ChunkRow(
+            indexer.point_id("policy.md", ready.sha256, c.index), "policy.md", ready.sha256, c, k
+        )
         for c, k in zip(ready.chunks, ready.text_keys, strict=True)
     ]
     indexer.state.add_pending(indexer.collection, rows)
     from appliance.protocols import Point
 
     indexer.store.upsert(
-        [Point(r.point_id, v, indexer.sparse.embed_document(r.chunk.text), {"path": "policy.md"}) for r, v in zip(rows, ready.vectors, strict=True)]
+        [
+            Point(r.point_id, v, indexer.sparse.embed_document(r.chunk.text), {"path": "policy.md"})
+            for r, v in zip(rows, ready.vectors, strict=True)
+        ]
     )
     doomed = indexer.state.doom_path(indexer.collection, "hr/leave.txt")
     assert doomed

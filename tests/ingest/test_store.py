@@ -43,7 +43,11 @@ def points() -> list[Point]:
                 id=str(uuid.uuid5(uuid.NAMESPACE_URL, path)),
                 dense=embedder.embed([text])[0],
                 sparse=bm25.embed_document(text),
-                payload={"path": path, "collection": path.split("/")[0] if "/" in path else "", "text": text},
+                payload={
+                    "path": path,
+                    "collection": path.split("/")[0] if "/" in path else "",
+                    "text": text,
+                },
             )
         )
     return out
@@ -78,7 +82,9 @@ def test_filters_apply_inside_the_query(backend: StoreBackend) -> None:
     store.upsert(points())
     embedder, bm25 = HashingEmbedder(64), Bm25Encoder()
     query = "Azure cloud revenue"
-    hits = store.query(embedder.embed_query(query), bm25.embed_query(query), 10, where={"collection": ["c"]})
+    hits = store.query(
+        embedder.embed_query(query), bm25.embed_query(query), 10, where={"collection": ["c"]}
+    )
     assert hits
     assert {h.payload["path"] for h in hits} <= {"c/d.txt", "c/e.txt"}
 

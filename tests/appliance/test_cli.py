@@ -1,0 +1,172 @@
+"""The command-line contract: JSON shapes, exit codes, and the core service as the data
+folder's one owner. Real model, real store, real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.api import SERVICE_FILE, ServiceClient
+from appliance.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+POLICY = (
+    "# Records policy\n\n## Retention\n\nThe appliance retains audit logs for 7 years under "
+    "policy AP-12.\n\n## Access\n\nOnly administrators may export audit logs.\n"
+)
+
+
+@pytest.fixture
+def docs(tmp_path: Path) -> Path:
+    folder = tmp_path / "docs"
+    (folder / "legal").mkdir(parents=True)
+    (folder / "policy.md").write_text(POLICY)
+    (folder / "legal" / "contract.txt").write_text(
+        "SERVICE AGREEMENT\n\nThe supplier shall deliver the goods within 30 days of the order.\n"
+    )
+    (folder / "broken.pdf").write_bytes(b"%PDF-1.4 not really")
+    return folder
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.slow
+def test_ingest_status_search_json(docs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "ingest", str(docs), "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert {
+        "added",
+        "updated",
+        "removed",
+        "unchanged",
+        "failed",
+        "chunks",
+        "seconds",
+    } <= report.keys()
+    assert (report["added"], report["failed"]) == (2, 1)
+
+    code, out, _ = run_cli(capsys, "status", "--json")
+    status = json.loads(out)
+    assert code == 0
+    assert (status["documents"], status["chunks"] > 0) == (2, True)
+    assert status["failed"][0]["path"] == "broken.pdf"
+    assert status["failed"][0]["reason"]
+
+    code, out, _ = run_cli(
+        capsys, "search", "How long are audit logs retained?", "-k", "2", "--json"
+    )
+    result = json.loads(out)
+    assert code == 0
+    top = result["results"][0]
+    assert (top["path"], top["heading"]) == ("policy.md", "Records policy > Retention")
+    assert {"path", "page", "heading", "score", "text"} <= top.keys()
+
+    queries = docs.parent / "q.jsonl"
+    queries.write_text(
+        json.dumps({"question": "When must goods be delivered?", "id": 1})
+        + "\n"
+        + json.dumps({"question": "Who may export audit logs?"})
+        + "\n"
+    )
+    code, out, _ = run_cli(capsys, "search", "--queries", str(queries), "-k", "1")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["results"][0]["path"] for line in lines] == ["legal/contract.txt", "policy.md"]
+
+    code, out, _ = run_cli(capsys, "ingest", str(docs), "--json")
+    assert json.loads(out)["unchanged"] == 2
+
+
+def test_errors_go_to_stderr_with_exit_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_cli(capsys, "ingest", str(tmp_path / "missing"), "--json")
+    assert code != 0
+    assert out == ""
+    assert "does not exist" in err
+    code, out, err = run_cli(capsys, "status", "--json")
+    assert code == 0
+    assert json.loads(out)["documents"] == 0
+
+
+def appliance(*argv: str, data: Path, **kwargs) -> subprocess.Popen:  # type: ignore[no-untyped-def,type-arg]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env["APPLIANCE_DATA_DIR"] = str(data)
+    return subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli", *argv],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def service(docs: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:  # type: ignore[type-arg]
+    data = tmp_path / "svc-data"
+    proc = appliance("watch", str(docs), "--port", "0", data=data)
+    deadline = time.monotonic() + 120
+    client = None
+    while time.monotonic() < deadline and client is None:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        client = ServiceClient.find(data)
+        time.sleep(0.2)
+    assert client is not None, "the core service did not start"
+    while client.call("GET", "/status")["documents"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    yield proc, data
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_core_service_owns_the_data_folder(service, docs: Path) -> None:  # type: ignore[no-untyped-def]
+    proc, data = service
+    # status and search are answered by the running service
+    status = appliance("status", "--json", data=data)
+    out, err = status.communicate(timeout=60)
+    assert status.returncode == 0, err
+    parsed = json.loads(out)
+    assert parsed["documents"] == 2
+    assert parsed["watcher"]["state"] in ("ok", "degraded")
+    search = appliance("search", "supplier delivery days", "--json", "-k", "1", data=data)
+    out, err = search.communicate(timeout=60)
+    assert json.loads(out)["results"][0]["path"] == "legal/contract.txt"
+
+    # a second writer is refused quickly, naming the owner
+    started = time.monotonic()
+    second = appliance("watch", str(docs), "--port", "0", data=data)
+    out, err = second.communicate(timeout=30)
+    assert second.returncode != 0
+    assert time.monotonic() - started < 2.0 + 1.5  # interpreter start-up on a loaded CI box
+    assert f"process {proc.pid}" in err
+    assert "appliance watch" in err
+
+    # the watcher picks up a new file
+    (docs / "new.md").write_text("# Holidays\n\nThe office is closed on 24 December.\n")
+    client = ServiceClient.find(data)
+    assert client is not None
+    deadline = time.monotonic() + 60
+    while client.call("GET", "/status")["documents"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert client.call("GET", "/status")["documents"] == 3
+
+    # a clean stop removes the service file and releases the folder
+    proc.terminate()
+    assert proc.wait(timeout=60) == 0
+    assert not (data / SERVICE_FILE).exists()
+    assert ServiceClient.find(data) is None
