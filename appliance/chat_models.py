@@ -596,7 +596,8 @@ class LlamaCppChatModel(BaseChatModel):
         self._template.render([ChatMessage(role="user", content="ping")])
         self._lock = threading.Lock()
         self._owner: int | None = None
-        self._name: str | None = None
+        # The identity for audit: hashed once here (about 1 s per GB), not inside an answer.
+        self._name = f"{path.name}@sha256:{_file_digest(path)[:12]}"
 
     def _training_context(self) -> int:
         """The context the model was trained with, read before a context is allocated (a
@@ -631,8 +632,7 @@ class LlamaCppChatModel(BaseChatModel):
 
     @property
     def name(self) -> str:
-        if self._name is None:
-            self._name = f"{self._path.name}@sha256:{_file_digest(self._path)[:12]}"
+        """``<file name>@sha256:<first 12 hex digits of the file's sha256>``."""
         return self._name
 
     @property
@@ -679,7 +679,8 @@ class LlamaCppChatModel(BaseChatModel):
             queued = time.perf_counter() - asked
             llm = self._require_llm()
             prompt = self._template.render(messages, add_generation_prompt=True)
-            add_bos = self._add_bos and not prompt.startswith(self._template.bos_token)
+            bos_text = self._template.bos_token
+            add_bos = self._add_bos and not (bos_text and prompt.startswith(bos_text))
             tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
             room = self._n_ctx - len(tokens)
             if room < 1:
@@ -808,9 +809,8 @@ class OllamaChatModel(BaseChatModel):
                     f"{where} has no model {self._model!r} ({exc.error}); pull or create it "
                     f"there (ollama pull {self._model}) or set chat.model (APPLIANCE_CHAT__MODEL)"
                 )
-            return ModelError(
-                f"{where} failed for model {self._model!r}: {exc.error} (HTTP {exc.status_code})"
-            )
+            status = f" (HTTP {exc.status_code})" if exc.status_code > 0 else ""
+            return ModelError(f"{where} failed for model {self._model!r}: {exc.error}{status}")
         if isinstance(exc, self._httpx.TimeoutException):
             return ModelError(
                 f"{where} sent nothing for {self._timeout:g} s (model {self._model!r}); "

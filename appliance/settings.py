@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from appliance.chat_settings import ChatSettings
 from appliance.errors import ConfigError
 
 ENV_PREFIX = "APPLIANCE_"
@@ -87,6 +88,31 @@ class IngestSettings(_Section):
     )
 
 
+class AnswerSettings(_Section):
+    top_k: int = Field(6, ge=1, le=50, description="Chunks retrieved for an answer.")
+    context_tokens: int = Field(
+        1400, ge=64, description="Token budget of the passages in the prompt."
+    )
+    min_relevance: float = Field(
+        0.30,
+        ge=-1,
+        le=1,
+        description="Abstain when the best chunk's cosine similarity to the question is below "
+        "this (calibrated on the shared corpus with benchmarks/answer_quality.py).",
+    )
+    rerank_model_path: Path | None = Field(
+        None,
+        description="A local sentence-transformers CrossEncoder folder to re-rank retrieved "
+        "chunks; empty: no re-ranking.",
+    )
+    history_turns: int = Field(
+        3, ge=0, le=20, description="Previous exchanges used to rewrite a follow-up question."
+    )
+    organisation: str = Field(
+        "the organisation", description="Named in the system prompt: whose documents these are."
+    )
+
+
 class ServiceSettings(_Section):
     host: str = Field("127.0.0.1", description="Bind address of the core service's local API.")
     port: int = Field(8765, ge=0, le=65535, description="Port of the core service's local API.")
@@ -99,6 +125,8 @@ class Settings(_Section):
     store: StoreSettings = StoreSettings()
     ingest: IngestSettings = IngestSettings()
     service: ServiceSettings = ServiceSettings()
+    chat: ChatSettings = ChatSettings()
+    answer: AnswerSettings = AnswerSettings()
 
     @property
     def index_dir(self) -> Path:
@@ -111,6 +139,10 @@ class Settings(_Section):
     @property
     def log_dir(self) -> Path:
         return self.data_dir / "logs"
+
+    @property
+    def conversations_path(self) -> Path:
+        return self.data_dir / "conversations.sqlite3"
 
 
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

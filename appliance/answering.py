@@ -1,0 +1,368 @@
+"""Grounded answers: retrieve, merge neighbouring chunks into passages, prompt, stream, cite.
+
+question ─► standalone query (follow-ups) ─► hybrid retrieval (+ optional re-ranking)
+         ─► relevance check (abstain) ─► passages within a token budget ─► chat model
+         ─► streamed tokens (leak guard) ─► answer + structured sources
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.chat_models import ChatMessage, ChatModel, GenerationParams
+from appliance.chat_settings import ChatSettings
+from appliance.conversations import Exchange, standalone_question
+from appliance.errors import ConfigError, missing_dependency
+from appliance.prompting import (
+    NO_ANSWER,
+    LeakGuard,
+    Passage,
+    clean_citations,
+    system_prompt,
+    user_prompt,
+    words,
+)
+from appliance.protocols import Embedder, Hit, SparseEncoder, VectorStore
+from appliance.settings import AnswerSettings
+from ingest.retrieval import retrieve
+
+log = logging.getLogger(__name__)
+
+REFUSAL = "I can't share that. Please ask a question about the documents."
+
+
+@dataclass(frozen=True)
+class Source:
+    """A cited passage: where it is and what it says."""
+
+    number: int
+    path: str
+    page: int | None
+    heading: str | None
+    text: str
+    score: float
+    start: int
+    end: int
+    doc_hash: str
+
+    @classmethod
+    def of(cls, p: Passage) -> Source:
+        return cls(p.number, p.path, p.page, p.heading, p.text, p.score, p.start, p.end, p.doc_hash)
+
+
+@dataclass
+class Answer:
+    question: str
+    answer: str
+    sources: list[Source]
+    abstained: bool
+    query: str
+    """The standalone query that was searched (differs from ``question`` for follow-ups)."""
+    retrieved: list[dict[str, Any]] = field(default_factory=list)
+    """Every chunk retrieved, in rank order: path, chunk id, document hash, score (for the
+    evaluation harness and the audit log)."""
+    relevance: float = 0.0
+    model: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    redacted: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class CrossEncoderReranker:
+    """Re-ranks chunks with a local sentence-transformers CrossEncoder folder."""
+
+    def __init__(self, folder: Path) -> None:
+        if not folder.is_dir():
+            raise ConfigError(f"answer.rerank_model_path {folder} is not a folder")
+        try:
+            from sentence_transformers import CrossEncoder
+        except ImportError as exc:
+            raise missing_dependency(
+                "sentence_transformers", package="sentence-transformers"
+            ) from exc
+        self._model = CrossEncoder(str(folder), device="cpu", local_files_only=True)
+
+    def rerank(self, query: str, hits: list[Hit]) -> list[Hit]:
+        if not hits:
+            return hits
+        scores = self._model.predict([(query, str(h.payload.get("text", ""))) for h in hits])
+        order = sorted(range(len(hits)), key=lambda i: -float(scores[i]))
+        return [Hit(hits[i].id, float(scores[i]), hits[i].payload) for i in order]
+
+
+def merge_passages(hits: Sequence[Hit]) -> list[Passage]:
+    """Merge chunks of one document that overlap or touch into passages, best first."""
+    groups: dict[tuple[str, str], list[Hit]] = {}
+    for hit in hits:
+        key = (str(hit.payload.get("path")), str(hit.payload.get("doc_hash")))
+        groups.setdefault(key, []).append(hit)
+    rank = {hit.id: i for i, hit in enumerate(hits)}
+    merged: list[tuple[int, Passage]] = []
+    for (path, doc_hash), group in groups.items():
+        group.sort(key=lambda h: int(h.payload.get("start", 0)))
+        runs: list[list[Hit]] = [[group[0]]]
+        for hit in group[1:]:
+            last = runs[-1][-1]
+            touching = int(hit.payload.get("start", 0)) <= int(last.payload.get("end", 0)) + 2
+            neighbours = (
+                int(hit.payload.get("chunk_index", -9)) - int(last.payload.get("chunk_index", -99))
+                == 1
+            )
+            same_place = hit.payload.get("page") == last.payload.get("page")
+            if (touching or neighbours) and same_place:
+                runs[-1].append(hit)
+            else:
+                runs.append([hit])
+        for run in runs:
+            text = str(run[0].payload.get("text", ""))
+            end = int(run[0].payload.get("end", 0))
+            for hit in run[1:]:
+                start, chunk = int(hit.payload.get("start", 0)), str(hit.payload.get("text", ""))
+                overlap = max(0, end - start)
+                text += ("" if overlap else "\n") + chunk[overlap:]
+                end = max(end, int(hit.payload.get("end", 0)))
+            merged.append(
+                (
+                    min(rank[h.id] for h in run),
+                    Passage(
+                        number=0,
+                        path=path,
+                        page=run[0].payload.get("page"),
+                        heading=run[0].payload.get("heading"),
+                        text=text,
+                        score=max(h.score for h in run),
+                        start=int(run[0].payload.get("start", 0)),
+                        end=end,
+                        doc_hash=doc_hash,
+                        chunk_ids=tuple(h.id for h in run),
+                    ),
+                )
+            )
+    merged.sort(key=lambda m: m[0])
+    return [
+        Passage(
+            i, p.path, p.page, p.heading, p.text, p.score, p.start, p.end, p.doc_hash, p.chunk_ids
+        )
+        for i, (_rank, p) in enumerate(merged, 1)
+    ]
+
+
+def _overlap(answer: str, passage: str) -> float:
+    """The share of the answer's content words that the passage contains."""
+    answer_words = {w for w in words(answer) if len(w) > 3 or w.isdigit()}
+    if not answer_words:
+        return 0.0
+    return len(answer_words & set(words(passage))) / len(answer_words)
+
+
+class Answerer:
+    """Answers questions from one store collection with one chat model."""
+
+    def __init__(
+        self,
+        *,
+        store: VectorStore,
+        embedder: Embedder,
+        sparse: SparseEncoder,
+        chat: ChatModel,
+        settings: AnswerSettings,
+        chat_settings: ChatSettings,
+        reranker: CrossEncoderReranker | None = None,
+    ) -> None:
+        self.store = store
+        self.embedder = embedder
+        self.sparse = sparse
+        self.chat = chat
+        self.settings = settings
+        self.chat_settings = chat_settings
+        self.reranker = reranker
+        self.system = system_prompt(settings.organisation)
+
+    # --- retrieval ---------------------------------------------------------------------------
+
+    def relevance(self, query: str, where: Mapping[str, Sequence[str]] | None = None) -> float:
+        """Cosine similarity of the best chunk: comparable across questions, unlike fused
+        ranks, so it carries the abstention threshold."""
+        hits = self.store.query(
+            self.embedder.embed_query(query), None, 1, mode="dense", where=where
+        )
+        return hits[0].score if hits else 0.0
+
+    def retrieve(self, query: str, where: Mapping[str, Sequence[str]] | None = None) -> list[Hit]:
+        k = self.settings.top_k
+        hits = retrieve(
+            self.store,
+            self.embedder,
+            self.sparse,
+            query,
+            k * 3 if self.reranker else k,
+            where=where,
+        )
+        if self.reranker is not None:
+            hits = self.reranker.rerank(query, hits)[:k]
+        return hits
+
+    def passages(self, hits: Sequence[Hit]) -> list[Passage]:
+        """Merged passages, best first, within the context token budget."""
+        budget = self.settings.context_tokens
+        chosen: list[Passage] = []
+        for passage in merge_passages(hits):
+            cost = self.chat.count_tokens(passage.text) + 16
+            if cost > budget:
+                if not chosen:  # the best passage alone is too long: keep its start
+                    keep = int(len(passage.text) * budget / cost)
+                    chosen.append(_replace_text(passage, passage.text[:keep]))
+                break
+            chosen.append(passage)
+            budget -= cost
+        return [_renumber(p, i) for i, p in enumerate(chosen, 1)]
+
+    # --- answering ---------------------------------------------------------------------------
+
+    def stream(
+        self,
+        question: str,
+        *,
+        history: Sequence[Exchange] = (),
+        where: Mapping[str, Sequence[str]] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Yield ``{"type": "token", "text"}`` events as the answer is generated, then one
+        ``{"type": "answer", "answer": Answer}``."""
+        started = time.perf_counter()
+        query = standalone_question(question, history, self.settings.history_turns)
+        hits = self.retrieve(query, where)
+        relevance = self.relevance(query, where)
+        retrieved = [
+            {
+                "path": h.payload.get("path"),
+                "chunk_id": h.id,
+                "doc_hash": h.payload.get("doc_hash"),
+                "page": h.payload.get("page"),
+                "score": h.score,
+            }
+            for h in hits
+        ]
+        timings: dict[str, float] = {"retrieval_s": round(time.perf_counter() - started, 4)}
+        answer = Answer(
+            question=question,
+            answer="",
+            sources=[],
+            abstained=False,
+            query=query,
+            retrieved=retrieved,
+            relevance=round(relevance, 4),
+            model=self.chat.name,
+            timings=timings,
+        )
+        passages = self.passages(hits)
+        if not passages or relevance < self.settings.min_relevance:
+            answer.abstained = True
+            answer.answer = self._abstention(passages)
+            timings["total_s"] = round(time.perf_counter() - started, 4)
+            yield {"type": "token", "text": answer.answer}
+            yield {"type": "answer", "answer": answer}
+            return
+        messages: list[ChatMessage] = [
+            {"role": "system", "content": self.system},
+            {"role": "user", "content": user_prompt(question, passages)},
+        ]
+        guard = LeakGuard(self.system)
+        params = GenerationParams(
+            max_tokens=self.chat_settings.max_tokens,
+            temperature=self.chat_settings.temperature,
+            seed=self.chat_settings.seed,
+        )
+        first: float | None = None
+        with self.chat.stream(messages, params) as pieces:
+            for piece in pieces:
+                shown = guard.feed(piece)
+                if guard.leaked:
+                    break
+                if shown:
+                    first = first or time.perf_counter()
+                    yield {"type": "token", "text": shown}
+            tail = guard.flush()
+            if tail:
+                first = first or time.perf_counter()
+                yield {"type": "token", "text": tail}
+            stats = pieces.stats
+        raw = guard.text
+        if guard.leaked:
+            log.warning("an answer began to recite the system prompt; it was withheld")
+            answer.answer, answer.redacted = REFUSAL, True
+        else:
+            answer.answer, cited = clean_citations(raw, len(passages))
+            answer.sources = self._sources(answer.answer, passages, cited)
+            if NO_ANSWER.lower().rstrip(".") in answer.answer.lower() or not answer.answer:
+                answer.abstained = True
+                answer.answer = self._abstention(passages)
+                answer.sources = []
+        now = time.perf_counter()
+        timings["ttft_s"] = round((first or now) - started, 4)
+        timings["total_s"] = round(now - started, 4)
+        if stats is not None:
+            timings["tokens_per_s"] = round(stats.tokens_per_s, 2)
+            timings["completion_tokens"] = stats.completion_tokens
+            timings["prompt_tokens"] = stats.prompt_tokens
+        yield {"type": "answer", "answer": answer}
+
+    def answer(
+        self,
+        question: str,
+        *,
+        history: Sequence[Exchange] = (),
+        where: Mapping[str, Sequence[str]] | None = None,
+    ) -> Answer:
+        final: Answer | None = None
+        for event in self.stream(question, history=history, where=where):
+            if event["type"] == "answer":
+                final = event["answer"]
+        assert final is not None
+        return final
+
+    def _sources(self, text: str, passages: Sequence[Passage], cited: list[int]) -> list[Source]:
+        """The cited passages; when the model cited none, those the answer draws on."""
+        by_number = {p.number: p for p in passages}
+        if cited:
+            return [Source.of(by_number[n]) for n in cited]
+        scored = sorted(passages, key=lambda p: -_overlap(text, p.text))
+        best = [p for p in scored if _overlap(text, p.text) >= 0.5]
+        return [Source.of(p) for p in (best[:3] or scored[:1])]
+
+    def _abstention(self, passages: Sequence[Passage]) -> str:
+        closest: list[str] = []
+        for p in passages:
+            if p.path not in closest:
+                closest.append(p.path)
+        message = "The documents do not cover this question."
+        if closest:
+            message += " The closest documents are: " + "; ".join(closest[:3]) + "."
+        return message
+
+
+def _replace_text(p: Passage, text: str) -> Passage:
+    return Passage(
+        p.number,
+        p.path,
+        p.page,
+        p.heading,
+        text,
+        p.score,
+        p.start,
+        p.start + len(text),
+        p.doc_hash,
+        p.chunk_ids,
+    )
+
+
+def _renumber(p: Passage, number: int) -> Passage:
+    return Passage(
+        number, p.path, p.page, p.heading, p.text, p.score, p.start, p.end, p.doc_hash, p.chunk_ids
+    )

@@ -1,0 +1,157 @@
+"""Conversations: their history in SQLite, and follow-up questions made standalone.
+
+A follow-up ("and in the previous quarter?", "who approves it?") is searched together with the
+earlier question it depends on, so retrieval sees what the user means. The rewrite is a rule,
+not a model call: a small local model rewrites unreliably, and a rule is predictable and fast.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_REFERRING = re.compile(
+    r"\b(it|its|they|them|their|this|that|these|those|he|she|his|her|there|then|the same|"
+    r"above|previous|former|latter|also|again|else|other|instead)\b|^(and|but|or|what about|how "
+    r"about|why|so)\b",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    question: str
+    answer: str
+
+
+def standalone_question(question: str, history: Sequence[Exchange], turns: int = 3) -> str:
+    """The query to search for ``question`` given the conversation so far."""
+    if not history or turns == 0:
+        return question
+    if len(question.split()) > 8 and not _REFERRING.search(question):
+        return question  # long and self-contained
+    return f"{history[-1].question} {question}"
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY, user TEXT NOT NULL, title TEXT NOT NULL,
+    created REAL NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, conversation TEXT NOT NULL
+        REFERENCES conversations(id) ON DELETE CASCADE,
+    question TEXT NOT NULL, answer TEXT NOT NULL, sources TEXT NOT NULL, abstained INTEGER NOT NULL,
+    model TEXT NOT NULL, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS conversations_by_user ON conversations (user, updated);
+CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation, id);
+"""
+
+
+class ConversationStore:
+    """Conversation history per user, in ``DATA/conversations.sqlite3``."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def create(self, user: str, title: str) -> str:
+        conversation = uuid.uuid4().hex
+        now = time.time()
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO conversations VALUES (?, ?, ?, ?, ?)",
+                (conversation, user, title[:120] or "New conversation", now, now),
+            )
+        return conversation
+
+    def conversations(self, user: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, title, created, updated FROM conversations WHERE user = ? "
+                "ORDER BY updated DESC",
+                (user,),
+            ).fetchall()
+        return [{"id": r[0], "title": r[1], "created": r[2], "updated": r[3]} for r in rows]
+
+    def _owned(self, user: str, conversation: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM conversations WHERE id = ? AND user = ?", (conversation, user)
+        ).fetchone()
+        return row is not None
+
+    def add(self, user: str, conversation: str, answer: dict[str, Any]) -> None:
+        with self._lock:
+            if not self._owned(user, conversation):
+                raise KeyError(f"no conversation {conversation} for user {user}")
+            now = time.time()
+            self._db.execute(
+                "INSERT INTO messages (conversation, question, answer, sources, abstained, model, "
+                "created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    conversation,
+                    answer["question"],
+                    answer["answer"],
+                    json.dumps(answer.get("sources", [])),
+                    int(bool(answer.get("abstained"))),
+                    str(answer.get("model", "")),
+                    now,
+                ),
+            )
+            self._db.execute(
+                "UPDATE conversations SET updated = ? WHERE id = ?", (now, conversation)
+            )
+
+    def messages(self, user: str, conversation: str) -> list[dict[str, Any]]:
+        with self._lock:
+            if not self._owned(user, conversation):
+                raise KeyError(f"no conversation {conversation} for user {user}")
+            rows = self._db.execute(
+                "SELECT id, question, answer, sources, abstained, model, created FROM messages "
+                "WHERE conversation = ? ORDER BY id",
+                (conversation,),
+            ).fetchall()
+        return [
+            {
+                "id": r[0],
+                "question": r[1],
+                "answer": r[2],
+                "sources": json.loads(r[3]),
+                "abstained": bool(r[4]),
+                "model": r[5],
+                "created": r[6],
+            }
+            for r in rows
+        ]
+
+    def history(self, user: str, conversation: str) -> list[Exchange]:
+        return [Exchange(m["question"], m["answer"]) for m in self.messages(user, conversation)]
+
+    def rename(self, user: str, conversation: str, title: str) -> None:
+        with self._lock:
+            if not self._owned(user, conversation):
+                raise KeyError(f"no conversation {conversation} for user {user}")
+            self._db.execute(
+                "UPDATE conversations SET title = ? WHERE id = ?", (title[:120], conversation)
+            )
+
+    def delete(self, user: str, conversation: str) -> None:
+        with self._lock:
+            if not self._owned(user, conversation):
+                raise KeyError(f"no conversation {conversation} for user {user}")
+            self._db.execute("DELETE FROM conversations WHERE id = ?", (conversation,))
