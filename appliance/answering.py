@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from appliance.chat_models import ChatMessage, ChatModel, GenerationParams
 from appliance.chat_settings import ChatSettings
-from appliance.conversations import Exchange, standalone_question
+from appliance.conversations import ConversationStore, Exchange, standalone_question
 from appliance.errors import ConfigError, missing_dependency
 from appliance.prompting import (
     NO_ANSWER,
@@ -73,6 +73,14 @@ class Answer:
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class SearchIndex(Protocol):
+    """What answering needs of an index (an ``ingest.pipeline.Indexer``)."""
+
+    store: VectorStore
+    embedder: Embedder
+    sparse: SparseEncoder
 
 
 class CrossEncoderReranker:
@@ -168,17 +176,13 @@ class Answerer:
     def __init__(
         self,
         *,
-        store: VectorStore,
-        embedder: Embedder,
-        sparse: SparseEncoder,
+        index: Callable[[], SearchIndex],
         chat: ChatModel,
         settings: AnswerSettings,
         chat_settings: ChatSettings,
         reranker: CrossEncoderReranker | None = None,
     ) -> None:
-        self.store = store
-        self.embedder = embedder
-        self.sparse = sparse
+        self._index = index
         self.chat = chat
         self.settings = settings
         self.chat_settings = chat_settings
@@ -186,6 +190,18 @@ class Answerer:
         self.system = system_prompt(settings.organisation)
 
     # --- retrieval ---------------------------------------------------------------------------
+
+    @property
+    def store(self) -> VectorStore:
+        return self._index().store
+
+    @property
+    def embedder(self) -> Embedder:
+        return self._index().embedder
+
+    @property
+    def sparse(self) -> SparseEncoder:
+        return self._index().sparse
 
     def relevance(self, query: str, where: Mapping[str, Sequence[str]] | None = None) -> float:
         """Cosine similarity of the best chunk: comparable across questions, unlike fused
@@ -197,12 +213,14 @@ class Answerer:
 
     def retrieve(self, query: str, where: Mapping[str, Sequence[str]] | None = None) -> list[Hit]:
         k = self.settings.top_k
+        index = self._index()
         hits = retrieve(
-            self.store,
-            self.embedder,
-            self.sparse,
+            index.store,
+            index.embedder,
+            index.sparse,
             query,
             k * 3 if self.reranker else k,
+            mode=self.settings.retrieval_mode,
             where=where,
         )
         if self.reranker is not None:
@@ -366,3 +384,33 @@ def _renumber(p: Passage, number: int) -> Passage:
     return Passage(
         number, p.path, p.page, p.heading, p.text, p.score, p.start, p.end, p.doc_hash, p.chunk_ids
     )
+
+
+def ask_events(
+    answerer: Answerer,
+    conversations: ConversationStore | None,
+    question: str,
+    *,
+    user: str,
+    conversation: str | None = None,
+    where: Mapping[str, Sequence[str]] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """One question in a conversation: history in, JSON-ready events out, the exchange saved.
+    The final event is ``{"type": "answer", "answer": {...}, "conversation": id}``."""
+    question = question.strip()
+    if not question:
+        raise ValueError("the question is empty")
+    history: list[Exchange] = []
+    if conversations is not None:
+        if conversation:
+            history = conversations.history(user, conversation)
+        else:
+            conversation = conversations.create(user, question)
+    for event in answerer.stream(question, history=history, where=where):
+        if event["type"] != "answer":
+            yield event
+            continue
+        answer = event["answer"].as_json()
+        if conversations is not None and conversation is not None:
+            conversations.add(user, conversation, answer)
+        yield {"type": "answer", "answer": answer, "conversation": conversation}

@@ -12,7 +12,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,26 @@ class ApiServer:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _stream(self, events: Iterator[Any]) -> None:
+                """NDJSON in HTTP/1.1 chunks: one JSON document per line, flushed as produced."""
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-ndjson")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                try:
+                    for event in events:
+                        line = json.dumps(event).encode() + b"\n"
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                        self.wfile.flush()
+                except (ApplianceError, ValueError) as exc:
+                    line = json.dumps({"type": "error", "error": str(exc)}).encode() + b"\n"
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                except Exception as exc:
+                    log.exception("api stream failed")
+                    line = json.dumps({"type": "error", "error": type(exc).__name__}).encode()
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(line) + 1, line + b"\n"))
+                self.wfile.write(b"0\r\n\r\n")
+
             def _handle(self, method: str) -> None:
                 path = self.path.split("?", 1)[0]
                 if path != "/health" and not secrets.compare_digest(
@@ -72,7 +92,11 @@ class ApiServer:
                     body = json.loads(self.rfile.read(length) or b"{}") if length else {}
                     if not isinstance(body, dict):
                         raise ValueError("the request body must be a JSON object")
-                    self._reply(200, handler(body))
+                    result = handler(body)
+                    if isinstance(result, Iterator):
+                        self._stream(result)
+                    else:
+                        self._reply(200, result)
                 except (ApplianceError, ValueError, KeyError, TypeError) as exc:
                     self._reply(400, {"error": str(exc), "type": type(exc).__name__})
                 except Exception as exc:
@@ -176,3 +200,26 @@ class ServiceClient:
             message = payload.get("error") if isinstance(payload, dict) else payload
             raise ServiceError(f"the core service refused {method} {path}: {message}")
         return payload
+
+    def stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """POST and yield the NDJSON events of a streamed reply as they arrive."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+            conn.request("POST", path, body=json.dumps(body).encode(), headers=headers)
+            response = conn.getresponse()
+            if response.status != 200:
+                payload = json.loads(response.read() or b"null")
+                message = payload.get("error") if isinstance(payload, dict) else payload
+                raise ServiceError(f"the core service refused POST {path}: {message}")
+            while line := response.readline():
+                event = json.loads(line)
+                if event.get("type") == "error":
+                    raise ServiceError(f"the core service failed: {event.get('error')}")
+                yield event
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise ServiceError(
+                f"the core service at {self.host}:{self.port} failed: {exc}"
+            ) from exc
+        finally:
+            conn.close()

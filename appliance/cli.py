@@ -26,6 +26,7 @@ log = logging.getLogger("appliance")
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_HELD = 3
+EXIT_GATE = 4
 
 
 def _setup_logging(settings: Settings, verbose: bool, to_file: bool) -> None:
@@ -149,8 +150,19 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    from appliance.conversations import ConversationStore
+    from appliance.wiring import build_answerer
+
     with open_ingestion(settings, docs, role="appliance watch") as ingestion:
-        service = CoreService(ingestion, settings)
+        conversations = ConversationStore(settings.conversations_path)
+        ingestion._stack.callback(conversations.close)
+        try:
+            answerer = build_answerer(settings, ingestion)
+        except ApplianceError as exc:
+            log.error("answering is off: %s", exc)
+            print(f"warning: answering is off: {exc}", file=sys.stderr)
+            answerer = None
+        service = CoreService(ingestion, settings, answerer, conversations)
         print(
             f"watching {docs} (data in {settings.data_dir}); Ctrl-C stops",
             file=sys.stderr,
@@ -288,6 +300,157 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _local_answering(settings: Settings) -> Any:
+    """Own the data folder for one command and build the answering engine over it."""
+    from contextlib import ExitStack
+
+    from appliance.conversations import ConversationStore
+    from appliance.wiring import build_answerer, open_ingestion
+
+    _quiet_model_loading()
+    stack = ExitStack()
+    try:
+        ingestion = stack.enter_context(
+            open_ingestion(settings, settings.ingest.docs_dir, role="appliance ask")
+        )
+        conversations = ConversationStore(settings.conversations_path)
+        stack.callback(conversations.close)
+        return stack, build_answerer(settings, ingestion), conversations
+    except BaseException:
+        stack.close()
+        raise
+
+
+def _ask_events(settings: Settings, body: dict[str, Any]) -> Any:
+    """Events of one question, from the running service or a local engine."""
+    from appliance.answering import ask_events
+
+    client = _local_or_service(settings)
+    if client is not None:
+        yield from client.stream("/ask", body | {"stream": True})
+        return
+    stack, answerer, conversations = _local_answering(settings)
+    with stack:
+        yield from ask_events(
+            answerer,
+            conversations,
+            body["question"],
+            user=body["user"],
+            conversation=body.get("conversation"),
+        )
+
+
+def _current_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "local"
+
+
+def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
+    body = {"question": args.question, "user": _current_user(), "conversation": args.conversation}
+    final: dict[str, Any] = {}
+    streamed = False
+    for event in _ask_events(settings, body):
+        if event["type"] == "token" and args.stream and not args.json:
+            sys.stdout.write(event["text"])
+            sys.stdout.flush()
+            streamed = True
+        elif event["type"] == "answer":
+            final = event
+    answer = final["answer"]
+    if args.json:
+        _print_json(
+            {
+                "answer": answer["answer"],
+                "sources": answer["sources"],
+                "abstained": answer["abstained"],
+                "timings": answer["timings"],
+                "model": answer["model"],
+                "conversation": final.get("conversation"),
+            }
+        )
+        return 0
+    if streamed:
+        # what was streamed is the raw text; show the final one if citations were cleaned
+        print()
+        if answer["redacted"]:
+            print(answer["answer"])
+    else:
+        print(answer["answer"])
+    if answer["sources"]:
+        print("\nSources:")
+        for s in answer["sources"]:
+            where = (
+                f", page {s['page']}"
+                if s.get("page")
+                else (f", {s['heading']}" if s.get("heading") else "")
+            )
+            print(f"  [{s['number']}] {s['path']}{where}")
+    print(
+        f"(conversation {final.get('conversation')}; continue with --conversation)", file=sys.stderr
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
+    from appliance.evaluation import evaluate, gate, html_report, load_baseline, load_golden
+
+    items = load_golden(Path(args.golden), args.limit)
+    if args.mode:
+        settings.answer.retrieval_mode = args.mode
+    client = _local_or_service(settings)
+    show = sys.stderr.isatty() and not args.json
+
+    def progress(done: int, total: int) -> None:
+        if show:
+            print(f"\r{done}/{total} questions", end="", file=sys.stderr, flush=True)
+
+    def asker(answer: Any) -> Any:
+        return lambda q: answer(q)["answer"]
+
+    if client is not None:
+        if args.mode:
+            raise ApplianceError("--mode needs the index to itself: stop the core service first")
+        result = evaluate(
+            items,
+            asker(lambda q: client.call("POST", "/ask", {"question": q, "user": "eval"})),
+            k=settings.answer.top_k,
+            progress=progress,
+        )
+    else:
+        stack, answerer, _ = _local_answering(settings)
+        with stack:
+            result = evaluate(
+                items,
+                lambda q: answerer.answer(q).as_json(),
+                k=settings.answer.top_k,
+                progress=progress,
+            )
+    if show:
+        print(file=sys.stderr)
+    if args.report:
+        Path(args.report).write_text(
+            html_report(result, f"Evaluation: {args.golden}"), encoding="utf-8"
+        )
+    failures = (
+        gate(result["metrics"], load_baseline(Path(args.baseline)), args.max_drop)
+        if args.baseline
+        else []
+    )
+    result["gate"] = {"baseline": args.baseline, "max_drop": args.max_drop, "failures": failures}
+    if args.json:
+        _print_json(result)
+    else:
+        for name, value in result["metrics"].items():
+            print(f"{name:20s} {value}")
+        for failure in failures:
+            print(f"REGRESSION: {failure}", file=sys.stderr)
+    return EXIT_GATE if failures else 0
+
+
 # --- parser ----------------------------------------------------------------------------------
 
 
@@ -331,6 +494,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--queries", help='JSONL file of {"question": ...}; prints one JSON line per question'
     )
     p.set_defaults(func=cmd_search, log_file=False)
+
+    p = sub.add_parser("ask", help="answer a question from the documents, with sources")
+    p.add_argument("question")
+    p.add_argument(
+        "--json", action="store_true", help="print {answer, sources, abstained, timings}"
+    )
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    p.add_argument("--conversation", help="continue this conversation (follow-up questions)")
+    p.set_defaults(func=cmd_ask, log_file=False)
+
+    p = sub.add_parser("eval", help="measure retrieval and answers against a golden set")
+    p.add_argument("golden", help="JSONL: {id, question, answer, evidence_doc}")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--report", help="write a self-contained HTML report here")
+    p.add_argument("--baseline", help="a previous --json output to compare with")
+    p.add_argument("--max-drop", type=float, default=2.0, help="points a headline metric may drop")
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--mode", choices=["hybrid", "dense", "sparse"], help="retrieval mode")
+    p.set_defaults(func=cmd_eval, log_file=False)
     return parser
 
 

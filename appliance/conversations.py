@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 _REFERRING = re.compile(
-    r"\b(it|its|they|them|their|this|that|these|those|he|she|his|her|there|then|the same|"
-    r"above|previous|former|latter|also|again|else|other|instead)\b|^(and|but|or|what about|how "
-    r"about|why|so)\b",
+    r"\b(it|its|they|them|their|this|that|these|those|he|she|his|her|there|the same|above|"
+    r"previous|former|latter)\b",
     re.IGNORECASE,
 )
+_CONNECTIVE = re.compile(r"^\s*(and|but|or|also|what about|how about|then|so)\b", re.IGNORECASE)
+_NAME = re.compile(r"(?<!^)(?<![.?!]\s)\b[A-Z][\w&.-]*")
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,14 @@ def standalone_question(question: str, history: Sequence[Exchange], turns: int =
     """The query to search for ``question`` given the conversation so far."""
     if not history or turns == 0:
         return question
-    if len(question.split()) > 8 and not _REFERRING.search(question):
-        return question  # long and self-contained
-    return f"{history[-1].question} {question}"
+    # A follow-up leans on what came before: it opens with a connective, or it is short, or
+    # it refers back with a pronoun without naming anything itself.
+    leaning = (
+        _CONNECTIVE.search(question)
+        or len(question.split()) <= 4
+        or (_REFERRING.search(question) and not _NAME.search(question))
+    )
+    return f"{history[-1].question} {question}" if leaning else question
 
 
 _SCHEMA = """

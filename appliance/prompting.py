@@ -31,6 +31,18 @@ _CONTROL = re.compile(
     re.IGNORECASE,
 )
 _PASSAGE_END = "<<<END PASSAGE>>>"
+# Sentences that address the model rather than the reader: dropped from passages, since a small
+# model obeys an instruction wherever it appears.
+_INSTRUCTION = re.compile(
+    r"\b(ignore|disregard|forget|override|bypass)\b[^.!?\n]{0,60}\b(instruction|instructions|"
+    r"rules|prompt|prompts|directions|guidelines|context)\b|\b(system prompt|developer mode|"
+    r"jailbreak)\b|\byou are (now|no longer)\b|\b(new|updated) instructions?\b|"
+    r"\b(assistant|ai|model|chatbot)\b[^.!?\n]{0,40}\b(must|should|shall|will) (now )?"
+    r"(reply|respond|answer|say|output|print|reveal)\b|\b(reply|respond|answer) (only )?with\b",
+    re.IGNORECASE,
+)
+_SENTENCE = re.compile(r"[^.!?\n]*(?:[.!?]+|\n|$)")
+INSTRUCTION_REMOVED = "[instruction-like text removed]"
 _CITATION = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -65,15 +77,34 @@ def sanitize(text: str) -> str:
     return text.replace(_PASSAGE_END, " ")
 
 
+def defuse_instructions(text: str) -> tuple[str, int]:
+    """Replace sentences that give the model orders; return the text and how many."""
+    removed = 0
+
+    def check(match: re.Match[str]) -> str:
+        nonlocal removed
+        sentence = match.group(0)
+        if sentence.strip() and _INSTRUCTION.search(sentence):
+            removed += 1
+            return f" {INSTRUCTION_REMOVED} " + ("\n" if sentence.endswith("\n") else "")
+        return sentence
+
+    return _SENTENCE.sub(check, text), removed
+
+
 def system_prompt(organisation: str) -> str:
     return SYSTEM_PROMPT.format(organisation=sanitize(organisation))
 
 
+def passage_text(passage: Passage) -> str:
+    """What the model sees of a passage: sanitised, with instruction-like sentences removed."""
+    return defuse_instructions(sanitize(passage.text))[0].strip()
+
+
 def user_prompt(question: str, passages: Sequence[Passage]) -> str:
-    blocks = [
-        f"[{p.number}] {sanitize(p.location)}\n{sanitize(p.text).strip()}\n{_PASSAGE_END}"
-        for p in passages
-    ]
+    # Locations stay out of the prompt: small models copy them instead of answering; sources
+    # are returned as structured data.
+    blocks = [f"[{p.number}] {passage_text(p)}\n{_PASSAGE_END}" for p in passages]
     return (
         "Passages:\n\n"
         + "\n\n".join(blocks)

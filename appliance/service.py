@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from appliance.answering import Answerer, ask_events
 from appliance.api import ApiServer
+from appliance.conversations import ConversationStore
 from appliance.errors import ApplianceError
 from appliance.settings import Settings
 from appliance.wiring import Ingestion
@@ -34,10 +36,18 @@ def search_results(ingestion: Ingestion, body: dict[str, Any]) -> list[dict[str,
 class CoreService:
     """The watcher and the local API over one ``Ingestion``; a context manager."""
 
-    def __init__(self, ingestion: Ingestion, settings: Settings) -> None:
+    def __init__(
+        self,
+        ingestion: Ingestion,
+        settings: Settings,
+        answerer: Answerer | None = None,
+        conversations: ConversationStore | None = None,
+    ) -> None:
         from ingest.watcher import FolderWatcher
 
         self.ingestion = ingestion
+        self.answerer = answerer
+        self.conversations = conversations
         self.settings = settings
         self.started = time.time()
         self.watcher = FolderWatcher(ingestion.indexer, settings.ingest)
@@ -50,6 +60,8 @@ class CoreService:
                 ("POST", "/search"): lambda body: search_results(self.ingestion, body),
                 ("POST", "/search/batch"): self._search_batch,
                 ("POST", "/reconcile"): self._reconcile,
+                ("POST", "/ask"): self._ask,
+                ("POST", "/conversations"): self._conversations,
             },
         )
 
@@ -68,6 +80,33 @@ class CoreService:
         k = body.get("k", 5)
         mode = body.get("mode", "hybrid")
         return [search_results(self.ingestion, {"query": q, "k": k, "mode": mode}) for q in queries]
+
+    def _ask(self, body: dict[str, Any]) -> Any:
+        if self.answerer is None:
+            raise ApplianceError("this core service runs without a chat model")
+        events = ask_events(
+            self.answerer,
+            self.conversations,
+            str(body["question"]),
+            user=str(body.get("user") or "local"),
+            conversation=body.get("conversation"),
+        )
+        if body.get("stream"):
+            return events
+        final: dict[str, Any] = {}
+        for event in events:
+            if event["type"] == "answer":
+                final = event
+        return final
+
+    def _conversations(self, body: dict[str, Any]) -> Any:
+        if self.conversations is None:
+            raise ApplianceError("this core service keeps no conversations")
+        user = str(body.get("user") or "local")
+        conversation = body.get("conversation")
+        if conversation:
+            return self.conversations.messages(user, str(conversation))
+        return self.conversations.conversations(user)
 
     def _reconcile(self, body: dict[str, Any]) -> dict[str, Any]:
         folder = body.get("docs_dir")

@@ -89,9 +89,12 @@ class IngestSettings(_Section):
 
 
 class AnswerSettings(_Section):
-    top_k: int = Field(6, ge=1, le=50, description="Chunks retrieved for an answer.")
+    top_k: int = Field(5, ge=1, le=50, description="Chunks retrieved for an answer.")
+    retrieval_mode: Literal["hybrid", "dense", "sparse"] = Field(
+        "hybrid", description="hybrid: dense and BM25 fused (RRF); dense or sparse alone."
+    )
     context_tokens: int = Field(
-        1400, ge=64, description="Token budget of the passages in the prompt."
+        1000, ge=64, description="Token budget of the passages in the prompt."
     )
     min_relevance: float = Field(
         0.30,

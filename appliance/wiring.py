@@ -31,7 +31,11 @@ ACTIVE_MODEL_ID = "active_model_id"
 
 def prepare_process(settings: Settings) -> None:
     """What every appliance process does first: no network but loopback and configured hosts."""
-    enforce_offline(allowed_hosts_from_urls([settings.store.url]))
+    import os
+
+    # llama.cpp's OpenMP threads spin while waiting; on a small shared CPU that costs 3-10x.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    enforce_offline(allowed_hosts_from_urls([settings.store.url, settings.chat.url]))
 
 
 def build_embedder(settings: Settings) -> Embedder:
@@ -199,3 +203,21 @@ def _old_embedder(settings: Settings, path: str | None, model_id: str | None) ->
         log.warning("the previous embedding model changed on disk; searches use the new index")
         return None
     return model
+
+
+def build_answerer(settings: Settings, ingestion: Ingestion) -> Any:
+    """The answering engine over the ingestion's searchable collection, with the configured
+    chat model; the model is closed with the ingestion."""
+    from appliance.answering import Answerer, CrossEncoderReranker
+    from appliance.chat_models import build_chat_model
+
+    chat = build_chat_model(settings.chat)
+    ingestion._stack.callback(chat.close)
+    path = settings.answer.rerank_model_path
+    return Answerer(
+        index=lambda: ingestion.searcher,
+        chat=chat,
+        settings=settings.answer,
+        chat_settings=settings.chat,
+        reranker=CrossEncoderReranker(path) if path else None,
+    )

@@ -673,3 +673,23 @@ def test_a_server_the_offline_guard_refuses_is_a_model_error(
         pytest.raises(ModelError, match="offline"),
     ):
         model.complete(GROUNDED)
+
+
+def test_a_silent_server_times_out_as_a_model_error(
+    replay_server: Callable[..., ReplayServer],
+) -> None:
+    def slow(body: Any) -> Reply:
+        time.sleep(1.0)
+        return openai_sse(usage=True)
+
+    server = replay_server({"/v1/chat/completions": slow, "/api/chat": slow})
+    with (
+        OpenAICompatibleChatModel(server.url, "m", timeout=0.2) as openai,
+        pytest.raises(ModelError, match=r"sent nothing for 0.2 s.*APPLIANCE_CHAT__TIMEOUT_S"),
+    ):
+        openai.complete(GROUNDED)
+    with (
+        OllamaChatModel(server.url, "m", timeout=0.2) as ollama,
+        pytest.raises(ModelError, match=r"sent nothing for 0.2 s.*APPLIANCE_CHAT__TIMEOUT_S"),
+    ):
+        ollama.complete(GROUNDED)

@@ -118,18 +118,20 @@ def appliance(*argv: str, data: Path, **kwargs) -> subprocess.Popen:  # type: ig
 def service(docs: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:  # type: ignore[type-arg]
     data = tmp_path / "svc-data"
     proc = appliance("watch", str(docs), "--port", "0", data=data)
-    deadline = time.monotonic() + 120
-    client = None
-    while time.monotonic() < deadline and client is None:
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        client = ServiceClient.find(data)
-        time.sleep(0.2)
-    assert client is not None, "the core service did not start"
-    while client.call("GET", "/status")["documents"] < 2 and time.monotonic() < deadline:
-        time.sleep(0.3)
-    yield proc, data
-    proc.terminate()
-    proc.wait(timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        client = None
+        while time.monotonic() < deadline and client is None:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            client = ServiceClient.find(data)
+            time.sleep(0.2)
+        assert client is not None, "the core service did not start"
+        while client.call("GET", "/status")["documents"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.3)
+        yield proc, data
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 @pytest.mark.slow
