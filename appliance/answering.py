@@ -19,10 +19,10 @@ from appliance.chat_settings import ChatSettings
 from appliance.conversations import ConversationStore, Exchange, standalone_question
 from appliance.errors import ConfigError, missing_dependency
 from appliance.prompting import (
-    NO_ANSWER,
     LeakGuard,
     Passage,
     clean_citations,
+    is_no_answer,
     system_prompt,
     user_prompt,
     words,
@@ -187,7 +187,7 @@ class Answerer:
         self.settings = settings
         self.chat_settings = chat_settings
         self.reranker = reranker
-        self.system = system_prompt(settings.organisation)
+        self.system = system_prompt()
 
     # --- retrieval ---------------------------------------------------------------------------
 
@@ -203,13 +203,25 @@ class Answerer:
     def sparse(self) -> SparseEncoder:
         return self._index().sparse
 
-    def relevance(self, query: str, where: Mapping[str, Sequence[str]] | None = None) -> float:
-        """Cosine similarity of the best chunk: comparable across questions, unlike fused
-        ranks, so it carries the abstention threshold."""
-        hits = self.store.query(
-            self.embedder.embed_query(query), None, 1, mode="dense", where=where
+    def relevant_passages(self, query: str, hits: Sequence[Hit]) -> list[Passage]:
+        """Merged passages scored by cosine similarity to the query (comparable across
+        questions, unlike fused ranks), best first, keeping those within ``passage_margin`` of
+        the best: a small model answers better from two good passages than from five mixed."""
+        passages = merge_passages(hits)
+        if not passages:
+            return []
+        embedder = self._index().embedder
+        query_vec = embedder.embed_query(query)
+        vectors = embedder.embed([p.text for p in passages])
+        scored = sorted(
+            (
+                (sum(a * b for a, b in zip(query_vec, vec, strict=True)), i, p)
+                for i, (p, vec) in enumerate(zip(passages, vectors, strict=True))
+            ),
+            key=lambda s: (-s[0], s[1]),
         )
-        return hits[0].score if hits else 0.0
+        floor = scored[0][0] - self.settings.passage_margin
+        return [_rescore(p, cos) for cos, _i, p in scored if cos >= floor]
 
     def retrieve(self, query: str, where: Mapping[str, Sequence[str]] | None = None) -> list[Hit]:
         k = self.settings.top_k
@@ -227,11 +239,11 @@ class Answerer:
             hits = self.reranker.rerank(query, hits)[:k]
         return hits
 
-    def passages(self, hits: Sequence[Hit]) -> list[Passage]:
-        """Merged passages, best first, within the context token budget."""
+    def passages(self, candidates: Sequence[Passage]) -> list[Passage]:
+        """The passages that fit the context token budget, best first, renumbered."""
         budget = self.settings.context_tokens
         chosen: list[Passage] = []
-        for passage in merge_passages(hits):
+        for passage in candidates:
             cost = self.chat.count_tokens(passage.text) + 16
             if cost > budget:
                 if not chosen:  # the best passage alone is too long: keep its start
@@ -256,7 +268,8 @@ class Answerer:
         started = time.perf_counter()
         query = standalone_question(question, history, self.settings.history_turns)
         hits = self.retrieve(query, where)
-        relevance = self.relevance(query, where)
+        candidates = self.relevant_passages(query, hits)
+        relevance = candidates[0].score if candidates else 0.0
         retrieved = [
             {
                 "path": h.payload.get("path"),
@@ -279,7 +292,7 @@ class Answerer:
             model=self.chat.name,
             timings=timings,
         )
-        passages = self.passages(hits)
+        passages = self.passages(candidates)
         if not passages or relevance < self.settings.min_relevance:
             answer.abstained = True
             answer.answer = self._abstention(passages)
@@ -318,7 +331,7 @@ class Answerer:
         else:
             answer.answer, cited = clean_citations(raw, len(passages))
             answer.sources = self._sources(answer.answer, passages, cited)
-            if NO_ANSWER.lower().rstrip(".") in answer.answer.lower() or not answer.answer:
+            if is_no_answer(answer.answer):
                 answer.abstained = True
                 answer.answer = self._abstention(passages)
                 answer.sources = []
@@ -375,6 +388,21 @@ def _replace_text(p: Passage, text: str) -> Passage:
         p.score,
         p.start,
         p.start + len(text),
+        p.doc_hash,
+        p.chunk_ids,
+    )
+
+
+def _rescore(p: Passage, score: float) -> Passage:
+    return Passage(
+        p.number,
+        p.path,
+        p.page,
+        p.heading,
+        p.text,
+        round(score, 4),
+        p.start,
+        p.end,
         p.doc_hash,
         p.chunk_ids,
     )

@@ -65,6 +65,8 @@ class GenerationParams:
     top_p: float = 0.95
     stop: Sequence[str] = ()
     seed: int | None = None
+    repeat_penalty: float = 1.1
+    """Penalty on recently generated tokens (1.0: none); small models loop without it."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -707,7 +709,10 @@ class LlamaCppChatModel(BaseChatModel):
             first: float | None = None
             last: float | None = None
             tokens_out = llm.generate(
-                tokens, temp=params.temperature, top_p=params.top_p, repeat_penalty=1.0
+                tokens,
+                temp=params.temperature,
+                top_p=params.top_p,
+                repeat_penalty=params.repeat_penalty,
             )
             try:
                 for token in tokens_out:
@@ -841,6 +846,7 @@ class OllamaChatModel(BaseChatModel):
             "top_p": params.top_p,
             "num_predict": params.max_tokens,
             "num_ctx": self._n_ctx,
+            "repeat_penalty": params.repeat_penalty,
         }
         if params.stop:
             options["stop"] = list(params.stop)

@@ -55,7 +55,7 @@ class ChatSettings(BaseModel):
         description="CPU threads for llama.cpp (backend=llamacpp). Empty: all cores.",
     )
     max_tokens: int = Field(
-        384, ge=1, le=32_768, description="Default upper bound on the tokens of one answer."
+        200, ge=1, le=32_768, description="Default upper bound on the tokens of one answer."
     )
     temperature: float = Field(
         0.1,

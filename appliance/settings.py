@@ -103,6 +103,13 @@ class AnswerSettings(_Section):
         description="Abstain when the best chunk's cosine similarity to the question is below "
         "this (calibrated on the shared corpus with benchmarks/answer_quality.py).",
     )
+    passage_margin: float = Field(
+        0.12,
+        ge=0,
+        le=2,
+        description="Passages whose similarity to the question is more than this below the "
+        "best passage's are left out of the prompt.",
+    )
     rerank_model_path: Path | None = Field(
         None,
         description="A local sentence-transformers CrossEncoder folder to re-rank retrieved "
@@ -110,9 +117,6 @@ class AnswerSettings(_Section):
     )
     history_turns: int = Field(
         3, ge=0, le=20, description="Previous exchanges used to rewrite a follow-up question."
-    )
-    organisation: str = Field(
-        "the organisation", description="Named in the system prompt: whose documents these are."
     )
 
 

@@ -166,11 +166,22 @@ def print_json(data: dict[str, Any]) -> None:
 
 
 def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
+    """What the figures were measured on, and how busy it is now (other processes' load skews
+    absolute figures; the ratios are measured close together in time to resist it)."""
     import platform
 
     return {
         "cpus": os.cpu_count(),
+        "load_1m": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
     }
+
+
+def load_note(at_start: dict[str, Any]) -> str:
+    """A line on how busy the machine was when the benchmark started."""
+    load, cpus = at_start["load_1m"], at_start["cpus"] or 1
+    text = f"load average {load:.1f} on {cpus} CPUs at the start"
+    if load > 0.5 * cpus:
+        text += ": other processes were competing for the CPU, absolute figures are pessimistic"
+    return text

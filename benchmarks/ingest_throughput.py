@@ -44,6 +44,7 @@ from _common import (
     Timed,
     corpus_pdfs,
     data_folder,
+    load_note,
     machine,
     print_json,
     quiet_libraries,
@@ -59,7 +60,6 @@ PROBE_TEXT = (
     "Net sales increased during the third quarter compared to the same quarter a year ago, "
     "driven by higher sales of services and wearables, partially offset by lower sales of Mac. "
 ) * 5
-PROBE_TEXTS = 32
 
 
 class EmbedderSeam:
@@ -151,9 +151,11 @@ def encode_seconds(model: Any, texts: Sequence[str], batch_size: int) -> float:
     return time.perf_counter() - start
 
 
-def probe(model: Any, batch_size: int) -> float:
-    """The raw model's chunks/s on a fixed set of texts: how fast the machine is right now."""
-    return PROBE_TEXTS / encode_seconds(model, [PROBE_TEXT] * PROBE_TEXTS, batch_size)
+def probe(model: Any, texts: int, batch_size: int) -> float | None:
+    """The raw model's chunks/s on ``texts`` copies of a fixed text: the machine's speed now."""
+    if not texts:
+        return None
+    return texts / encode_seconds(model, [PROBE_TEXT] * texts, batch_size)
 
 
 def ingest_once(
@@ -203,9 +205,7 @@ def stage_breakdown(stages: dict[str, Stage], wall: float) -> dict[str, dict[str
     main = {name: round(s.total("main"), 3) for name, s in stages.items() if s.total("main")}
     main["other"] = round(wall - sum(s.total("main") for s in stages.values()), 3)
     parse = {
-        name: round(s.total(PARSE_THREAD), 3)
-        for name, s in stages.items()
-        if s.total(PARSE_THREAD)
+        name: round(s.total(PARSE_THREAD), 3) for name, s in stages.items() if s.total(PARSE_THREAD)
     }
     return {"main_thread": main, "parse_thread": parse}
 
@@ -217,6 +217,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     from appliance.wiring import build_embedder, prepare_process
     from ingest.embedders import default_embedding_folder
 
+    at_start = machine()
     files = [p for p in corpus_pdfs(args.corpus) if args.match in p.name]
     if args.limit:
         files = files[: args.limit]
@@ -238,21 +239,23 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     batch = settings.embedding.batch_size
     # Both models are loaded and warmed before any clock starts, as in the running service.
     embedder = build_embedder(settings)
-    embedder.embed([PROBE_TEXT] * batch)
+    embedder.embed([PROBE_TEXT] * 8)
     folder = settings.embedding.model_path or default_embedding_folder()
-    model = SentenceTransformer(str(folder), device=settings.embedding.device, local_files_only=True)
-    probe(model, batch)
+    model = SentenceTransformer(
+        str(folder), device=settings.embedding.device, local_files_only=True
+    )
+    encode_seconds(model, [PROBE_TEXT] * 8, batch)
 
     rounds = []
     for n in range(1, args.rounds + 1):
         round_settings = settings_for(root / f"round-{n}")
-        speed = [probe(model, batch)]
+        speed = [probe(model, args.probe_texts, batch)]
         ingested = ingest_once(round_settings, embedder, rels, breakdown=args.breakdown)
-        speed.append(probe(model, batch))
+        speed.append(probe(model, args.probe_texts, batch))
         groups = ingested.pop("groups")
         texts = [t for g in groups for t in g]
         raw = encode_seconds(model, texts, batch)
-        speed.append(probe(model, batch))
+        speed.append(probe(model, args.probe_texts, batch))
         ingest_cps = ingested["chunks"] / ingested["seconds"]
         raw_cps = len(texts) / raw
         one: dict[str, Any] = {
@@ -264,7 +267,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "raw_encode_seconds": round(raw, 3),
             "raw_encode_chunks_per_s": round(raw_cps, 2),
             "ratio": ratio(ingest_cps, raw_cps),
-            "probe_chunks_per_s": [round(s, 2) for s in speed],
+            "probe_chunks_per_s": [None if s is None else round(s, 2) for s in speed],
         }
         if args.per_file:
             per_file = sum(encode_seconds(model, g, batch) for g in groups if g)
@@ -277,14 +280,15 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
     return {
         "corpus": args.corpus,
-        "documents": [p.name for p in files] if len(files) <= 4 else len(files),
+        "documents": len(files),
         "model": embedder.model_id,
+        "model_folder": str(folder),
         "batch_size": batch,
         "store": settings.store.mode,
         "ratio": round(statistics.median(r["ratio"] for r in rounds), 3),
         "goal": GOAL,
         "rounds": rounds,
-        "machine": machine(),
+        "machine": at_start,
     }
 
 
@@ -296,7 +300,8 @@ def print_report(result: dict[str, Any]) -> None:
         f"{first['chunks']} chunks, store {result['store']}, embedding batch "
         f"{result['batch_size']}, {m['cpus']} CPUs"
     )
-    print(f"  model {result['model']}; each round: a fresh ingestion, then the raw baseline")
+    print(f"  model {result['model_folder']}")
+    print("  each round: a fresh ingestion, then the raw encode baseline on the same texts")
     for n, r in enumerate(result["rounds"], 1):
         print(f"  round {n}")
         print(
@@ -315,8 +320,9 @@ def print_report(result: dict[str, Any]) -> None:
                 f"ingestion / this = {r['ratio_to_per_file']:.3f})"
             )
         print(f"    ratio ingestion / raw encode = {r['ratio']:.3f}")
-        probes = " -> ".join(f"{s:.1f}" for s in r["probe_chunks_per_s"])
-        print(f"    machine speed probe (chunks/s) before / between / after: {probes}")
+        if None not in r["probe_chunks_per_s"]:
+            probes = " -> ".join(f"{s:.1f}" for s in r["probe_chunks_per_s"])
+            print(f"    speed probe (raw chunks/s) before / between / after: {probes}")
         if "breakdown_s" in r:
             b = r["breakdown_s"]
             print("    busy seconds per stage (the parse thread overlaps the main thread):")
@@ -328,6 +334,7 @@ def print_report(result: dict[str, Any]) -> None:
         f"  => ingestion chunks/s / raw encode chunks/s = {many}{result['ratio']:.3f} "
         f"({verdict} the goal of {result['goal']})"
     )
+    print(f"  {load_note(m)}")
 
 
 def _stages(stages: dict[str, float]) -> str:
@@ -354,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time the baseline as one encode call per file, as the pipeline calls it",
     )
     parser.add_argument(
+        "--probe-texts",
+        type=int,
+        default=32,
+        help="texts of the speed probe run before, between and after the measurements, to "
+        "show how the machine's speed drifted (0: no probe)",
+    )
+    parser.add_argument(
         "--no-breakdown",
         dest="breakdown",
         action="store_false",
@@ -373,8 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     quiet_libraries()
-    if args.limit < 0 or args.rounds < 1 or args.batch_size < 0:
-        print("--limit and --batch-size must be >= 0, --rounds >= 1", file=sys.stderr)
+    if min(args.limit, args.batch_size, args.probe_texts) < 0 or args.rounds < 1:
+        print(
+            "--limit, --batch-size and --probe-texts must be >= 0, --rounds >= 1", file=sys.stderr
+        )
         return 2
     if args.data_dir is not None and args.data_dir.exists() and any(args.data_dir.iterdir()):
         print(

@@ -43,6 +43,7 @@ from _common import (
     CorpusMissing,
     data_folder,
     latency_summary,
+    load_note,
     machine,
     print_json,
     quiet_libraries,
@@ -308,6 +309,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     from appliance.wiring import prepare_process
     from ingest.embedders import Bm25Encoder
 
+    at_start = machine()
     overrides: dict[str, Any] = {"data_dir": str(root)}
     if args.server_url:
         overrides["store"] = {"url": args.server_url}
@@ -361,7 +363,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "point_preparation_s": round(source.prepare_seconds, 1),
         "stores": rows,
         "ratios": comparisons,
-        "machine": machine(),
+        "machine": at_start,
     }
 
 
@@ -402,6 +404,7 @@ def print_report(r: dict[str, Any]) -> None:
             f"p50 x{_x(c['p50_ratio'])}, p95 x{_x(c['p95_ratio'])}"
         )
     print(f"  (generating the points took {r['point_preparation_s']} s, not counted above)")
+    print(f"  {load_note(m)}")
 
 
 def _x(value: float | None) -> str:
@@ -479,4 +482,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -399,6 +399,7 @@ def test_ollama_streams_and_reports_the_servers_stats(
         "top_p": 0.9,
         "num_predict": 32,
         "num_ctx": 2048,
+        "repeat_penalty": 1.1,
         "stop": ["\n\n"],
         "seed": 11,
     }

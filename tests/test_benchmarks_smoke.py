@@ -1,0 +1,117 @@
+"""Smoke tests of the benchmark scripts: each ``main()`` runs end to end at tiny sizes.
+
+The scripts live in ``benchmarks/`` (not a package) and import their helpers as ``_common``,
+so the folder is put first on ``sys.path``, as running ``python benchmarks/NAME.py`` does.
+Figures are not asserted: they are the scripts' to report, these tests prove the scripts work.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SEC10Q = Path(__file__).resolve().parents[2] / "shared" / "eval" / "sec10q"
+
+
+@pytest.fixture
+def script(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], ModuleType]:
+    """Imports a benchmark script (or ``_common``) by name."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+    def load(name: str) -> ModuleType:
+        return importlib.import_module(name)
+
+    return load
+
+
+@pytest.fixture
+def corpus() -> Path:
+    if not (SEC10Q / "docs").is_dir():
+        pytest.skip(f"the shared corpus is absent ({SEC10Q}); it lives beside the project")
+    return SEC10Q
+
+
+def run_json(module: ModuleType, argv: list[str], capsys: pytest.CaptureFixture[str]) -> Any:
+    assert module.main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.slow
+def test_ingest_throughput_on_two_filings(
+    script: Any, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = script("ingest_throughput")
+    argv = ["--match", "Q3 AAPL", "--limit", "2", "--probe-texts", "4"]
+    result = run_json(bench, [*argv, "--data-dir", str(tmp_path / "bench")], capsys)
+
+    (one,) = result["rounds"]
+    assert result["documents"] == 2
+    assert one["files"] == 2
+    assert one["chunks"] == one["store_points"] > 0
+    assert 0 < one["embedded_texts"] <= one["chunks"]
+    assert result["ratio"] == one["ratio"] > 0
+    stages = one["breakdown_s"]
+    assert {"embed", "store", "bm25"} <= stages["main_thread"].keys()
+    assert {"parse", "chunk"} <= stages["parse_thread"].keys()
+
+
+@pytest.mark.slow
+def test_search_latency_at_tiny_size(
+    script: Any, corpus: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = script("search_latency")
+    argv = ["--points", "2000", "--server-points", "500", "--queries", "20"]
+    result = run_json(bench, argv, capsys)
+
+    stores = {(row["store"], row["points"]): row for row in result["stores"]}
+    assert ("qdrant-edge", 2000) in stores
+    assert ("qdrant-edge", 500) in stores
+    assert ("qdrant-client local (:memory:)", 500) in stores
+    for row in stores.values():
+        for mode in ("hybrid", "dense"):
+            latency = row["latency"][mode]
+            assert latency["n"] == 20
+            assert 0 < latency["p50_ms"] <= latency["p95_ms"] <= latency["max_ms"]
+    assert result["server_capped"]
+    assert {c["mode"] for c in result["ratios"]} == {"hybrid", "dense"}
+    assert all(c["p50_ratio"] > 0 for c in result["ratios"])
+
+
+@pytest.mark.slow
+def test_search_latency_with_synthetic_texts_and_a_report(
+    script: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Runs without the shared corpus; the readable report names both stores."""
+    bench = script("search_latency")
+    argv = ["--points", "1000", "--server-points", "200", "--queries", "5"]
+    assert bench.main([*argv, "--texts", "synthetic"]) == 0
+    out = capsys.readouterr().out
+    assert "qdrant-edge" in out
+    assert "qdrant-client local" in out
+    assert "latency ratio" in out
+
+
+@pytest.mark.parametrize("name", ["ingest_throughput", "search_latency"])
+def test_a_missing_corpus_is_a_clear_error(
+    script: Any,
+    name: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    common = script("_common")
+    bench = script(name)
+    monkeypatch.setattr(common, "SEC10Q_DOCS", tmp_path / "absent" / "docs")
+    monkeypatch.setattr(common, "SEC10Q", tmp_path / "absent")
+    monkeypatch.setattr(bench, "SEC10Q", tmp_path / "absent", raising=False)
+    assert bench.main(["--points", "10"] if name == "search_latency" else []) == 2
+    err = capsys.readouterr().err
+    assert "absent" in err
+    assert str(tmp_path / "absent") in err
