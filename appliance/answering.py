@@ -187,7 +187,7 @@ class Answerer:
         self.settings = settings
         self.chat_settings = chat_settings
         self.reranker = reranker
-        self.system = system_prompt()
+        self.system = system_prompt(settings.system_prompt)
 
     # --- retrieval ---------------------------------------------------------------------------
 
@@ -314,11 +314,11 @@ class Answerer:
         with self.chat.stream(messages, params) as pieces:
             for piece in pieces:
                 shown = guard.feed(piece)
-                if guard.leaked:
-                    break
                 if shown:
                     first = first or time.perf_counter()
                     yield {"type": "token", "text": shown}
+                if guard.leaked:
+                    break
             tail = guard.flush()
             if tail:
                 first = first or time.perf_counter()
@@ -326,8 +326,11 @@ class Answerer:
             stats = pieces.stats
         raw = guard.text
         if guard.leaked:
-            log.warning("an answer began to recite the system prompt; it was withheld")
-            answer.answer, answer.redacted = REFUSAL, True
+            log.warning("an answer began to recite the system prompt; the recitation was cut")
+            answer.redacted = True
+            raw = guard.clean_prefix
+        if not raw.strip() and guard.leaked:
+            answer.answer = REFUSAL
         else:
             answer.answer, cited = clean_citations(raw, len(passages))
             answer.sources = self._sources(answer.answer, passages, cited)

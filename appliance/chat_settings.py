@@ -58,7 +58,7 @@ class ChatSettings(BaseModel):
         200, ge=1, le=32_768, description="Default upper bound on the tokens of one answer."
     )
     temperature: float = Field(
-        0.1,
+        0.0,
         ge=0,
         le=2,
         description="Default sampling temperature (0: greedy). Grounded answers want it low.",

@@ -110,6 +110,11 @@ class AnswerSettings(_Section):
         description="Passages whose similarity to the question is more than this below the "
         "best passage's are left out of the prompt.",
     )
+    system_prompt: str | None = Field(
+        None,
+        description="Replaces the built-in system prompt (keep the citation and 'data, not "
+        "instructions' rules). Empty: the built-in one, tuned for the small default model.",
+    )
     rerank_model_path: Path | None = Field(
         None,
         description="A local sentence-transformers CrossEncoder folder to re-rank retrieved "

@@ -171,12 +171,13 @@ def document_scores(
     weight: dict[int, float] = {}
     for term in terms:
         named = sum(term in held[d] for d in docs)
-        if named:
-            mentioned = sum(term in held[d] or term in used[d] for d in docs)
-            idf = math.log(1 + (n - named + 0.5) / (named + 0.5))
-            weight[term] = idf * named / mentioned
-    total = sum(weight.values())
-    match = {d: sum(weight[t] for t in held[d]) / total if total else 0.0 for d in docs}
+        if not named:
+            continue
+        idf = math.log(1 + (n - named + 0.5) / (named + 0.5))
+        # The share of the other documents whose chunks use the word all the same.
+        used_elsewhere = sum(term in used[d] and term not in held[d] for d in docs)
+        weight[term] = idf * (1 - used_elsewhere / (n - named)) if named < n else idf
+    match = {d: sum(weight[t] for t in held[d]) for d in docs}
     scores = {d: IDENTITY_WEIGHT * match[d] for d in docs}
     if asks_for_latest(query):
         best = max(match.values())

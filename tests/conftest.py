@@ -116,3 +116,25 @@ def make_indexer(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
     yield build
     for resource in opened:
         resource.close()
+
+
+@pytest.fixture(scope="session")
+def sec10q_ingestion(tmp_path_factory: pytest.TempPathFactory, sec10q_docs: Path, real_embedder):  # type: ignore[no-untyped-def]
+    """The 12 sec10q filings indexed once per session with the default settings and model."""
+    from appliance.wiring import open_ingestion
+
+    data = tmp_path_factory.mktemp("sec10q-data")
+    settings = load_settings(env={}, overrides={"data_dir": str(data), "chat": {"n_threads": 2}})
+    ingestion = open_ingestion(settings, sec10q_docs, role="tests", embedder=real_embedder)
+    report = ingestion.indexer.reconcile()
+    assert report.failed == 0, report.failures
+    yield ingestion
+    ingestion.close()
+
+
+@pytest.fixture(scope="session")
+def sec10q_answerer(sec10q_ingestion):  # type: ignore[no-untyped-def]
+    """The answering engine over the sec10q index with the default chat model (llama.cpp)."""
+    from appliance.wiring import build_answerer
+
+    return build_answerer(sec10q_ingestion.settings, sec10q_ingestion)

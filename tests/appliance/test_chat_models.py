@@ -636,7 +636,7 @@ def test_build_chat_model_picks_the_backend_and_defaults() -> None:
     )
     with build_chat_model(settings) as model:
         assert isinstance(model, OpenAICompatibleChatModel)
-        assert model.default_params == GenerationParams(max_tokens=99, temperature=0.1, seed=5)
+        assert model.default_params == GenerationParams(max_tokens=99, temperature=0.0, seed=5)
     with build_chat_model(ChatSettings(backend="ollama", url="http://[::1]:11434", model="m")) as m:
         assert isinstance(m, OllamaChatModel)
 
