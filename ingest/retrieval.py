@@ -44,6 +44,7 @@ RECENCY_WEIGHT = 0.5
 REPEAT_DECAY = 0.8
 """The document score of a document's second chunk is this share of its first's, and so on."""
 TIE_MARGIN = 0.1
+SPEC = "u"
 """Documents whose identity match is this close to the best count as equally well named."""
 
 _ORDINALS = {"first": 1, "1st": 1, "second": 2, "2nd": 2, "third": 3, "3rd": 3, "fourth": 4, "4th": 4}
@@ -176,7 +177,17 @@ def document_scores(
         idf = math.log(1 + (n - named + 0.5) / (named + 0.5))
         # The share of the other documents whose chunks use the word all the same.
         used_elsewhere = sum(term in used[d] and term not in held[d] for d in docs)
-        weight[term] = idf * (1 - used_elsewhere / (n - named)) if named < n else idf
+        mentioned = named + used_elsewhere
+        if SPEC == "u":
+            weight[term] = idf * (1 - used_elsewhere / (n - named)) if named < n else idf
+        elif SPEC == "nm":
+            weight[term] = idf * named / mentioned
+        elif SPEC == "nm2":
+            weight[term] = idf * (named / mentioned) ** 2
+        elif SPEC == "u2":
+            weight[term] = idf * (1 - used_elsewhere / (n - named) / 2) if named < n else idf
+        else:
+            weight[term] = idf
     match = {d: sum(weight[t] for t in held[d]) for d in docs}
     scores = {d: IDENTITY_WEIGHT * match[d] for d in docs}
     if asks_for_latest(query):

@@ -167,8 +167,77 @@ def test_core_service_owns_the_data_folder(service, docs: Path) -> None:  # type
         time.sleep(0.3)
     assert client.call("GET", "/status")["documents"] == 3
 
+    # questions are answered by the service, streamed
+    ask = appliance("ask", "When must the supplier deliver the goods?", "--stream", data=data)
+    out, err = ask.communicate(timeout=300)
+    assert ask.returncode == 0, err
+    assert "contract.txt" in out
+
     # a clean stop removes the service file and releases the folder
     proc.terminate()
     assert proc.wait(timeout=60) == 0
     assert not (data / SERVICE_FILE).exists()
     assert ServiceClient.find(data) is None
+
+
+@pytest.mark.slow
+def test_ask_and_eval_commands(docs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(capsys, "ingest", str(docs), "--json")[0] == 0
+    code, out, err = run_cli(capsys, "ask", "How long does the appliance retain audit logs?", "--json")
+    assert code == 0, err
+    answer = json.loads(out)
+    assert {"answer", "sources", "abstained", "timings"} <= answer.keys()
+    assert not answer["abstained"]
+    assert answer["sources"][0]["path"] == "policy.md"
+    assert "7" in answer["answer"]
+
+    code, out, _ = run_cli(capsys, "ask", "What is the airspeed of an unladen swallow?", "--json")
+    assert json.loads(out)["abstained"] is True
+
+    golden = tmp_path / "golden.jsonl"
+    golden.write_text(
+        json.dumps(
+            {
+                "id": "g1",
+                "question": "How long are audit logs retained?",
+                "answer": "Audit logs are retained for 7 years under policy AP-12.",
+                "evidence_doc": ["policy.md"],
+            }
+        )
+        + "\n"
+        + json.dumps(
+            {
+                "id": "g2",
+                "question": "Within how many days must the supplier deliver the goods?",
+                "answer": "Within 30 days of the order.",
+                "evidence_doc": ["contract.txt"],
+            }
+        )
+        + "\n"
+    )
+    report = tmp_path / "report.html"
+    code, out, _ = run_cli(capsys, "eval", str(golden), "--json", "--report", str(report))
+    assert code == 0
+    result = json.loads(out)
+    metrics = result["metrics"]
+    assert set(metrics) >= {
+        "recall_at_k",
+        "mrr",
+        "answer_f1",
+        "answer_containment",
+        "citation_precision",
+        "abstention_rate",
+        "ttft_p50_s",
+        "tokens_per_s",
+    }
+    assert metrics["recall_at_k"] == 1.0
+    assert len(result["questions"]) == 2
+    page = report.read_text()
+    assert "<script" not in page
+    assert "How long are audit logs retained?" in page
+
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps({"metrics": {**metrics, "recall_at_k": 1.5}}))
+    code, _, err = run_cli(capsys, "eval", str(golden), "--baseline", str(baseline), "--max-drop", "2")
+    assert code != 0
+    assert "recall_at_k dropped" in err
