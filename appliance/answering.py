@@ -75,6 +75,17 @@ class Answer:
         return asdict(self)
 
 
+@dataclass
+class Prepared:
+    """A question ready for generation."""
+
+    answer: Answer
+    """Filled in so far: query, retrieved chunks, relevance, retrieval time."""
+    passages: list[Passage]
+    messages: list[ChatMessage]
+    started: float
+
+
 class SearchIndex(Protocol):
     """What answering needs of an index (an ``ingest.pipeline.Indexer``)."""
 
@@ -256,15 +267,14 @@ class Answerer:
 
     # --- answering ---------------------------------------------------------------------------
 
-    def stream(
+    def prepare(
         self,
         question: str,
         *,
         history: Sequence[Exchange] = (),
         where: Mapping[str, Sequence[str]] | None = None,
-    ) -> Iterator[dict[str, Any]]:
-        """Yield ``{"type": "token", "text"}`` events as the answer is generated, then one
-        ``{"type": "answer", "answer": Answer}``."""
+    ) -> Prepared:
+        """Everything before generation: the query, the retrieval, the passages, the prompt."""
         started = time.perf_counter()
         query = standalone_question(question, history, self.settings.history_turns)
         hits = self.retrieve(query, where)
@@ -293,17 +303,36 @@ class Answerer:
             timings=timings,
         )
         passages = self.passages(candidates)
-        if not passages or relevance < self.settings.min_relevance:
+        messages: list[ChatMessage] = [
+            {"role": "system", "content": self.system},
+            {"role": "user", "content": user_prompt(question, passages)},
+        ]
+        return Prepared(answer, passages, messages, started)
+
+    def stream(
+        self,
+        question: str,
+        *,
+        history: Sequence[Exchange] = (),
+        where: Mapping[str, Sequence[str]] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Yield ``{"type": "token", "text"}`` events as the answer is generated, then one
+        ``{"type": "answer", "answer": Answer}``."""
+        prepared = self.prepare(question, history=history, where=where)
+        answer, passages, messages, started = (
+            prepared.answer,
+            prepared.passages,
+            prepared.messages,
+            prepared.started,
+        )
+        timings = answer.timings
+        if not passages or answer.relevance < self.settings.min_relevance:
             answer.abstained = True
             answer.answer = self._abstention(passages)
             timings["total_s"] = round(time.perf_counter() - started, 4)
             yield {"type": "token", "text": answer.answer}
             yield {"type": "answer", "answer": answer}
             return
-        messages: list[ChatMessage] = [
-            {"role": "system", "content": self.system},
-            {"role": "user", "content": user_prompt(question, passages)},
-        ]
         guard = LeakGuard(self.system)
         params = GenerationParams(
             max_tokens=self.chat_settings.max_tokens,
