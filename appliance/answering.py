@@ -471,6 +471,7 @@ def ask_events(
             yield event
             continue
         answer = event["answer"].as_json()
+        message = None
         if conversations is not None and conversation is not None:
-            conversations.add(user, conversation, answer)
-        yield {"type": "answer", "answer": answer, "conversation": conversation}
+            message = conversations.add(user, conversation, answer)
+        yield {"type": "answer", "answer": answer, "conversation": conversation, "message": message}

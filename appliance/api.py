@@ -13,6 +13,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,30 @@ log = logging.getLogger(__name__)
 
 SERVICE_FILE = "service.json"
 TOKEN_FILE = "service.token"
-MAX_BODY = 8 * 1024 * 1024
+MAX_BODY = 320 * 1024 * 1024  # an uploaded document, base64-encoded
+SESSION_HEADER = "X-Appliance-Session"
 
-Handler = Callable[[dict[str, Any]], Any]
+
+@dataclass(frozen=True)
+class Request:
+    """What a route handler gets: the JSON body, the signed-in user's session token (the UI
+    sends it; local tools do not) and the client's address."""
+
+    body: dict[str, Any]
+    session: str | None = None
+    client: str = ""
+
+
+@dataclass(frozen=True)
+class Raw:
+    """A route's binary reply (a document download)."""
+
+    data: bytes
+    content_type: str
+    filename: str
+
+
+Handler = Callable[[Request], Any]
 
 
 class ApiServer:
@@ -35,7 +57,7 @@ class ApiServer:
         self, data_dir: Path, host: str, port: int, routes: dict[tuple[str, str], Handler]
     ):
         self.data_dir = data_dir
-        self.routes = {("GET", "/health"): lambda _body: {"ok": True}, **routes}
+        self.routes = {("GET", "/health"): lambda _req: {"ok": True}, **routes}
         self.token = secrets.token_urlsafe(32)
         server = self
 
@@ -53,13 +75,24 @@ class ApiServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def _stream(self, events: Iterator[Any]) -> None:
+            def _raw(self, raw: Raw) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", raw.content_type)
+                self.send_header("Content-Length", str(len(raw.data)))
+                self.send_header("X-Filename", raw.filename.encode("utf-8").hex())
+                self.end_headers()
+                self.wfile.write(raw.data)
+
+            def _stream(self, first: Any, events: Iterator[Any]) -> None:
                 """NDJSON in HTTP/1.1 chunks: one JSON document per line, flushed as produced."""
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-ndjson")
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
                 try:
+                    line = json.dumps(first).encode() + b"\n"
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                    self.wfile.flush()
                     for event in events:
                         line = json.dumps(event).encode() + b"\n"
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
@@ -92,13 +125,27 @@ class ApiServer:
                     body = json.loads(self.rfile.read(length) or b"{}") if length else {}
                     if not isinstance(body, dict):
                         raise ValueError("the request body must be a JSON object")
-                    result = handler(body)
-                    if isinstance(result, Iterator):
-                        self._stream(result)
+                    request = Request(
+                        body=body,
+                        session=self.headers.get(SESSION_HEADER) or None,
+                        client=str(self.client_address[0]),
+                    )
+                    result = handler(request)
+                    if isinstance(result, Raw):
+                        self._raw(result)
+                    elif isinstance(result, Iterator):
+                        # the first event is computed before the status is sent, so that a
+                        # refusal (no session, no access) is still an HTTP error
+                        first = next(result, None)
+                        if first is None:
+                            self._reply(200, {})
+                        else:
+                            self._stream(first, result)
                     else:
                         self._reply(200, result)
                 except (ApplianceError, ValueError, KeyError, TypeError) as exc:
-                    self._reply(400, {"error": str(exc), "type": type(exc).__name__})
+                    status = int(getattr(exc, "http_status", 400))
+                    self._reply(status, {"error": str(exc), "type": type(exc).__name__})
                 except Exception as exc:
                     log.exception("api handler %s %s failed", method, path)
                     self._reply(500, {"error": f"internal error: {type(exc).__name__}"})
@@ -150,8 +197,21 @@ class ApiServer:
 class ServiceClient:
     """Calls a running core service of a data folder."""
 
-    def __init__(self, host: str, port: int, token: str, timeout: float = 600.0) -> None:
+    def __init__(
+        self, host: str, port: int, token: str, timeout: float = 600.0, session: str | None = None
+    ) -> None:
         self.host, self.port, self.token, self.timeout = host, port, token, timeout
+        self.session = session
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+        if self.session:
+            headers[SESSION_HEADER] = self.session
+        return headers
+
+    def with_session(self, session: str | None) -> ServiceClient:
+        """The same service, acting for the signed-in user of ``session``."""
+        return ServiceClient(self.host, self.port, self.token, self.timeout, session)
 
     @classmethod
     def find(cls, data_dir: Path) -> ServiceClient | None:
@@ -186,7 +246,7 @@ class ServiceClient:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout or self.timeout)
         try:
             data = json.dumps(body or {}).encode() if method == "POST" else None
-            headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+            headers = self._headers()
             conn.request(method, path, body=data, headers=headers)
             response = conn.getresponse()
             payload = json.loads(response.read() or b"null")
@@ -198,20 +258,48 @@ class ServiceClient:
             conn.close()
         if response.status != 200:
             message = payload.get("error") if isinstance(payload, dict) else payload
-            raise ServiceError(f"the core service refused {method} {path}: {message}")
+            raise ServiceError(
+                f"the core service refused {method} {path}: {message}", status=response.status
+            )
         return payload
+
+    def download(self, path: str, body: dict[str, Any]) -> tuple[str, str, bytes]:
+        """POST and return a binary reply as (file name, content type, bytes)."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.request("POST", path, body=json.dumps(body).encode(), headers=self._headers())
+            response = conn.getresponse()
+            data = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise ServiceError(
+                f"the core service at {self.host}:{self.port} failed: {exc}"
+            ) from exc
+        finally:
+            conn.close()
+        if response.status != 200:
+            try:
+                message = json.loads(data).get("error")
+            except ValueError:
+                message = data[:200].decode(errors="replace")
+            raise ServiceError(
+                f"the core service refused POST {path}: {message}", status=response.status
+            )
+        name = bytes.fromhex(response.getheader("X-Filename", "")).decode("utf-8", "replace")
+        return name, response.getheader("Content-Type", "application/octet-stream"), data
 
     def stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """POST and yield the NDJSON events of a streamed reply as they arrive."""
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         try:
-            headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+            headers = self._headers()
             conn.request("POST", path, body=json.dumps(body).encode(), headers=headers)
             response = conn.getresponse()
             if response.status != 200:
                 payload = json.loads(response.read() or b"null")
                 message = payload.get("error") if isinstance(payload, dict) else payload
-                raise ServiceError(f"the core service refused POST {path}: {message}")
+                raise ServiceError(
+                    f"the core service refused POST {path}: {message}", status=response.status
+                )
             while line := response.readline():
                 event = json.loads(line)
                 if event.get("type") == "error":

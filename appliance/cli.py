@@ -141,33 +141,129 @@ def _progress_bar() -> Callable[[str, int, int], None]:
 
 
 def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
-    from appliance.service import CoreService
-    from appliance.wiring import open_ingestion
+    """The core service: the watcher, the local API, /metrics (``serve`` and ``watch``)."""
+    from appliance.wiring import open_core_service
 
     _quiet_model_loading()
     docs = Path(args.folder) if args.folder else settings.ingest.docs_dir
     docs.mkdir(parents=True, exist_ok=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    from appliance.conversations import ConversationStore
-    from appliance.wiring import build_answerer
-
-    with open_ingestion(settings, docs, role="appliance watch") as ingestion:
-        conversations = ConversationStore(settings.conversations_path)
-        ingestion._stack.callback(conversations.close)
-        try:
-            answerer = build_answerer(settings, ingestion)
-        except ApplianceError as exc:
-            log.error("answering is off: %s", exc)
-            print(f"warning: answering is off: {exc}", file=sys.stderr)
-            answerer = None
-        service = CoreService(ingestion, settings, answerer, conversations)
+    stop = _stop_on_signals()
+    service = open_core_service(settings, docs, role=f"appliance {args.command}")
+    with service.ingestion:
         print(
-            f"watching {docs} (data in {settings.data_dir}); Ctrl-C stops",
+            f"core service: watching {docs} (data in {settings.data_dir}), API on "
+            f"{settings.service.host}:{service.api.port}, metrics on "
+            f"http://{settings.metrics.host}:{settings.metrics.port}/metrics; Ctrl-C stops",
             file=sys.stderr,
         )
         service.run_until(stop)
+    return 0
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _ui_command(settings: Settings) -> list[str]:
+    """The Streamlit server, locked down: loopback, headless, no telemetry, no file watcher,
+    no error details, XSRF protection, an upload limit, the viewer toolbar."""
+    app = Path(__file__).resolve().parents[1] / "ui" / "app.py"
+    return [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.address",
+        settings.ui.host,
+        "--server.port",
+        str(settings.ui.port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.fileWatcherType",
+        "none",
+        "--server.runOnSave",
+        "false",
+        "--client.showErrorDetails",
+        "false",
+        "--client.toolbarMode",
+        "viewer",
+        "--server.enableXsrfProtection",
+        "true",
+        "--server.enableCORS",
+        "true",
+        "--server.maxUploadSize",
+        str(settings.ui.max_upload_mb),
+        "--global.developmentMode",
+        "false",
+        "--theme.base",
+        "light",
+    ]
+
+
+def _ui_env(settings: Settings) -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env["APPLIANCE_DATA_DIR"] = str(Path(settings.data_dir).resolve())
+    env["STREAMLIT_BROWSER_GATHER_USAGE_STATS"] = "false"
+    return env
+
+
+def cmd_ui(args: argparse.Namespace, settings: Settings) -> int:
+    """The Streamlit UI alone, as a client of a running core service."""
+    import subprocess
+
+    stop = _stop_on_signals()
+    proc = subprocess.Popen(_ui_command(settings), env=_ui_env(settings))
+    print(f"UI on http://{settings.ui.host}:{settings.ui.port}", file=sys.stderr)
+    while not stop.wait(0.5):
+        if proc.poll() is not None:
+            return int(proc.returncode or 0)
+    proc.terminate()
+    proc.wait(timeout=30)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    """The whole appliance on one machine: the core service in this process, the UI beside it."""
+    import subprocess
+
+    from appliance.wiring import open_core_service
+
+    _quiet_model_loading()
+    docs = Path(args.docs) if args.docs else settings.ingest.docs_dir
+    docs.mkdir(parents=True, exist_ok=True)
+    stop = _stop_on_signals()
+    service = open_core_service(settings, docs, role="appliance up")
+    with service.ingestion:
+        ui = subprocess.Popen(_ui_command(settings), env=_ui_env(settings))
+        print(
+            f"appliance up: UI http://{settings.ui.host}:{settings.ui.port}  metrics "
+            f"http://{settings.metrics.host}:{settings.metrics.port}/metrics  documents {docs}; "
+            "Ctrl-C stops",
+            file=sys.stderr,
+        )
+
+        def watch_ui() -> None:
+            ui.wait()
+            stop.set()
+
+        threading.Thread(target=watch_ui, name="ui-watch", daemon=True).start()
+        try:
+            service.run_until(stop)
+        finally:
+            if ui.poll() is None:
+                ui.terminate()
+                try:
+                    ui.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    ui.kill()
     return 0
 
 
@@ -451,6 +547,118 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_GATE if failures else 0
 
 
+def _read_password(args: argparse.Namespace, prompt: str) -> str:
+    import getpass
+
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass(prompt)
+    if getpass.getpass("again: ") != first:
+        raise ApplianceError("the passwords do not match")
+    return first
+
+
+def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
+    """Accounts live in SQLite beside the index; these commands work with or without the
+    service running (SQLite serialises the writers)."""
+    from appliance.accounts import Accounts
+    from appliance.audit import AuditLog
+
+    audit = AuditLog(settings.audit_path)
+    operator = f"local:{_current_user()}"
+    with Accounts(settings.accounts_path) as accounts:
+        action = args.action
+        if action == "list":
+            users = accounts.users()
+            if args.json:
+                _print_json({"users": users, "groups": accounts.groups()})
+                return 0
+            for user in users:
+                flags = " (disabled)" if user.get("disabled") else ""
+                groups = ", ".join(user.get("groups") or [])
+                print(f"{user['username']:24s} {user['role']:6s} groups: {groups or '-'}{flags}")
+            for group, collections in accounts.groups().items():
+                print(f"group {group}: {', '.join(c or '(shared)' for c in collections)}")
+            return 0
+        if action == "add":
+            role = "admin" if args.admin else "staff"
+            password = _read_password(args, f"password for {args.name}: ")
+            accounts.add_user(args.name, password, role=role, groups=args.groups or [])
+            audit.record("admin", operator, action="user_create", target=args.name, role=role)
+            print(f"added {role} {args.name}")
+        elif action in ("disable", "enable"):
+            accounts.set_disabled(args.name, action == "disable")
+            if action == "disable":
+                accounts.end_sessions(args.name)
+            audit.record("admin", operator, action=f"user_{action}", target=args.name)
+            print(f"{action}d {args.name}")
+        elif action == "reset-password":
+            accounts.set_password(
+                args.name, _read_password(args, f"new password for {args.name}: ")
+            )
+            accounts.end_sessions(args.name)
+            audit.record(
+                "admin",
+                operator,
+                action="user_update",
+                target=args.name,
+                changes=["password reset"],
+            )
+            print(f"password of {args.name} reset; their sessions ended")
+        elif action == "role":
+            accounts.set_role(args.name, args.role)
+            audit.record(
+                "admin",
+                operator,
+                action="user_update",
+                target=args.name,
+                changes=[f"role={args.role}"],
+            )
+        elif action == "groups":
+            accounts.set_groups(args.name, args.groups or [])
+            audit.record(
+                "admin",
+                operator,
+                action="user_update",
+                target=args.name,
+                changes=[f"groups={args.groups}"],
+            )
+        elif action in ("grant", "revoke"):
+            getattr(accounts, action)(args.group, args.collections)
+            audit.record(
+                "admin", operator, action="grants", target=args.group, **{action: args.collections}
+            )
+            print(f"group {args.group}: {', '.join(accounts.groups().get(args.group, [])) or '-'}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import datetime
+
+    from appliance.audit import read, verify
+
+    path = settings.audit_path
+    if args.verify:
+        result = verify(path)
+        if args.json:
+            _print_json({"ok": result.ok, "records": result.records, "problem": result.problem})
+        else:
+            print(
+                f"{'ok' if result.ok else 'TAMPERED'}: {result.records} records"
+                + (f"; {result.problem}" if result.problem else "")
+            )
+        return 0 if result.ok else EXIT_ERROR
+    since = datetime.fromisoformat(args.since) if args.since else None
+    for record in read(path, since=since, user=args.user, event=args.event):
+        if args.json:
+            _print_json(record)
+        else:
+            data = json.dumps(record.get("data", {}), ensure_ascii=False)
+            who = record.get("user") or "-"
+            print(f"{record['time']}  {who:16s} {record['event']:16s} {data[:160]}")
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------
 
 
@@ -513,6 +721,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.add_argument("--mode", choices=["hybrid", "dense", "sparse"], help="retrieval mode")
     p.set_defaults(func=cmd_eval, log_file=False)
+
+    p = sub.add_parser("users", help="accounts, roles, groups and collection grants")
+    users = p.add_subparsers(dest="action", required=True)
+    u = users.add_parser("list", help="users and groups")
+    u.add_argument("--json", action="store_true")
+    u = users.add_parser("add", help="create a user (the first admin: --admin)")
+    u.add_argument("name")
+    u.add_argument("--admin", action="store_true", help="give the admin role")
+    u.add_argument("--groups", nargs="*", help="groups the user belongs to")
+    u.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    for name in ("disable", "enable"):
+        users.add_parser(name, help=f"{name} a user").add_argument("name")
+    u = users.add_parser("reset-password", help="set a new password; ends the user's sessions")
+    u.add_argument("name")
+    u.add_argument("--password-stdin", action="store_true")
+    u = users.add_parser("role", help="set a user's role")
+    u.add_argument("name")
+    u.add_argument("role", choices=["staff", "admin"])
+    u = users.add_parser("groups", help="set a user's groups")
+    u.add_argument("name")
+    u.add_argument("groups", nargs="*")
+    for name in ("grant", "revoke"):
+        u = users.add_parser(name, help=f"{name} collections (top-level folders) to a group")
+        u.add_argument("group")
+        u.add_argument("collections", nargs="+")
+    p.set_defaults(func=cmd_users, log_file=False)
+
+    p = sub.add_parser("audit", help="read or verify the tamper-evident audit log")
+    p.add_argument("verify", nargs="?", choices=["verify"], help="check the hash chain")
+    p.add_argument("--since", help="ISO date or time, e.g. 2026-11-01")
+    p.add_argument("--user")
+    p.add_argument("--event")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_audit, log_file=False)
     return parser
 
 
@@ -524,6 +766,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["data_dir"] = str(args.data_dir)
     if getattr(args, "port", None) is not None:
         overrides["service"] = {"port": args.port}
+    if getattr(args, "metrics_port", None) is not None:
+        overrides["metrics"] = {"port": args.metrics_port}
+    if getattr(args, "ui_port", None) is not None:
+        overrides["ui"] = {"port": args.ui_port}
     try:
         settings = load_settings(args.config, overrides=overrides)
         from appliance.wiring import prepare_process

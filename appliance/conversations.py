@@ -56,6 +56,11 @@ CREATE TABLE IF NOT EXISTS messages (
         REFERENCES conversations(id) ON DELETE CASCADE,
     question TEXT NOT NULL, answer TEXT NOT NULL, sources TEXT NOT NULL, abstained INTEGER NOT NULL,
     model TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, message INTEGER NOT NULL, user TEXT NOT NULL,
+    rating TEXT NOT NULL, comment TEXT NOT NULL, question TEXT NOT NULL, answer TEXT NOT NULL,
+    sources TEXT NOT NULL, model TEXT NOT NULL, created REAL NOT NULL,
+    UNIQUE (message, user));
 CREATE INDEX IF NOT EXISTS conversations_by_user ON conversations (user, updated);
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation, id);
 """
@@ -101,12 +106,13 @@ class ConversationStore:
         ).fetchone()
         return row is not None
 
-    def add(self, user: str, conversation: str, answer: dict[str, Any]) -> None:
+    def add(self, user: str, conversation: str, answer: dict[str, Any]) -> int:
+        """Store one exchange; returns its message id (feedback refers to it)."""
         with self._lock:
             if not self._owned(user, conversation):
                 raise KeyError(f"no conversation {conversation} for user {user}")
             now = time.time()
-            self._db.execute(
+            cursor = self._db.execute(
                 "INSERT INTO messages (conversation, question, answer, sources, abstained, model, "
                 "created) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -122,6 +128,7 @@ class ConversationStore:
             self._db.execute(
                 "UPDATE conversations SET updated = ? WHERE id = ?", (now, conversation)
             )
+            return int(cursor.lastrowid or 0)
 
     def messages(self, user: str, conversation: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -144,6 +151,50 @@ class ConversationStore:
             }
             for r in rows
         ]
+
+    def add_feedback(self, user: str, message: int, rating: str, comment: str) -> None:
+        """Thumbs up or down on one of the user's answers, stored with the question, the
+        answer, its sources and the model that gave it (the preference data for fine-tuning).
+        A second rating of the same answer replaces the first."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT m.question, m.answer, m.sources, m.model FROM messages m "
+                "JOIN conversations c ON c.id = m.conversation WHERE m.id = ? AND c.user = ?",
+                (message, user),
+            ).fetchone()
+            if row is None:
+                raise KeyError(f"no answer {message} for user {user}")
+            self._db.execute(
+                "INSERT INTO feedback (message, user, rating, comment, question, answer, sources, "
+                "model, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (message, user) "
+                "DO UPDATE SET rating = excluded.rating, comment = excluded.comment, "
+                "created = excluded.created",
+                (message, user, rating, comment, *row, time.time()),
+            )
+
+    def feedback(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT message, user, rating, comment, question, answer, sources, model, created "
+                "FROM feedback ORDER BY id"
+            ).fetchall()
+        keys = ("message", "user", "rating", "comment", "question", "answer", "sources", "model")
+        return [
+            {**dict(zip(keys, r[:8], strict=True)), "sources": json.loads(r[6]), "created": r[8]}
+            for r in rows
+        ]
+
+    def feedback_stats(self) -> dict[str, Any]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT model, rating, count(*) FROM feedback GROUP BY model, rating"
+            ).fetchall()
+        totals = {"up": 0, "down": 0}
+        by_model: dict[str, dict[str, int]] = {}
+        for model, rating, n in rows:
+            totals[rating] = totals.get(rating, 0) + n
+            by_model.setdefault(model, {"up": 0, "down": 0})[rating] = n
+        return {"up": totals["up"], "down": totals["down"], "by_model": by_model}
 
     def history(self, user: str, conversation: str) -> list[Exchange]:
         return [Exchange(m["question"], m["answer"]) for m in self.messages(user, conversation)]

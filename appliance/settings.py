@@ -130,6 +130,17 @@ class ServiceSettings(_Section):
     port: int = Field(8765, ge=0, le=65535, description="Port of the core service's local API.")
 
 
+class MetricsSettings(_Section):
+    host: str = Field("127.0.0.1", description="Bind address of the Prometheus /metrics endpoint.")
+    port: int = Field(9108, ge=0, le=65535, description="Port of the /metrics endpoint.")
+
+
+class UISettings(_Section):
+    host: str = Field("127.0.0.1", description="Bind address of the Streamlit UI.")
+    port: int = Field(8501, ge=0, le=65535, description="Port of the Streamlit UI.")
+    max_upload_mb: int = Field(200, ge=1, le=4096, description="Largest file the UI accepts.")
+
+
 class Settings(_Section):
     data_dir: Path = Field(Path("data"), description="Index, ingestion state and logs.")
     embedding: EmbeddingSettings = EmbeddingSettings()
@@ -139,6 +150,11 @@ class Settings(_Section):
     service: ServiceSettings = ServiceSettings()
     chat: ChatSettings = ChatSettings()
     answer: AnswerSettings = AnswerSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    ui: UISettings = UISettings()
+    session_hours: float = Field(
+        8, gt=0, le=24 * 30, description="Sign-in sessions expire after this."
+    )
 
     @property
     def index_dir(self) -> Path:
@@ -155,6 +171,14 @@ class Settings(_Section):
     @property
     def conversations_path(self) -> Path:
         return self.data_dir / "conversations.sqlite3"
+
+    @property
+    def accounts_path(self) -> Path:
+        return self.data_dir / "accounts.sqlite3"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.data_dir / "audit" / "audit.jsonl"
 
 
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

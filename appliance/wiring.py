@@ -221,3 +221,44 @@ def build_answerer(settings: Settings, ingestion: Ingestion) -> Any:
         chat_settings=settings.chat,
         reranker=CrossEncoderReranker(path) if path else None,
     )
+
+
+def open_core_service(
+    settings: Settings, docs_dir: Path, *, role: str, answering: bool = True
+) -> Any:
+    """The core service with everything it owns: ingestion, the chat model, conversations,
+    accounts, the audit log and the metrics. Close it with ``service.ingestion.close()``."""
+    from appliance.accounts import Accounts
+    from appliance.audit import AuditLog
+    from appliance.conversations import ConversationStore
+    from appliance.metrics import Metrics
+    from appliance.service import CoreService
+
+    ingestion = open_ingestion(settings, docs_dir, role=role)
+    try:
+        stack = ingestion._stack
+        conversations = ConversationStore(settings.conversations_path)
+        stack.callback(conversations.close)
+        accounts = Accounts(settings.accounts_path, session_ttl_s=settings.session_hours * 3600)
+        stack.callback(accounts.close)
+        audit = AuditLog(settings.audit_path)
+        answerer = None
+        if answering:
+            try:
+                answerer = build_answerer(settings, ingestion)
+            except ApplianceError as exc:
+                log.error("answering is off: %s", exc)
+        metrics = Metrics()
+        service = CoreService(
+            ingestion,
+            settings,
+            answerer=answerer,
+            conversations=conversations,
+            accounts=accounts,
+            audit=audit,
+            metrics=metrics,
+        )
+        return service
+    except BaseException:
+        ingestion.close()
+        raise
