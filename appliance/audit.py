@@ -234,7 +234,9 @@ class AuditLog:
                     record["hash"] = record_hash(record)
                     line = (canonical(record) + "\n").encode("utf-8")
                 except (TypeError, ValueError) as exc:
-                    raise AuditError(f"audit event {event!r} has data JSON cannot hold: {exc}")
+                    raise AuditError(
+                        f"audit event {event!r} has data JSON cannot hold: {exc}"
+                    ) from exc
                 # Re-read through JSON so the caller sees what verify() will see.
                 record = json.loads(line)
                 view = memoryview(line)
@@ -260,39 +262,49 @@ class VerifyResult:
     last_hash: str = GENESIS
 
 
+def _line_problem(line: bytes, expected_seq: int, prev: str) -> tuple[str | None, str]:
+    """What is wrong with ``line`` as the record after ``prev``, and its hash."""
+    if not line.endswith(b"\n"):
+        return "truncated last line (no line end): a write was cut short", prev
+    record = _parse(line)
+    if record is None:
+        return "garbled line: not a well-formed audit record", prev
+    seq = record["seq"]
+    if record["hash"] != record_hash(record):
+        return f"record seq {seq} was edited (its hash does not match)", prev
+    if line != (canonical(record) + "\n").encode("utf-8"):
+        return f"record seq {seq} was edited (the line is not in canonical form)", prev
+    if seq != expected_seq:
+        return (
+            f"seq {seq} where {expected_seq} was expected: a line was deleted, inserted or moved",
+            prev,
+        )
+    if record["prev"] != prev:
+        return (
+            f"record seq {seq} does not follow the line before it (prev hash mismatch): a line "
+            "was deleted, inserted or moved",
+            prev,
+        )
+    return None, str(record["hash"])
+
+
 def verify(path: Path, *, anchor: str | None = None) -> VerifyResult:
     """Check the whole chain of ``path``; with ``anchor`` (a hash exported earlier), also check
     that the chain still holds the record it belongs to."""
+    if anchor is not None and not _HASH.fullmatch(anchor):
+        return VerifyResult(False, 0, f"the anchor {anchor!r} is not a SHA-256 hex digest")
     try:
         handle = path.open("rb")
     except OSError as exc:
         return VerifyResult(False, 0, f"cannot read the audit log {path}: {exc.strerror}")
-    prev, expected_seq, count, anchored = GENESIS, 1, 0, anchor is None
+    prev, count, anchored = GENESIS, 0, anchor is None
     with handle:
         for number, line in enumerate(handle, start=1):
-
-            def bad(what: str, number: int = number) -> VerifyResult:
-                return VerifyResult(False, count, f"line {number}: {what}", prev)
-
-            if not line.endswith(b"\n"):
-                return bad("truncated last line (no line end); a write was cut short")
-            record = _parse(line)
-            if record is None:
-                return bad("garbled line: not a well-formed audit record")
-            if record["hash"] != record_hash(record):
-                return bad(f"record seq {record['seq']} was edited (its hash does not match)")
-            if record["seq"] != expected_seq:
-                return bad(
-                    f"seq {record['seq']} where {expected_seq} was expected: a line was "
-                    "deleted, inserted or moved"
-                )
-            if record["prev"] != prev:
-                return bad(
-                    f"record seq {record['seq']} does not follow the previous line (prev hash "
-                    "mismatch): a line was deleted, inserted or moved"
-                )
-            prev, expected_seq, count = record["hash"], expected_seq + 1, count + 1
-            anchored = anchored or record["hash"] == anchor
+            problem, prev = _line_problem(line, count + 1, prev)
+            if problem is not None:
+                return VerifyResult(False, count, f"line {number}: {problem}", prev)
+            count += 1
+            anchored = anchored or prev == anchor
     if not anchored:
         return VerifyResult(
             False,

@@ -150,6 +150,7 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     stop = _stop_on_signals()
     service = open_core_service(settings, docs, role=f"appliance {args.command}")
     with service.ingestion:
+        _ensure_first_admin(service, settings)
         print(
             f"core service: watching {docs} (data in {settings.data_dir}), API on "
             f"{settings.service.host}:{service.api.port}, metrics on "
@@ -158,6 +159,31 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
         )
         service.run_until(stop)
     return 0
+
+
+def _ensure_first_admin(service: Any, settings: Settings) -> None:
+    """On a fresh install nobody can sign in: create ``admin`` with a random password, shown
+    once here and kept in a 0600 file until it is changed (as IT expects of an appliance)."""
+    import os
+    import secrets
+
+    accounts = service.accounts
+    if accounts is None or accounts.users():
+        return
+    password = secrets.token_urlsafe(12)
+    accounts.add_user("admin", password, role="admin")
+    path = settings.data_dir / "initial-admin-password"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(password + "\n")
+    service.audit.record(
+        "admin", "local:install", action="user_create", target="admin", role="admin"
+    )
+    print(
+        f"first start: created the user 'admin' with password {password} (also in {path}); "
+        "sign in and change it, or add your own admin with `appliance users add NAME --admin`",
+        file=sys.stderr,
+    )
 
 
 def _stop_on_signals() -> threading.Event:
@@ -242,6 +268,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     stop = _stop_on_signals()
     service = open_core_service(settings, docs, role="appliance up")
     with service.ingestion:
+        _ensure_first_admin(service, settings)
         ui = subprocess.Popen(_ui_command(settings), env=_ui_env(settings))
         print(
             f"appliance up: UI http://{settings.ui.host}:{settings.ui.port}  metrics "

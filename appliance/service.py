@@ -177,16 +177,18 @@ class CoreService:
     def _login(self, request: Request) -> dict[str, Any]:
         body = request.body
         username = str(body.get("username", ""))
+        # Every UI request comes from loopback: sign-ins are throttled per user, and per
+        # end-user address only when the UI forwards one.
+        client = str(body.get("client") or "")
         try:
-            session = self._accounts().login(
-                username, str(body.get("password", "")), client=request.client
-            )
+            session = self._accounts().login(username, str(body.get("password", "")), client=client)
         except AuthError as exc:
-            self._audit("login_failed", username[:64], client=request.client, reason=str(exc))
+            reason = getattr(exc, "reason", "refused")  # for the log only, never the client
+            self._audit("login_failed", username[:64], client=client, reason=reason)
             if self.metrics is not None:
                 self.metrics.login(False)
             raise
-        self._audit("login", session.username, client=request.client)
+        self._audit("login", session.username, client=client)
         if self.metrics is not None:
             self.metrics.login(True)
         return {

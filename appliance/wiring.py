@@ -248,7 +248,8 @@ def open_core_service(
                 answerer = build_answerer(settings, ingestion)
             except ApplianceError as exc:
                 log.error("answering is off: %s", exc)
-        metrics = Metrics()
+        owner: list[Any] = []  # the service, once built: /metrics refreshes from it per scrape
+        metrics = Metrics(collect=lambda: owner[0].refresh_metrics() if owner else None)
         service = CoreService(
             ingestion,
             settings,
@@ -258,6 +259,7 @@ def open_core_service(
             audit=audit,
             metrics=metrics,
         )
+        owner.append(service)
         return service
     except BaseException:
         ingestion.close()
