@@ -117,7 +117,7 @@ def appliance(*argv: str, data: Path, **kwargs) -> subprocess.Popen:  # type: ig
 @pytest.fixture
 def service(docs: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:  # type: ignore[type-arg]
     data = tmp_path / "svc-data"
-    proc = appliance("watch", str(docs), "--port", "0", data=data)
+    proc = appliance("watch", str(docs), "--port", "0", "--metrics-port", "0", data=data)
     try:
         deadline = time.monotonic() + 120
         client = None
@@ -151,7 +151,7 @@ def test_core_service_owns_the_data_folder(service, docs: Path) -> None:  # type
 
     # a second writer is refused quickly, naming the owner
     started = time.monotonic()
-    second = appliance("watch", str(docs), "--port", "0", data=data)
+    second = appliance("watch", str(docs), "--port", "0", "--metrics-port", "0", data=data)
     out, err = second.communicate(timeout=30)
     assert second.returncode != 0
     assert time.monotonic() - started < 2.0 + 1.5  # interpreter start-up on a loaded CI box

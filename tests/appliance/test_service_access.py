@@ -1,0 +1,175 @@
+"""The core service as the UI uses it: sign-in, roles decided server side, collections as access
+boundaries inside the vector-store query, the audit log and /metrics. Real models, real store."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.api import ServiceClient
+from appliance.audit import read, verify
+from appliance.errors import ServiceError
+from appliance.settings import load_settings
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator:  # type: ignore[type-arg]
+    from appliance.wiring import open_core_service, prepare_process
+
+    root = tmp_path_factory.mktemp("svc")
+    docs = root / "docs"
+    (docs / "legal").mkdir(parents=True)
+    (docs / "hr").mkdir()
+    (docs / "legal" / "settlement.md").write_text(
+        "# Settlement\n\nThe Hartwell settlement was agreed at 4.2 million euros in March.\n"
+    )
+    (docs / "hr" / "salaries.md").write_text(
+        "# Salaries\n\nThe Hartwell team lead earns 98,000 euros per year.\n"
+    )
+    (docs / "welcome.md").write_text("# Welcome\n\nThe office opens at 8 in the morning.\n")
+    settings = load_settings(
+        env={},
+        overrides={
+            "data_dir": str(root / "data"),
+            "service": {"port": 0},
+            "metrics": {"port": 0},
+            "ingest": {"docs_dir": str(docs), "debounce_s": 0.2, "reconcile_interval_s": 0},
+        },
+    )
+    prepare_process(settings)
+    svc = open_core_service(settings, docs, role="tests")
+    svc.start()
+    svc.accounts.add_user("lawyer", PASSWORD, role="staff", groups=["legal-team"])
+    svc.accounts.add_user("clerk", PASSWORD, role="staff", groups=["hr-team"])
+    svc.accounts.add_user("boss", PASSWORD, role="admin", groups=["legal-team"])
+    svc.accounts.grant("legal-team", ["legal"])
+    svc.accounts.grant("hr-team", ["hr"])
+    yield svc
+    svc.stop()
+    svc.ingestion.close()
+
+
+def client_for(service, username: str | None = None) -> ServiceClient:  # type: ignore[no-untyped-def]
+    client = ServiceClient.find(service.settings.data_dir)
+    assert client is not None
+    if username is None:
+        return client
+    session = client.call("POST", "/auth/login", {"username": username, "password": PASSWORD})
+    return client.with_session(session["session"])
+
+
+def test_wrong_password_and_no_session_are_refused(service) -> None:  # type: ignore[no-untyped-def]
+    client = client_for(service)
+    with pytest.raises(ServiceError) as wrong:
+        client.call("POST", "/auth/login", {"username": "lawyer", "password": "nope nope nope"})
+    assert wrong.value.status == 401
+    assert "invalid username or password" in str(wrong.value)
+    with pytest.raises(ServiceError) as expired:
+        client.with_session("not-a-session").call("POST", "/search", {"query": "x"})
+    assert expired.value.status == 401
+
+
+def test_staff_cannot_reach_admin_actions(service) -> None:  # type: ignore[no-untyped-def]
+    staff = client_for(service, "lawyer")
+    for method, path, body in (
+        ("GET", "/admin/users", None),
+        ("POST", "/admin/users/create", {"username": "x", "password": PASSWORD}),
+        ("POST", "/admin/upload", {"name": "a.md", "content_b64": ""}),
+        ("POST", "/admin/grants", {"group": "legal-team", "grant": ["hr"]}),
+        ("GET", "/admin/documents", None),
+        ("POST", "/reconcile", {}),
+        ("GET", "/status", None),
+    ):
+        with pytest.raises(ServiceError) as denied:
+            staff.call(method, path, body)
+        assert denied.value.status == 403, path
+    admin = client_for(service, "boss")
+    assert {u["username"] for u in admin.call("GET", "/admin/users")} >= {"lawyer", "clerk"}
+
+
+def test_collections_bound_search_answers_and_downloads(service) -> None:  # type: ignore[no-untyped-def]
+    lawyer, clerk = client_for(service, "lawyer"), client_for(service, "clerk")
+    query = {"query": "Hartwell euros", "k": 10}
+    lawyer_paths = {r["path"] for r in lawyer.call("POST", "/search", query)}
+    clerk_paths = {r["path"] for r in clerk.call("POST", "/search", query)}
+    assert "legal/settlement.md" in lawyer_paths
+    assert not any(p.startswith("hr/") for p in lawyer_paths)
+    assert "hr/salaries.md" in clerk_paths
+    assert not any(p.startswith("legal/") for p in clerk_paths)
+
+    answer = clerk.call("POST", "/ask", {"question": "What was the Hartwell settlement amount?"})
+    cited = {s["path"] for s in answer["answer"]["sources"]}
+    retrieved = {r["path"] for r in answer["answer"]["retrieved"]}
+    assert not any(p.startswith("legal/") for p in cited | retrieved)
+    assert "4.2" not in answer["answer"]["answer"]
+
+    name, _type, data = lawyer.download("/documents/file", {"path": "legal/settlement.md"})
+    assert name == "settlement.md"
+    assert b"4.2 million" in data
+    for path in ("hr/salaries.md", "../data/accounts.sqlite3", "/etc/passwd", "legal/../hr/salaries.md"):
+        with pytest.raises(ServiceError) as denied:
+            lawyer.download("/documents/file", {"path": path})
+        assert denied.value.status == 403, path
+
+
+def test_audit_log_records_questions_with_retrieved_documents(service) -> None:  # type: ignore[no-untyped-def]
+    lawyer = client_for(service, "lawyer")
+    answer = lawyer.call("POST", "/ask", {"question": "What was the Hartwell settlement amount?"})
+    records = list(read(service.settings.audit_path, user="lawyer", event="question"))
+    assert records
+    last = records[-1]["data"]
+    assert last["question"] == "What was the Hartwell settlement amount?"
+    assert last["model"] == answer["answer"]["model"]
+    assert {r["path"] for r in last["retrieved"]} >= {"legal/settlement.md"}
+    assert all(r["doc_hash"] and r["chunk_id"] for r in last["retrieved"])
+    assert any(r["event"] == "login" for r in read(service.settings.audit_path, user="lawyer"))
+    assert verify(service.settings.audit_path).ok
+
+
+def scrape(port: int) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = sample.name + (json.dumps(sample.labels, sort_keys=True) if sample.labels else "")
+            values[key] = sample.value
+    return values
+
+
+def test_metrics_parse_and_move_when_a_question_is_asked(service) -> None:  # type: ignore[no-untyped-def]
+    port = service.metrics_server.port
+    before = scrape(port)
+    lawyer = client_for(service, "lawyer")
+    lawyer.call("POST", "/ask", {"question": "When does the office open?"})
+    after = scrape(port)
+    assert after["appliance_questions_total"] == before["appliance_questions_total"] + 1
+    assert after["appliance_retrieval_seconds_count"] > before["appliance_retrieval_seconds_count"]
+    assert after["appliance_documents_indexed"] == 3
+    assert after['appliance_logins_total{"result": "success"}'] >= 1
+    assert any(k.startswith("appliance_active_model_info") for k in after)
+
+
+def test_feedback_is_stored_with_the_answer(service) -> None:  # type: ignore[no-untyped-def]
+    lawyer = client_for(service, "lawyer")
+    final = lawyer.call("POST", "/ask", {"question": "When does the office open?"})
+    lawyer.call("POST", "/feedback", {"message": final["message"], "rating": "up", "comment": "clear"})
+    stored = [f for f in service.conversations.feedback() if f["message"] == final["message"]]
+    assert stored[0]["rating"] == "up"
+    assert stored[0]["question"] == "When does the office open?"
+    assert stored[0]["model"] == final["answer"]["model"]
+    other = client_for(service, "clerk")
+    with pytest.raises(ServiceError):
+        other.call("POST", "/feedback", {"message": final["message"], "rating": "down"})

@@ -1,0 +1,117 @@
+"""The UI's link to the core service: finding it, the signed-in user, and errors at the edge.
+
+The session token lives in ``st.session_state`` only. Every rerun checks it with
+``GET /auth/me``, so an expired session or a changed role takes effect at once; any call that
+answers 401 signs the user out of the UI and shows the sign-in form again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import streamlit as st
+
+from appliance.api import ServiceClient
+from appliance.errors import ServiceError
+from ui.formatting import error_text
+from ui.safe import md
+
+DATA_DIR_ENV = "APPLIANCE_DATA_DIR"
+NOT_RUNNING = "The core service is not running: start it with `appliance up`."
+EXPIRED = "Your session expired. Please sign in again."
+
+AUTH = "auth.token"
+NOTICE = "auth.notice"
+FLASH = "ui.flash"
+
+
+@dataclass(frozen=True)
+class User:
+    username: str
+    role: str
+    token: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV, "data"))
+
+
+def find_service() -> ServiceClient | None:
+    """The core service of the data folder, or None when none answers."""
+    return ServiceClient.find(data_dir())
+
+
+def current_user(service: ServiceClient) -> User | None:
+    """The signed-in user, checked with the service; None when nobody is signed in."""
+    token = st.session_state.get(AUTH)
+    if not token:
+        return None
+    try:
+        me = service.with_session(token).call("GET", "/auth/me")
+    except ServiceError as exc:
+        if exc.status == 401:
+            forget(EXPIRED)
+            return None
+        raise
+    return User(str(me["username"]), str(me["role"]), token)
+
+
+def sign_in(service: ServiceClient, username: str, password: str) -> None:
+    reply = service.call("POST", "/auth/login", {"username": username, "password": password})
+    st.session_state.clear()
+    st.session_state[AUTH] = str(reply["session"])
+
+
+def sign_out(service: ServiceClient, user: User) -> None:
+    try:
+        service.with_session(user.token).call("POST", "/auth/logout")
+    except ServiceError:
+        pass  # signed out here either way; the session ends on its own
+    forget("You are signed out.")
+
+
+def forget(notice: str | None = None) -> None:
+    """Drop everything of the signed-in user from this browser session."""
+    st.session_state.clear()
+    if notice:
+        st.session_state[NOTICE] = notice
+
+
+def expire() -> NoReturn:
+    forget(EXPIRED)
+    st.rerun()
+
+
+def show_error(exc: ServiceError) -> None:
+    """A service error as a short message; a 401 sends the user back to sign in."""
+    if exc.status == 401:
+        expire()
+    st.error(md(error_text(exc)), icon=":material/error:")
+
+
+def call(api: ServiceClient, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """``api.call`` for pages that cannot go on without the answer: a 401 signs out, any other
+    service error is shown and ends this run of the page."""
+    try:
+        return api.call(method, path, body)
+    except ServiceError as exc:
+        show_error(exc)
+        st.stop()
+
+
+def flash(message: str) -> None:
+    """A success message to show after the next rerun."""
+    st.session_state[FLASH] = message
+
+
+def show_flash() -> None:
+    message = st.session_state.pop(FLASH, None)
+    if message:
+        st.success(md(message), icon=":material/check_circle:")
