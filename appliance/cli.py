@@ -709,12 +709,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_ingest, log_file=True)
 
-    p = sub.add_parser("watch", help="run the core service: keep the index equal to a folder")
-    p.add_argument("folder", nargs="?", help="the documents folder (default: ingest.docs_dir)")
-    p.add_argument(
-        "--port", type=int, help="port of the local API (default 8765; 0: any free port)"
-    )
-    p.set_defaults(func=cmd_watch, log_file=True)
+    for name, text in (
+        ("watch", "run the core service: keep the index equal to a folder"),
+        ("serve", "run the core service (watcher, local API, /metrics), for systemd"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("folder", nargs="?", help="the documents folder (default: ingest.docs_dir)")
+        p.add_argument("--port", type=int, help="port of the local API (default 8765; 0: any)")
+        p.add_argument("--metrics-port", type=int, help="port of /metrics (default 9108)")
+        p.set_defaults(func=cmd_watch, log_file=True)
+
+    p = sub.add_parser("up", help="start everything: core service, chat UI and /metrics")
+    p.add_argument("--docs", help="the documents folder (default: ingest.docs_dir)")
+    p.add_argument("--ui-port", type=int, help="port of the UI (default 8501)")
+    p.add_argument("--metrics-port", type=int, help="port of /metrics (default 9108)")
+    p.add_argument("--port", type=int, help="port of the core service's local API (default 8765)")
+    p.set_defaults(func=cmd_up, log_file=True)
+
+    p = sub.add_parser("ui", help="run the Streamlit UI alone (a client of the core service)")
+    p.add_argument("--ui-port", type=int, help="port of the UI (default 8501)")
+    p.set_defaults(func=cmd_ui, log_file=True)
 
     p = sub.add_parser("status", help="documents, chunks and failures")
     p.add_argument("--json", action="store_true")

@@ -44,7 +44,7 @@ RECENCY_WEIGHT = 0.5
 REPEAT_DECAY = 0.8
 """The document score of a document's second chunk is this share of its first's, and so on."""
 TIE_MARGIN = 0.1
-SPEC = "u"
+SPEC = "nm2"
 """Documents whose identity match is this close to the best count as equally well named."""
 
 _ORDINALS = {"first": 1, "1st": 1, "second": 2, "2nd": 2, "third": 3, "3rd": 3, "fourth": 4, "4th": 4}

@@ -1,0 +1,20 @@
+from tests.ui.conftest import ADMIN, STAFF
+
+def test_scratch(app):
+    at = app()
+    print("ERR", [e.value for e in at.error], "EXC", [e.value for e in at.exception])
+    print("TITLES", [t.value for t in at.title])
+    at.text_input(key="login.username").input(ADMIN[0])
+    at.text_input(key="login.password").input(ADMIN[1])
+    at.button[0].click().run()
+    print("ERR", [e.value for e in at.error], "EXC", [e.value for e in at.exception])
+    print("TITLES", [t.value for t in at.title], at.session_state.to_dict().keys())
+    at.chat_input[0].set_value("How long does the supply contract with Acme run?").run()
+    print("ERR", [e.value for e in at.error], "EXC", [e.value for e in at.exception])
+    print("MD", [m.value for m in at.markdown])
+    print("EXP", [e.label for e in at.expander])
+    print("FB", len(at.feedback), [b.label for b in at.button])
+    at.feedback[0].set_value(1).run()
+    print("ERR", [e.value for e in at.error], "EXC", [e.value for e in at.exception])
+    print("CAP", [c.value for c in at.caption])
+    at.switch_page("app.py")

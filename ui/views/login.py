@@ -1,0 +1,35 @@
+"""The sign-in form."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from appliance.api import ServiceClient
+from appliance.errors import ServiceError
+from ui import session
+from ui.formatting import error_text
+from ui.safe import md
+
+
+def render(service: ServiceClient) -> None:
+    st.title("Sign in")
+    notice = st.session_state.get(session.NOTICE)
+    if notice:
+        st.info(md(notice), icon=":material/info:")
+    with st.form("login"):
+        username = st.text_input("Username", autocomplete="username", key="login.username")
+        password = st.text_input(
+            "Password", type="password", autocomplete="current-password", key="login.password"
+        )
+        submitted = st.form_submit_button("Sign in", type="primary")
+    if not submitted:
+        return
+    if not username.strip() or not password:
+        st.error("Enter your username and password.")
+        return
+    try:
+        session.sign_in(service, username.strip(), password)
+    except ServiceError as exc:
+        st.error(md(error_text(exc)), icon=":material/error:")
+        return
+    st.rerun()
