@@ -28,7 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -152,26 +152,38 @@ def corpus_files(distractors: bool) -> list[tuple[Path, str]]:
     return files
 
 
-@contextmanager
-def built_index(
-    root: Path, files: Sequence[tuple[Path, str]], *, embedder: Any = None
-) -> Iterator[tuple[Any, Any]]:
-    """An ``Ingestion`` over a copy of ``files`` in ``root/docs``, its data in ``root/data``,
-    indexed up to date (an existing index there is reused and brought up to date), and the
-    ``IngestReport`` of that scan (files that cannot be indexed are in its ``failures``)."""
+def benchmark_settings(root: Path, chunking: Mapping[str, int] | None = None) -> Any:
+    """Default settings (no YAML, no environment) with the data and documents under ``root``."""
     from appliance.settings import load_settings
-    from appliance.wiring import open_ingestion
 
-    docs = root / "docs"
-    docs.mkdir(parents=True, exist_ok=True)
-    _sync_copy(files, docs)
-    settings = load_settings(
+    return load_settings(
         env={},
         overrides={
             "data_dir": str(root / "data"),
-            "ingest": {"docs_dir": str(docs), "reconcile_interval_s": 0},
+            "ingest": {"docs_dir": str(root / "docs"), "reconcile_interval_s": 0},
+            "chunking": dict(chunking or {}),
         },
     )
+
+
+@contextmanager
+def built_index(
+    root: Path,
+    files: Sequence[tuple[Path, str]],
+    *,
+    embedder: Any = None,
+    chunking: Mapping[str, int] | None = None,
+) -> Iterator[tuple[Any, Any]]:
+    """An ``Ingestion`` over a copy of ``files`` in ``root/docs``, its data in ``root/data``,
+    indexed up to date (an existing index there is reused and brought up to date), and the
+    ``IngestReport`` of that scan (files that cannot be indexed are in its ``failures``).
+    ``chunking`` overrides chunking settings (``max_tokens``, ``overlap_tokens``)."""
+    from appliance.wiring import open_ingestion
+
+    settings = benchmark_settings(root, chunking)
+    docs = settings.ingest.docs_dir
+    docs.mkdir(parents=True, exist_ok=True)
+    _sync_copy(files, docs)
     with open_ingestion(settings, docs, role="benchmark", embedder=embedder) as ing:
         start = time.monotonic()
         report = ing.indexer.reconcile(confirm_deletions=True)
@@ -189,19 +201,27 @@ def built_index(
         yield ing, report
 
 
-def run(data_dir: Path, *, distractors: bool) -> dict[str, Any]:
+def run(
+    data_dir: Path, *, distractors: bool, chunking: Mapping[str, int] | None = None
+) -> dict[str, Any]:
     """Build (or reuse) the indexes under ``data_dir`` and score every mode."""
-    from appliance.settings import load_settings
     from ingest.embedders import SentenceTransformerEmbedder
 
     questions = load_questions(SEC10Q / "qa.jsonl")
     embedder = SentenceTransformerEmbedder()
-    key = build_key(load_settings(env={}), embedder)
+    settings = benchmark_settings(data_dir, chunking)
+    key = build_key(settings, embedder)
     variants = {"sec10q": False, **({"sec10q+distractors": True} if distractors else {})}
-    results: dict[str, Any] = {"questions": len(questions), "k": K, "naive_hybrid": NAIVE_HYBRID}
+    results: dict[str, Any] = {
+        "questions": len(questions),
+        "k": K,
+        "chunking": settings.chunking.model_dump(),
+        "naive_hybrid": NAIVE_HYBRID,
+    }
     for name, with_distractors in variants.items():
         files = corpus_files(with_distractors)
-        with built_index(data_dir / f"{name}-{key}", files, embedder=embedder) as (ing, report):
+        root = data_dir / f"{name}-{key}"
+        with built_index(root, files, embedder=embedder, chunking=chunking) as (ing, report):
             chunks = ing.indexer.store.count()
             start = time.monotonic()
             scores = [evaluate(ing.searcher, questions, mode) for mode in MODES]
@@ -220,6 +240,11 @@ def run(data_dir: Path, *, distractors: bool) -> dict[str, Any]:
 
 def print_table(results: dict[str, Any]) -> None:
     naive = results["naive_hybrid"]
+    chunking = results["chunking"]
+    print(
+        f"chunks of {chunking['max_tokens']} tokens, {chunking['overlap_tokens']} overlapping; "
+        f"a hit is a chunk of a gold document among the top {results['k']}"
+    )
     for name, variant in results.items():
         if not isinstance(variant, dict) or "modes" not in variant:
             continue
@@ -257,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also score an index with the 40 PDFs of ../shared/eval/regulated added",
     )
+    parser.add_argument(
+        "--max-tokens", type=int, help="chunk size in model tokens (default: the settings')"
+    )
+    parser.add_argument(
+        "--overlap-tokens", type=int, help="chunk overlap in model tokens (default: the settings')"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     parser.add_argument("-v", "--verbose", action="store_true", help="log indexing progress")
     return parser
@@ -283,12 +314,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from appliance.wiring import prepare_process
 
     prepare_process(load_settings(env={}))
+    chunking = {
+        name: value
+        for name, value in (
+            ("max_tokens", args.max_tokens),
+            ("overlap_tokens", args.overlap_tokens),
+        )
+        if value is not None
+    }
     if args.data_dir is not None:
         args.data_dir.mkdir(parents=True, exist_ok=True)
-        results = run(args.data_dir, distractors=args.distractors)
+        results = run(args.data_dir, distractors=args.distractors, chunking=chunking)
     else:
         with tempfile.TemporaryDirectory(prefix="retrieval-quality-") as tmp:
-            results = run(Path(tmp), distractors=args.distractors)
+            results = run(Path(tmp), distractors=args.distractors, chunking=chunking)
     if args.json:
         sys.stdout.write(json.dumps(results) + "\n")
     else:

@@ -10,11 +10,12 @@ for dense-only queries, and prints p50 / p95 / mean per store and the ratio betw
 
 - Qdrant Edge (``EdgeBackend`` in a temporary folder) at ``--points`` (100,000). After the
   inserts it runs the shard's optimizer (segment merge + HNSW build). ``EdgeStore`` has no
-  method for that, so this benchmark calls the private ``_shard.optimize()``; the latency
-  before optimizing is reported too.
+  method for that (and the appliance never optimizes), so this benchmark calls the private
+  ``_shard.optimize()``; the latency before optimizing is reported too, and the gain.
 - The qdrant-client path (``ServerBackend``): with ``--server-url`` a Qdrant server at
-  ``--points``; without it ``QdrantClient(path=...)`` local mode, which searches by brute force
-  in Python and inserts slowly (about 330 s for 100,000 points), so it is capped at
+  ``--points``; without it qdrant-client's local mode (``QdrantClient(":memory:")``, or
+  ``--server-local path`` for ``QdrantClient(path=...)``), which searches by brute force in
+  Python and inserts slowly (facts.md: 332 s for 100,000 points on disk), so it is capped at
   ``--server-points`` (20,000) and Edge is measured at that size too, on the way up, for a
   comparison at equal size.
 
@@ -271,6 +272,7 @@ def run_server(
 ) -> dict[str, Any]:
     from qdrant_client import QdrantClient
 
+    from appliance.errors import StoreError
     from ingest.store import ServerBackend
 
     if args.server_url:
@@ -284,8 +286,15 @@ def run_server(
         label = "qdrant-client local (:memory:)"
     backend = ServerBackend(client, COLLECTION)
     try:
-        if args.server_url and COLLECTION in backend.collections():
-            backend.drop(COLLECTION)
+        if args.server_url:
+            try:
+                existing = backend.collections()
+            except Exception as exc:  # qdrant-client raises its own transport errors
+                raise StoreError(
+                    f"cannot reach the Qdrant server at {args.server_url}: {exc}"
+                ) from exc
+            if COLLECTION in existing:  # left over by an interrupted run of this benchmark
+                backend.drop(COLLECTION)
         store = backend.open(COLLECTION, DIM)
         with warnings.catch_warnings():
             # Local mode warns above 20,000 points that it is slow: that is what we measure.
@@ -353,6 +362,20 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                         ),
                     }
                 )
+    gains = []
+    unoptimized = [r for r in rows if r["store"] == "qdrant-edge (not optimized)"]
+    for before in unoptimized:
+        for after in (r for r in optimized if r["points"] == before["points"]):
+            for mode in MODES:
+                gains.append(
+                    {
+                        "mode": mode,
+                        "points": after["points"],
+                        "p50_ratio": ratio(
+                            before["latency"][mode]["p50_ms"], after["latency"][mode]["p50_ms"]
+                        ),
+                    }
+                )
     return {
         "points": args.points,
         "server_points": server_points,
@@ -363,6 +386,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "point_preparation_s": round(source.prepare_seconds, 1),
         "stores": rows,
         "ratios": comparisons,
+        "edge_optimize_gain": gains,
         "machine": at_start,
     }
 
@@ -402,6 +426,11 @@ def print_report(r: dict[str, Any]) -> None:
         print(
             f"  latency ratio {what}, {c['mode']}: "
             f"p50 x{_x(c['p50_ratio'])}, p95 x{_x(c['p95_ratio'])}"
+        )
+    for g in r["edge_optimize_gain"]:
+        print(
+            f"  Qdrant Edge at {g['points']} points, {g['mode']}: p50 not optimized / "
+            f"optimized = x{_x(g['p50_ratio'])}"
         )
     print(f"  (generating the points took {r['point_preparation_s']} s, not counted above)")
     print(f"  {load_note(m)}")
@@ -455,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from appliance.errors import ApplianceError
+
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     quiet_libraries()
@@ -473,6 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     except CorpusMissing as exc:
         print(f"search_latency: {exc} (or use --texts synthetic)", file=sys.stderr)
         return 2
+    except ApplianceError as exc:  # a store, model or settings problem, with its fix
+        print(f"search_latency: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print_json(result)
     else:

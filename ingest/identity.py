@@ -32,13 +32,15 @@ from pathlib import PurePosixPath
 
 from appliance.protocols import ParsedDocument, Section
 
-MAX_IDENTITY_WORDS = 24
+MAX_IDENTITY_WORDS = 32
 _SCAN_LINES = 60
 _MAX_LINE_WORDS = 16
 # A line counts as a running header or footer when it opens or closes this share of the pages.
 _RUNNING_SHARE = 0.3
 _RUNNING_MIN_PAGES = 3
 _EDGE_LINES = 2
+# Labelled fields name the document in a form's header; further down they are content.
+_FIELD_LINES = 10
 
 _ORG = re.compile(
     r"\b(inc|corp|corporation|company|co|ltd|limited|llc|llp|plc|gmbh|ag|sa|nv|bv|group|holdings|"
@@ -73,7 +75,9 @@ _BOILERPLATE = re.compile(
 # "Sponsor: Acme Ltd", "Location: Tallahassee, FL": a labelled field with a value.
 _FIELD = re.compile(r"^[^\W\d_][\w &/()-]{1,30}:\s*\S")
 _CHECKBOX = re.compile("[\u2610\u2611\u2612\u25a1\u25a0]")
-_PAGE_NUMBER = re.compile(r"(?:\s*[|\u2022\u00b7-]\s*|\s+)(?:page\s+)?\d{1,4}(?:\s+of\s+\d{1,4})?$", re.I)
+_PAGE_NUMBER = re.compile(
+    r"(?:\s*[|\u2022\u00b7-]\s*|\s+)(?:page\s+)?\d{1,4}(?:\s+of\s+\d{1,4})?$", re.I
+)
 _LETTERS = re.compile(r"[^\W\d_]")
 _CODE_LIKE = re.compile(r"^[\W\d_]*$|^[0-9-]+$")
 _NAME_WORD = re.compile(r"[^\W\d_][\w.&'-]*")
@@ -162,7 +166,7 @@ def _candidates(first: str, text: str) -> list[tuple[float, int, str]]:
     for position, line in enumerate(lines):
         n_words = len(line.split())
         # Short lines near the top say most per word.
-        score = 1.0 - n_words / 12 - position / 20
+        score = 1.0 - n_words / 24 - position / 20
         signal = False
         if line in mentions:
             # The issuer is mentioned throughout; an office it reports to, rarely.
@@ -175,8 +179,8 @@ def _candidates(first: str, text: str) -> list[tuple[float, int, str]]:
         if _KIND.search(line):
             score += 1
             signal = True
-        if _FIELD.match(line):
-            score += 0.5
+        if position < _FIELD_LINES and _FIELD.match(line):
+            score += 1
             signal = True
         if position < 2:
             score += 1

@@ -4,22 +4,25 @@ Two stages:
 
 1. **Candidates.** The dense and the BM25 sparse query go to the store in one request, fused
    there by reciprocal rank fusion under the caller's payload filter (or one of them alone, by
-   ``mode``). The store is asked for ``CANDIDATES`` chunks, not ``k``: a wider fused list is
-   better ordered (each side's prefetch is deeper) and holds enough of each document to judge it.
+   ``mode``). The store is asked for ``CANDIDATES`` chunks, not ``k``: a deeper fused list is
+   better ordered (each side's prefetch is deeper too) and shows enough of each document to
+   judge it. The sparse query also carries the other spellings of the periods the question
+   names ("first quarter" and "Q1"), see ``expand_query``.
 2. **Documents, then chunks.** Questions name the document they are about ("Acme's Q3 2023
-   report", "the latest protocol") far more often than its chunks do, and the chunks of one
-   document read alike across its editions. Each candidate document is therefore scored on
-   its identity (the identity line every chunk carries, see ``ingest.identity``, and the words
-   of its path): the share of the question's identity words it holds, each weighted by how few
-   candidate documents hold it. When the question asks for the latest or most recent one, the
-   newest of the best-matching documents (by the latest date in its identity) gains too. A
-   chunk's final score is its rank in the fused list (``RANK_K / (RANK_K + rank)``) plus its
-   document's score, which counts a little less for each further chunk of the same document,
-   so the top ``k`` leans on the best document without shutting out the runner-up.
+   report", "the latest protocol") far more often than its chunks repeat it, and the chunks of
+   one document read much like those of its other editions. Each candidate document is scored
+   on its identity: the identity line every chunk carries (see ``ingest.identity``) and the
+   words of its path. Every question word found there counts by how few candidate documents
+   hold it (inverse document frequency) and by how much it is a name rather than a word of
+   the texts (see ``document_scores``). When the question asks for the latest or most recent
+   document, the newest of the best-named documents (by the latest date in its identity) gains
+   too. A chunk's final score is its place in the fused list, ``RANK_K / (RANK_K + rank)``,
+   plus its document's score, which counts a little less for each further chunk of the same
+   document, so the top ``k`` leans on the best-named document without shutting out the rest.
 
-Questions that name no document leave every document score equal, and the store's order stands.
-Everything here reads payloads the store returns anyway (``path``, ``identity``); it costs no
-further store request and no embedding.
+A question that names no document leaves the store's order as it is. The re-ranking is the
+same in every mode (it reads words of identities, whichever index found the chunks), reads
+only payloads the store returns anyway and costs no further store request or embedding.
 """
 
 from __future__ import annotations
@@ -36,24 +39,35 @@ CANDIDATES = 100
 """Chunks fetched from the store for re-ranking."""
 RANK_K = 60
 """Smoothing of a chunk's fused rank, as in reciprocal rank fusion."""
-IDENTITY_WEIGHT = 1.0
-"""Score of a document that holds every identity word of the question, against 1.0 for the
-top chunk of the fused list."""
+IDENTITY_WEIGHT = 0.5
+"""Weight of a document's identity match (a sum of word weights, about 1 to 3 for a question
+that names organisation and period) against 1.0 for the top chunk of the fused list."""
 RECENCY_WEIGHT = 0.5
-"""Score of the newest best-matching document when the question asks for the latest one."""
+"""Bonus of the newest best-named document when the question asks for the latest one; the
+next newest gets half of it, and so on."""
 REPEAT_DECAY = 0.8
-"""The document score of a document's second chunk is this share of its first's, and so on."""
+"""A document's second chunk gets this share of its document score, the third its square..."""
 TIE_MARGIN = 0.1
-SPEC = "nm2"
 """Documents whose identity match is this close to the best count as equally well named."""
 
-_ORDINALS = {"first": 1, "1st": 1, "second": 2, "2nd": 2, "third": 3, "3rd": 3, "fourth": 4, "4th": 4}
+_ORDINALS = {
+    "first": 1,
+    "1st": 1,
+    "second": 2,
+    "2nd": 2,
+    "third": 3,
+    "3rd": 3,
+    "fourth": 4,
+    "4th": 4,
+}
 _QUARTER_WORDS = re.compile(r"\b(first|1st|second|2nd|third|3rd|fourth|4th)\s+quarter\b", re.I)
 _QUARTER_CODE = re.compile(r"\bq([1-4])\b", re.I)
 _HALF_WORDS = re.compile(r"\b(first|1st|second|2nd)\s+half\b", re.I)
 _HALF_CODE = re.compile(r"\bh([12])\b", re.I)
 _FISCAL_CODE = re.compile(r"\bfy\s?'?(\d{2}|\d{4})\b", re.I)
-_RECENT = re.compile(r"\b(latest|newest|most\s+recent(ly)?|most\s+current|last\s+(filed|published))\b", re.I)
+_RECENT = re.compile(
+    r"\b(latest|newest|most\s+recent(ly)?|most\s+current|last\s+(filed|published))\b", re.I
+)
 _WORDS_OF = {1: "first", 2: "second", 3: "third", 4: "fourth"}
 
 _MONTH_NUMBER = {
@@ -77,7 +91,10 @@ _MONTH_NUMBER = {
     )
     for m in names
 }
-_MONTH = r"(jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sept?(?:ember)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)"
+_MONTH = (
+    r"(jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|"
+    r"sept?(?:ember)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)"
+)
 _MONTH_DAY_YEAR = re.compile(rf"\b{_MONTH}\.?\s+(\d{{1,2}}),?\s+(\d{{4}})\b", re.I)
 _DAY_MONTH_YEAR = re.compile(rf"\b(\d{{1,2}})\s+{_MONTH}\.?,?\s+(\d{{4}})\b", re.I)
 _MONTH_YEAR = re.compile(rf"\b{_MONTH}\.?,?\s+(\d{{4}})\b", re.I)
@@ -128,7 +145,9 @@ def latest_date(text: str) -> dt.date | None:
     for a, b, year in _SLASH_DATE.findall(text):
         # Month first as written in the US, unless the first number cannot be a month.
         first, second = int(a), int(b)
-        full.append(_date(int(year), first, second) if first <= 12 else _date(int(year), second, first))
+        full.append(
+            _date(int(year), first, second) if first <= 12 else _date(int(year), second, first)
+        )
     found = [d for d in full if d is not None]
     if not found:
         for month, year in _MONTH_YEAR.findall(text):
@@ -150,14 +169,17 @@ def document_scores(
     texts: Mapping[str, Sequence[str]],
     sparse: SparseEncoder,
 ) -> dict[str, float]:
-    """Per document key, how well the question names it: the identity match in [0, 1] times
-    ``IDENTITY_WEIGHT``, plus the recency bonus when the question asks for the latest one.
+    """Per document key, how well the question names it: ``IDENTITY_WEIGHT`` times its
+    identity match, plus the recency bonus when the question asks for the latest document.
 
     ``identities`` holds each candidate document's identity text, ``texts`` the texts of its
-    candidate chunks. A question word counts towards a document's identity by how few
-    candidate documents hold it there (inverse document frequency) and by how specific it is
-    to identities: a word that the candidates' chunk texts use in documents whose identity
-    lacks it ("notes", "state") names nothing, however rare it is among identities.
+    candidate chunks. The match is the sum of the weights of the question's words (BM25 terms)
+    that the identity holds. A word weighs its inverse document frequency among the candidates'
+    identities, times the square of the share of the documents using it that name it: the
+    documents that hold it in their identity, against those whose chunks use it without it.
+    A word that names an organisation ("Northwind") is used by its documents alone; a year
+    that the chunks of other editions use in comparisons weighs less; "notes" or "state" in
+    one identity, used by every document's text, weighs next to nothing.
     """
     docs = list(identities)
     if not docs:
@@ -175,19 +197,9 @@ def document_scores(
         if not named:
             continue
         idf = math.log(1 + (n - named + 0.5) / (named + 0.5))
-        # The share of the other documents whose chunks use the word all the same.
+        # Documents whose chunks use the word although their identity lacks it.
         used_elsewhere = sum(term in used[d] and term not in held[d] for d in docs)
-        mentioned = named + used_elsewhere
-        if SPEC == "u":
-            weight[term] = idf * (1 - used_elsewhere / (n - named)) if named < n else idf
-        elif SPEC == "nm":
-            weight[term] = idf * named / mentioned
-        elif SPEC == "nm2":
-            weight[term] = idf * (named / mentioned) ** 2
-        elif SPEC == "u2":
-            weight[term] = idf * (1 - used_elsewhere / (n - named) / 2) if named < n else idf
-        else:
-            weight[term] = idf
+        weight[term] = idf * (named / (named + used_elsewhere)) ** 2
     match = {d: sum(weight[t] for t in held[d]) for d in docs}
     scores = {d: IDENTITY_WEIGHT * match[d] for d in docs}
     if asks_for_latest(query):

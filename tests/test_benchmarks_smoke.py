@@ -57,6 +57,8 @@ def test_ingest_throughput_on_two_filings(
     assert one["chunks"] == one["store_points"] > 0
     assert 0 < one["embedded_texts"] <= one["chunks"]
     assert result["ratio"] == one["ratio"] > 0
+    assert result["cpu_ratio"] == one["cpu_ratio"] > 0
+    assert len(one["probe_chunks_per_s"]) == 3
     stages = one["breakdown_s"]
     assert {"embed", "store", "bm25"} <= stages["main_thread"].keys()
     assert {"parse", "chunk"} <= stages["parse_thread"].keys()
@@ -82,6 +84,7 @@ def test_search_latency_at_tiny_size(
     assert result["server_capped"]
     assert {c["mode"] for c in result["ratios"]} == {"hybrid", "dense"}
     assert all(c["p50_ratio"] > 0 for c in result["ratios"])
+    assert {g["mode"] for g in result["edge_optimize_gain"]} == {"hybrid", "dense"}
 
 
 @pytest.mark.slow

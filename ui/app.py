@@ -1,7 +1,8 @@
 """The Streamlit entry script: find the core service, sign in, then the pages the role allows.
 
 Run it with ``appliance ui`` (or ``appliance up``), which starts Streamlit locked down. The UI
-is only a client of the core service; the service checks every request's role and grants.
+is only a client of the core service, and the service checks the role and the collection
+grants of every request: hiding the admin pages from staff is a convenience, not the control.
 """
 
 from __future__ import annotations
@@ -11,16 +12,21 @@ from functools import partial
 import streamlit as st
 
 from appliance.errors import ServiceError
+from appliance.offline import enforce_offline
 from ui import session
 from ui.safe import md
-from ui.views import chat, documents, login, models, users
+from ui.views import login
 
 
 def main() -> None:
-    st.set_page_config(page_title="Document assistant", page_icon=":material/description:")
+    # The UI process is offline too: loopback only (the core service), nothing else.
+    enforce_offline()
+    # No page_icon and no st.Page icons: Streamlit turns them into a favicon fetched from a
+    # public CDN (fonts.gstatic.com), which an offline appliance must never reach for.
+    st.set_page_config(page_title="Document assistant")
     service = session.find_service()
     if service is None:
-        st.error(session.NOT_RUNNING, icon=":material/error:")
+        st.error(session.NOT_RUNNING)
         st.stop()
     try:
         user = session.current_user(service)
@@ -32,42 +38,20 @@ def main() -> None:
         st.navigation([sign_in], position="hidden").run()
         return
 
-    api = service.with_session(user.token)
-    pages: dict[str, list[st.Page]] = {
-        "": [
-            st.Page(
-                partial(chat.render, api),
-                title="Chat",
-                icon=":material/chat:",
-                url_path="chat",
-                default=True,
-            )
-        ]
-    }
+    pages = {"": [st.Page("views/chat.py", title="Chat", url_path="chat", default=True)]}
     if user.is_admin:
         pages["Admin"] = [
-            st.Page(
-                partial(documents.render, api),
-                title="Documents",
-                icon=":material/folder:",
-                url_path="documents",
-            ),
-            st.Page(
-                partial(users.render, api), title="Users", icon=":material/group:", url_path="users"
-            ),
-            st.Page(
-                partial(models.render, api),
-                title="Models",
-                icon=":material/model_training:",
-                url_path="models",
-            ),
+            st.Page("views/documents.py", title="Documents"),
+            st.Page("views/users.py", title="Users"),
+            st.Page("views/models.py", title="Models"),
         ]
     page = st.navigation(pages)
     with st.sidebar:
         st.caption(md(f"Signed in as {user.username} ({user.role})"))
-        if st.button("Sign out", icon=":material/logout:"):
+        if st.button("Sign out"):
             session.sign_out(service, user)
             st.rerun()
+    session.use(service.with_session(user.token))
     try:
         page.run()
     except ServiceError as exc:

@@ -14,8 +14,6 @@ _REFUSED = re.compile(r"^the core service refused \S+ \S+: ")
 
 def error_text(exc: ServiceError) -> str:
     """The service's reason, without the transport prefix, as a sentence."""
-    if exc.status == 0:
-        return f"The core service did not answer: {exc}"
     text = _REFUSED.sub("", str(exc)).strip() or "the core service refused the request"
     return text[0].upper() + text[1:]
 

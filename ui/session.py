@@ -7,6 +7,7 @@ answers 401 signs the user out of the UI and shows the sign-in form again.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ NOT_RUNNING = "The core service is not running: start it with `appliance up`."
 EXPIRED = "Your session expired. Please sign in again."
 
 AUTH = "auth.token"
+API = "auth.client"
 NOTICE = "auth.notice"
 FLASH = "ui.flash"
 
@@ -63,6 +65,19 @@ def current_user(service: ServiceClient) -> User | None:
     return User(str(me["username"]), str(me["role"]), token)
 
 
+def use(api: ServiceClient) -> None:
+    """Hand the signed-in user's client to this run's page (the entry script calls this)."""
+    st.session_state[API] = api
+
+
+def api() -> ServiceClient:
+    """The signed-in user's client, for a page run by the entry script."""
+    client = st.session_state.get(API)
+    if not isinstance(client, ServiceClient):
+        st.stop()  # only the entry script runs pages, after sign-in
+    return client
+
+
 def sign_in(service: ServiceClient, username: str, password: str) -> None:
     reply = service.call("POST", "/auth/login", {"username": username, "password": password})
     st.session_state.clear()
@@ -70,10 +85,8 @@ def sign_in(service: ServiceClient, username: str, password: str) -> None:
 
 
 def sign_out(service: ServiceClient, user: User) -> None:
-    try:
+    with contextlib.suppress(ServiceError):  # signed out here either way
         service.with_session(user.token).call("POST", "/auth/logout")
-    except ServiceError:
-        pass  # signed out here either way; the session ends on its own
     forget("You are signed out.")
 
 
@@ -96,11 +109,11 @@ def show_error(exc: ServiceError) -> None:
     st.error(md(error_text(exc)), icon=":material/error:")
 
 
-def call(api: ServiceClient, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    """``api.call`` for pages that cannot go on without the answer: a 401 signs out, any other
-    service error is shown and ends this run of the page."""
+def call(client: ServiceClient, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """``client.call`` for pages that cannot go on without the answer: a 401 signs out, any
+    other service error is shown and ends this run of the page."""
     try:
-        return api.call(method, path, body)
+        return client.call(method, path, body)
     except ServiceError as exc:
         show_error(exc)
         st.stop()

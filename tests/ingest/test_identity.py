@@ -64,7 +64,9 @@ def test_parts_keep_document_order() -> None:
 
 
 def test_word_budget_is_respected() -> None:
-    many = "\n".join(f"Agency number {n} of the Board of Trade, March {n}, 2024" for n in range(1, 30))
+    many = "\n".join(
+        f"Agency number {n} of the Board of Trade, March {n}, 2024" for n in range(1, 30)
+    )
     line = identity_line(_doc(f"Annual Report\n{many}", title="A long report title " * 10))
     assert len(line.replace(" | ", " ").split()) <= MAX_IDENTITY_WORDS
 
@@ -87,7 +89,10 @@ def test_metadata_title_comes_first_and_placeholders_are_ignored() -> None:
 
 def test_running_footer_names_the_document_without_its_page_number() -> None:
     pages = [
-        Section(text=f"Statement {n}\nfigures\nNorthwind Traders, Inc. | Q1 2024 Form 10-Q | {n}", page=n)
+        Section(
+            text=f"Statement {n}\nfigures\nNorthwind Traders, Inc. | Q1 2024 Form 10-Q | {n}",
+            page=n,
+        )
         for n in range(1, 7)
     ]
     line = identity_line(ParsedDocument(sections=pages, pages=6))

@@ -1,5 +1,6 @@
-"""The UI's pages, one module each, as functions that ``ui/app.py`` hands to ``st.navigation``.
+"""The UI's pages. ``ui/app.py`` hands each file to ``st.navigation``, which runs it as a script
+(``__name__ == "__main__"``) with the signed-in user's client; imported, a page does nothing.
 
-(A folder named ``pages`` beside the entry script would switch Streamlit into its older
-pages-directory mode, so the pages live here.)
+The folder is not called ``pages``: beside the entry script that name turns on Streamlit's older
+pages-directory mode, which registers every file in it as a page of its own.
 """

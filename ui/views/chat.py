@@ -17,16 +17,12 @@ from ui import session
 from ui.formatting import file_name, source_title
 from ui.safe import label, md
 
-CONVERSATION = "chat.conversation"
-"""The open conversation's id, or None for a new one."""
-MESSAGES = "chat.messages"
-"""The open conversation's exchanges (question, answer, sources, abstained, id), or None when
-they still have to be loaded."""
-FILES = "chat.files"
-"""Downloaded source files by path: (name, content type, bytes)."""
-RATED = "chat.rated"
-"""The rating last sent per message id."""
-CONFIRM_DELETE = "chat.confirm_delete"
+# Session state (no bare strings at module level: Streamlit's "magic" would show them):
+CONVERSATION = "chat.conversation"  # the open conversation's id, None for a new one
+MESSAGES = "chat.messages"  # its exchanges; None while they still have to be loaded
+FILES = "chat.files"  # downloaded source files by path: (name, content type, bytes)
+RATED = "chat.rated"  # the (rating, comment) last sent per message id
+CONFIRM_DELETE = "chat.confirm_delete"  # the conversation whose deletion awaits a "yes"
 
 PLACEHOLDER = "Ask a question about your documents"
 CURSOR = " ▌"
@@ -54,7 +50,12 @@ def render(api: ServiceClient) -> None:
 def _load(api: ServiceClient, conversation: str | None) -> list[dict[str, Any]]:
     if not conversation:
         return []
-    messages = session.call(api, "POST", "/conversations/get", {"conversation": conversation})
+    try:
+        messages = api.call("POST", "/conversations/get", {"conversation": conversation})
+    except ServiceError as exc:  # e.g. deleted in another tab: start afresh
+        session.show_error(exc)
+        st.session_state[CONVERSATION] = None
+        return []
     return [
         {
             "id": m.get("id"),
@@ -154,15 +155,17 @@ def _source(api: ServiceClient, message_id: int | None, source: dict[str, Any]) 
 
 
 def _feedback(api: ServiceClient, message_id: int) -> None:
-    rated: dict[int, str] = st.session_state[RATED]
+    """Thumbs up or down, sent at once; then an optional comment (a new rating keeps it)."""
+    rated: dict[int, tuple[str, str]] = st.session_state[RATED]
     choice = st.feedback("thumbs", key=f"rating-{message_id}")
     if choice is None:
         return
     rating = "up" if choice == 1 else "down"
-    if rated.get(message_id) != rating:
-        if not _send_feedback(api, message_id, rating, ""):
+    sent_rating, sent_comment = rated.get(message_id, ("", ""))
+    if sent_rating != rating:
+        if not _send_feedback(api, message_id, rating, sent_comment):
             return
-        rated[message_id] = rating
+        rated[message_id] = (rating, sent_comment)
     with st.form(f"comment-{message_id}", border=False, clear_on_submit=True):
         comment = st.text_input(
             "Comment (optional)",
@@ -171,10 +174,12 @@ def _feedback(api: ServiceClient, message_id: int) -> None:
             max_chars=2000,
         )
         sent = st.form_submit_button("Send comment")
-    if sent and comment.strip() and _send_feedback(api, message_id, rating, comment.strip()):
-        st.caption("Thank you for the comment.")
-    else:
-        st.caption("Thank you for the feedback.")
+    if sent and comment.strip():
+        if _send_feedback(api, message_id, rating, comment.strip()):
+            rated[message_id] = (rating, comment.strip())
+            st.caption("Thank you for the comment.")
+        return
+    st.caption("Thank you for the feedback.")
 
 
 def _send_feedback(api: ServiceClient, message_id: int, rating: str, comment: str) -> bool:
@@ -264,3 +269,7 @@ def _manage(api: ServiceClient, conversation: dict[str, Any]) -> None:
                 return
             _open(None)
             st.rerun()
+
+
+if __name__ == "__main__":
+    render(session.api())

@@ -13,11 +13,11 @@ from ui import session
 from ui.formatting import collection_label, when
 from ui.safe import md
 
+# What the service parses (ingest.parsers.supported_suffixes; the UI may not import ingest).
+# No bare strings at module level: Streamlit's "magic" would show them on the page.
 SUFFIXES = ("pdf", "docx", "md", "markdown", "txt", "text", "html", "htm")
-"""What the service parses (``ingest.parsers.supported_suffixes``; the UI may not import it)."""
 TOP_LEVEL = ""
-UPLOADS = "documents.uploads"
-"""A counter in the uploader's key: a new key empties it after an upload."""
+UPLOADS = "documents.uploads"  # a counter in the uploader's key: a new key empties it
 
 
 def render(api: ServiceClient) -> None:
@@ -127,7 +127,7 @@ def _upload(api: ServiceClient) -> None:
         accept_multiple_files=True,
         key=f"documents.files.{count}",
     )
-    if not st.button("Upload", type="primary", disabled=not uploads, icon=":material/upload:"):
+    if not st.button("Add to the documents folder", type="primary", disabled=not uploads):
         return
     saved: list[str] = []
     refused = 0
@@ -153,3 +153,7 @@ def _upload(api: ServiceClient) -> None:
     st.session_state[UPLOADS] = count + 1
     session.flash(message)
     st.rerun()
+
+
+if __name__ == "__main__":
+    render(session.api())

@@ -48,3 +48,7 @@ def render(api: ServiceClient) -> None:
             hide_index=True,
             width="stretch",
         )
+
+
+if __name__ == "__main__":
+    render(session.api())

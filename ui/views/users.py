@@ -83,7 +83,9 @@ def _change_user(api: ServiceClient, users: list[dict[str, Any]], known_groups: 
         return
     user = by_name[name]
     with st.form(f"change-{name}"):
-        role = st.selectbox("Role", ROLES, index=ROLES.index(user["role"]) if user["role"] in ROLES else 0)
+        role = st.selectbox(
+            "Role", ROLES, index=ROLES.index(user["role"]) if user["role"] in ROLES else 0
+        )
         disabled = st.checkbox(
             "Disabled (cannot sign in; signed out at once)", value=bool(user.get("disabled"))
         )
@@ -143,9 +145,7 @@ def _grants(api: ServiceClient, groups: dict[str, list[str]], collections: list[
         return
     current = [c for c in groups.get(group, []) if c in collections]
     with st.form(f"grants-{group}"):
-        chosen = st.multiselect(
-            md(f"Collections {group} may read"), collections, default=current
-        )
+        chosen = st.multiselect(md(f"Collections {group} may read"), collections, default=current)
         submitted = st.form_submit_button("Save access", type="primary")
     if not submitted:
         return
@@ -156,3 +156,7 @@ def _grants(api: ServiceClient, groups: dict[str, list[str]], collections: list[
         return
     body = {"group": group, "grant": grant, "revoke": revoke}
     _submit(api, "/admin/grants", body, f"Saved the access of group {group}.")
+
+
+if __name__ == "__main__":
+    render(session.api())
