@@ -610,9 +610,10 @@ def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
         if action == "add":
             role = "admin" if args.admin else "staff"
             password = _read_password(args, f"password for {args.name}: ")
-            accounts.add_user(args.name, password, role=role, groups=args.groups or [])
-            audit.record("admin", operator, action="user_create", target=args.name, role=role)
-            print(f"added {role} {args.name}")
+            user = accounts.add_user(args.name, password, role=role, groups=args.groups or [])
+            name = user["username"]
+            audit.record("admin", operator, action="user_create", target=name, role=role)
+            print(f"added {role} {name}")
         elif action in ("disable", "enable"):
             accounts.set_disabled(args.name, action == "disable")
             if action == "disable":

@@ -20,6 +20,7 @@ new identity line or chunk size re-embeds everything). Run from the repository r
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import logging
@@ -112,13 +113,32 @@ def evaluate_store(searcher: Any, questions: Sequence[Question], mode: str) -> S
     return score(mode, ranked, questions)
 
 
+def _code_fingerprint(path: Path) -> str:
+    """The syntax tree of a module without its docstrings: comments, docstrings and formatting
+    do not change it, code does."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list):
+            node.body = [  # type: ignore[attr-defined]
+                stmt
+                for stmt in body
+                if not (
+                    isinstance(stmt, ast.Expr)
+                    and isinstance(stmt.value, ast.Constant)
+                    and isinstance(stmt.value.value, str)
+                )
+            ] or [ast.Pass()]
+    return ast.dump(tree)
+
+
 def build_key(settings: Any, embedder: Any) -> str:
     """Names what an index depends on besides the files: the code that turns a file into
     chunk texts, the chunking settings and the model. A cached index is reused only for the
     same key (reconciling alone would keep stale identity lines of unchanged files)."""
     digest = hashlib.sha256()
     for module in ("identity", "chunking", "pipeline", "parsers"):
-        digest.update((REPO / "ingest" / f"{module}.py").read_bytes())
+        digest.update(_code_fingerprint(REPO / "ingest" / f"{module}.py").encode())
     digest.update(settings.chunking.model_dump_json().encode())
     digest.update(embedder.model_id.encode())
     return digest.hexdigest()[:12]

@@ -14,7 +14,8 @@ recomputed cheaply on a rename. Its parts, in document order, at most ``MAX_IDEN
   such as "Acme Corp. | Q3 2023 Form 10-Q | 7" names issuer, period and kind on every page);
 - the best lines near the top of the first section: short lines that name an organisation
   (more so when the document keeps mentioning it: the issuer, not the office it is filed
-  with), a date or a period, or the kind of document.
+  with), a date or a period, the kind of document, or a labelled field of a form's header
+  ("Sponsor: ...", "Location: ..."); the opening lines, where titles stand, too.
 
 Form boilerplate scores nothing and is skipped: check-box lines, field labels ending in ':',
 parenthesised captions, navigation ("Table of Contents", "Page 3 of 9"). A long identity costs
@@ -41,6 +42,8 @@ _RUNNING_MIN_PAGES = 3
 _EDGE_LINES = 2
 # Labelled fields name the document in a form's header; further down they are content.
 _FIELD_LINES = 10
+# Mentions of an organisation are counted in this much of the text.
+_MENTION_CHARS = 1_000_000
 
 _ORG = re.compile(
     r"\b(inc|corp|corporation|company|co|ltd|limited|llc|llp|plc|gmbh|ag|sa|nv|bv|group|holdings|"
@@ -217,7 +220,7 @@ def identity_line(doc: ParsedDocument) -> str:
     for line in _running_lines(doc.sections)[:1]:
         take(-1, line)
     first = doc.sections[0].text if doc.sections else ""
-    text = "\n".join(s.text for s in doc.sections)
+    text = "\n".join(s.text for s in doc.sections)[:_MENTION_CHARS]
     # Lines of one shape (a list of notes, of share classes) say one thing: keep the first.
     shapes: set[str] = set()
     for _score, pos, line in sorted(_candidates(first, text), key=lambda c: (-c[0], c[1])):
