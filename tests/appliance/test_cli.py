@@ -181,9 +181,13 @@ def test_core_service_owns_the_data_folder(service, docs: Path) -> None:  # type
 
 
 @pytest.mark.slow
-def test_ask_and_eval_commands(docs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ask_and_eval_commands(
+    docs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert run_cli(capsys, "ingest", str(docs), "--json")[0] == 0
-    code, out, err = run_cli(capsys, "ask", "How long does the appliance retain audit logs?", "--json")
+    code, out, err = run_cli(
+        capsys, "ask", "How long does the appliance retain audit logs?", "--json"
+    )
     assert code == 0, err
     answer = json.loads(out)
     assert {"answer", "sources", "abstained", "timings"} <= answer.keys()
@@ -238,6 +242,8 @@ def test_ask_and_eval_commands(docs: Path, tmp_path: Path, capsys: pytest.Captur
 
     baseline = tmp_path / "baseline.json"
     baseline.write_text(json.dumps({"metrics": {**metrics, "recall_at_k": 1.5}}))
-    code, _, err = run_cli(capsys, "eval", str(golden), "--baseline", str(baseline), "--max-drop", "2")
+    code, _, err = run_cli(
+        capsys, "eval", str(golden), "--baseline", str(baseline), "--max-drop", "2"
+    )
     assert code != 0
     assert "recall_at_k dropped" in err

@@ -17,7 +17,9 @@ from appliance.evaluation import (
 
 
 def test_text_metrics() -> None:
-    assert token_f1("The logs are kept for 7 years", "logs kept 7 years") == pytest.approx(0.8, abs=0.01)
+    assert token_f1("The logs are kept for 7 years", "logs kept 7 years") == pytest.approx(
+        0.8, abs=0.01
+    )
     assert token_f1("", "") == 1.0
     assert containment("Logs are kept for 7 years under AP-12.", "7 years") == 1.0
     assert containment("nothing", "7 years") == 0.0
@@ -28,8 +30,19 @@ def test_text_metrics() -> None:
 def golden(tmp_path: Path) -> Path:
     path = tmp_path / "golden.jsonl"
     rows = [
-        {"id": "q1", "question": "How long are logs kept?", "answer": "7 years", "evidence_doc": ["policy.md"]},
-        {"id": "q2", "question": "Who signs?", "answer": "The CFO", "evidence_doc": ["contract.pdf"], "extra": 1},
+        {
+            "id": "q1",
+            "question": "How long are logs kept?",
+            "answer": "7 years",
+            "evidence_doc": ["policy.md"],
+        },
+        {
+            "id": "q2",
+            "question": "Who signs?",
+            "answer": "The CFO",
+            "evidence_doc": ["contract.pdf"],
+            "extra": 1,
+        },
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
@@ -75,7 +88,9 @@ def test_evaluate_gate_and_report(tmp_path: Path) -> None:
 
 def test_report_escapes_document_text(tmp_path: Path) -> None:
     items = load_golden(golden(tmp_path))
-    result = evaluate(items, lambda q: fake_answers(q) | {"answer": "<script>alert(1)</script>"}, k=5)
+    result = evaluate(
+        items, lambda q: fake_answers(q) | {"answer": "<script>alert(1)</script>"}, k=5
+    )
     assert "<script>alert(1)" not in html_report(result)
 
 

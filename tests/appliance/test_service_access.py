@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -114,7 +113,12 @@ def test_collections_bound_search_answers_and_downloads(service) -> None:  # typ
     name, _type, data = lawyer.download("/documents/file", {"path": "legal/settlement.md"})
     assert name == "settlement.md"
     assert b"4.2 million" in data
-    for path in ("hr/salaries.md", "../data/accounts.sqlite3", "/etc/passwd", "legal/../hr/salaries.md"):
+    for path in (
+        "hr/salaries.md",
+        "../data/accounts.sqlite3",
+        "/etc/passwd",
+        "legal/../hr/salaries.md",
+    ):
         with pytest.raises(ServiceError) as denied:
             lawyer.download("/documents/file", {"path": path})
         assert denied.value.status == 403, path
@@ -165,7 +169,9 @@ def test_metrics_parse_and_move_when_a_question_is_asked(service) -> None:  # ty
 def test_feedback_is_stored_with_the_answer(service) -> None:  # type: ignore[no-untyped-def]
     lawyer = client_for(service, "lawyer")
     final = lawyer.call("POST", "/ask", {"question": "When does the office open?"})
-    lawyer.call("POST", "/feedback", {"message": final["message"], "rating": "up", "comment": "clear"})
+    lawyer.call(
+        "POST", "/feedback", {"message": final["message"], "rating": "up", "comment": "clear"}
+    )
     stored = [f for f in service.conversations.feedback() if f["message"] == final["message"]]
     assert stored[0]["rating"] == "up"
     assert stored[0]["question"] == "When does the office open?"
