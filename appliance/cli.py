@@ -27,6 +27,8 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_HELD = 3
 EXIT_GATE = 4
+OPTIMIZE_AFTER = 1000
+"""Chunks written or documents removed by one ingest after which the index is optimized."""
 
 
 def _setup_logging(settings: Settings, verbose: bool, to_file: bool) -> None:
@@ -89,6 +91,9 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
             finally:
                 if progress is not None:
                     progress.close()  # type: ignore[attr-defined]
+            if result.chunks + result.removed >= OPTIMIZE_AFTER:
+                # a one-shot ingest is the quiet moment to build the search index
+                ingestion.indexer.store.optimize()
             if result.held_deletions == 0:
                 ingestion.finish_switch()
             report = result.as_json()

@@ -131,6 +131,11 @@ class VectorStore(Protocol):
 
     def flush(self) -> None: ...
 
+    def optimize(self) -> None:
+        """Build the search indexes after a large batch of writes (a no-op where the store
+        does it on its own)."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -61,6 +61,7 @@ def test_upsert_count_ids_delete(backend: StoreBackend) -> None:
     assert store.count() == 4
     assert store.ids() == {p.id for p in pts}
     store.delete([pts[0].id])
+    store.optimize()
     assert store.count() == 3
     assert pts[0].id not in store.ids()
     assert backend.collections() == ["appliance_t"]
