@@ -82,6 +82,8 @@ _PAGE_NUMBER = re.compile(
     r"(?:\s*[|\u2022\u00b7-]\s*|\s+)(?:page\s+)?\d{1,4}(?:\s+of\s+\d{1,4})?$", re.I
 )
 _LETTERS = re.compile(r"[^\W\d_]")
+# Heading marks and bullets at the start of a line ("# Title", "\u2022 Sponsor").
+_MARKUP = re.compile(r"^(?:[#>*\u2022\u25aa\u25e6\u2023\u2043-]+\s+)+")
 _CODE_LIKE = re.compile(r"^[\W\d_]*$|^[0-9-]+$")
 _NAME_WORD = re.compile(r"[^\W\d_][\w.&'-]*")
 
@@ -160,7 +162,7 @@ def _candidates(first: str, text: str) -> list[tuple[float, int, str]]:
     ("Sponsor: ...") and the opening lines, where titles stand."""
     lines: list[str] = []
     for raw in first.splitlines()[:_SCAN_LINES]:
-        line = " ".join(raw.split())
+        line = _MARKUP.sub("", " ".join(raw.split()))
         if not _is_boilerplate(line):
             lines.append(line)
     mentions = {line: _mentions(line, text) for line in lines if _ORG.search(line)}

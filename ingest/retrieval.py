@@ -148,14 +148,13 @@ def latest_date(text: str) -> dt.date | None:
         full.append(
             _date(int(year), first, second) if first <= 12 else _date(int(year), second, first)
         )
-    found = [d for d in full if d is not None]
-    if not found:
+    if not any(full):
         for month, year in _MONTH_YEAR.findall(text):
-            found.append(dt.date(int(year), _MONTH_NUMBER[month.lower()], 1))
+            full.append(_date(int(year), _MONTH_NUMBER[month.lower()], 1))
         for q1, y1, y2, q2 in _QUARTER_YEAR.findall(text):
             quarter, year = (int(q1), int(y1)) if q1 else (int(q2), int(y2))
-            found.append(dt.date(year, 3 * quarter, 1))
-    return max(found, default=None)
+            full.append(_date(year, 3 * quarter, 1))
+    return max((d for d in full if d is not None), default=None)
 
 
 def _identity_text(payload: Mapping[str, object]) -> str:
@@ -248,7 +247,9 @@ def retrieve(
     mode: SearchMode = "hybrid",
     where: Mapping[str, Sequence[str]] | None = None,
 ) -> list[Hit]:
-    """The top ``k`` chunks for ``query``."""
+    """The top ``k`` chunks for ``query``: the store's best ``max(k, CANDIDATES)`` under
+    ``where`` (dense, sparse or both fused, by ``mode``), re-ranked by document (``rerank``).
+    Hit scores are the re-ranked scores."""
     if k <= 0:
         return []
     dense = embedder.embed_query(query) if mode != "sparse" else None

@@ -48,6 +48,7 @@ def main(argv: list[str]) -> int:
         indexer, resources = open_indexer(data, docs)
         try:
             indexer.recover()
+            print("reconciling", flush=True)  # the test times its kill from here
             report = indexer.reconcile(confirm_deletions=True)
             print(report.as_json(), flush=True)
         finally:

@@ -23,11 +23,15 @@ def run_worker(data: Path, docs: Path, kill_after: float | None) -> int:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.ingest.crash_worker", str(data), str(docs)],
         cwd=ROOT,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        text=True,
     )
     if kill_after is None:
-        return proc.wait(timeout=600)
+        proc.communicate(timeout=600)
+        return proc.wait()
+    assert proc.stdout is not None
+    proc.stdout.readline()  # start-up and recovery are done: the kill lands in the writing
     try:
         return proc.wait(timeout=kill_after)
     except subprocess.TimeoutExpired:
@@ -37,7 +41,7 @@ def run_worker(data: Path, docs: Path, kill_after: float | None) -> int:
 
 def churn(docs: Path, rng: random.Random, step: int) -> None:
     files = sorted(p for p in docs.rglob("*") if p.is_file())
-    for path in rng.sample(files, min(5, len(files))):
+    for path in rng.sample(files, min(40, len(files))):
         action = rng.choice(["modify", "rename", "delete"])
         if action == "modify":
             path.write_text(
@@ -47,7 +51,7 @@ def churn(docs: Path, rng: random.Random, step: int) -> None:
             path.rename(path.with_name(f"r{step}-{path.name}"))
         else:
             path.unlink()
-    for i in range(3):
+    for i in range(10):
         (docs / f"new-{step}-{i}.md").write_text(
             f"# New {step}\n\n" + "fresh words " * (20 + i) + "\n"
         )
@@ -67,9 +71,10 @@ def test_kill_9_at_random_points_leaves_an_exact_index(tmp_path: Path) -> None:
         (sub / f"doc{i}.md").write_text(f"# Document {i}\n\n{body}\n")
     kills = 0
     for step in range(10):
-        code = run_worker(data, docs, kill_after=rng.uniform(0.3, 2.5))
+        code = run_worker(data, docs, kill_after=rng.uniform(0.05, 1.0))
         kills += code == -signal.SIGKILL
         churn(docs, rng, step)
+    print(f"{kills} of 10 runs killed mid-write")
     assert kills >= 5, "the worker finished before most kills: make the corpus larger"
     assert run_worker(data, docs, kill_after=None) == 0
     indexer, resources = open_indexer(data, docs)

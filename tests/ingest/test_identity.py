@@ -111,6 +111,11 @@ def test_a_list_of_one_shape_contributes_its_first_line() -> None:
     assert line.count("Notes due") <= 1
 
 
+def test_heading_marks_and_bullets_are_dropped() -> None:
+    line = identity_line(_doc("# Board Minutes, March 3, 2024\n\u2022 Sponsor: Fabrikam Trust"))
+    assert _parts(line) == ["Board Minutes, March 3, 2024", "Sponsor: Fabrikam Trust"]
+
+
 def test_empty_document_has_no_identity() -> None:
     assert identity_line(ParsedDocument(sections=[])) == ""
 
