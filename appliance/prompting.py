@@ -141,16 +141,17 @@ def words(text: str) -> list[str]:
 
 
 class LeakGuard:
-    """Holds back the last ``window`` characters of a stream and stops it once the text
-    recites ``shingle`` consecutive words of a secret (the system prompt)."""
+    """Stops a stream once it recites ``shingle`` consecutive words of a secret (the system
+    prompt). Text is shown as it comes, except a tail that could be the start of a recitation
+    (the last words, when they begin some run of the secret, and a word still being written):
+    holding back a fixed window instead would delay every answer's first words."""
 
-    def __init__(self, secret: str, *, shingle: int = 6, window: int = 80) -> None:
+    def __init__(self, secret: str, *, shingle: int = 6) -> None:
         tokens = words(secret)
-        self._shingles = {
-            " ".join(tokens[i : i + shingle]) for i in range(len(tokens) - shingle + 1)
-        }
+        runs = [tokens[i : i + shingle] for i in range(len(tokens) - shingle + 1)]
+        self._shingles = {" ".join(run) for run in runs}
+        self._prefixes = {" ".join(run[:n]) for run in runs for n in range(1, shingle)}
         self._shingle = shingle
-        self._window = window
         self._text = ""
         self._sent = 0
         self.leaked = False
@@ -162,16 +163,24 @@ class LeakGuard:
         if self.leaked:
             return ""
         self._text += piece
-        recent = words(self._text[-(self._window * 3) :])
+        spans = [(m.start(), m.group(0).lower()) for m in _WORD.finditer(self._text)]
+        recent = spans[-(self._shingle * 4) :]
         for i in range(len(recent) - self._shingle + 1):
-            shingle = recent[i : i + self._shingle]
-            if " ".join(shingle) in self._shingles:
+            run = " ".join(w for _start, w in recent[i : i + self._shingle])
+            if run in self._shingles:
                 self.leaked = True
-                found = re.search(r"\W+".join(map(re.escape, shingle)), self._text.lower())
-                cut = found.start() if found else self._sent
-                self.clean_prefix = self._text[: max(cut, 0)]
-                return self._text[self._sent : max(cut, self._sent)]
-        safe = max(self._sent, len(self._text) - self._window)
+                cut = max(recent[i][0], self._sent)
+                self.clean_prefix = self._text[:cut]
+                return self._text[self._sent : cut]
+        hold = len(self._text)
+        if self._text and (self._text[-1].isalnum() or self._text[-1] == "_") and spans:
+            hold = spans[-1][0]  # a word still being written
+        tail = spans[-(self._shingle - 1) :]
+        for k, (start, _w) in enumerate(tail):
+            if " ".join(w for _s, w in tail[k:]) in self._prefixes:
+                hold = min(hold, start)
+                break
+        safe = max(self._sent, hold)
         out = self._text[self._sent : safe]
         self._sent = safe
         return out

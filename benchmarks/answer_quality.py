@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -55,9 +56,15 @@ def direct_generation(
 
     llm = _DIRECT.get(str(model_path))
     if llm is None:
-        llm = llama_cpp.Llama(str(model_path), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+        llm = llama_cpp.Llama(
+            str(model_path),
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            verbose=False,
+        )
         _DIRECT[str(model_path)] = llm
-    llm.reset()
+    # no reset: like the appliance's backend, llama-cpp-python reuses a matching prompt prefix
     started = time.perf_counter()
     first = None
     n = 0
@@ -196,11 +203,13 @@ def main(argv: list[str] | None = None) -> int:
                 prepared = answerer.prepare(question)
                 prompt = chat.render_prompt(prepared.messages)
                 app = appliance_generation(answerer, question)
+                # the same thread count as the appliance's backend (llama-cpp-python's own
+                # default is half the cores, which would compare different things)
                 direct = direct_generation(
                     chat.path,
                     prompt,
                     settings.chat.max_tokens,
-                    settings.chat.n_threads,
+                    settings.chat.n_threads or os.cpu_count(),
                     chat.context_length,
                 )
                 rows.append({"question": question, "appliance": app, "direct": direct})

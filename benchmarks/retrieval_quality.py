@@ -9,10 +9,17 @@ come back against the question's ``evidence_doc``:
 - top-1: the first chunk's document is a gold document;
 - MRR: the mean of 1 / rank of the first chunk from a gold document (0 when none is in the top 5).
 
+Two columns per mode: "retrieve" is what the appliance answers with (``Indexer.search``, that
+is ``ingest.retrieval.retrieve``: a wider candidate list re-ranked by document); "store only"
+is one store query for the top 5, the ranking before that re-ranking. The naive baseline
+(no document identity in the chunks, store only) is quoted for comparison.
+
 ``--distractors`` also runs the questions against an index that holds the 40 unrelated PDFs of
-``../shared/eval/regulated`` beside the filings. ``--data-dir DIR`` keeps the built indexes in
-``DIR`` so that later runs only re-index what changed (query-side changes need no rebuild; a
-new identity line or chunk size re-embeds everything). Run from the repository root:
+``../shared/eval/regulated`` beside the filings (one of them, a scan, cannot be indexed).
+``--data-dir DIR`` keeps the built indexes in ``DIR``, one folder per build key (the code of
+parsing, identity, chunking and the pipeline, the chunk settings and the model), so that a
+query-side change reruns in seconds while an identity or chunking change builds afresh.
+``--max-tokens``/``--overlap-tokens`` try other chunk sizes. Run from the repository root:
 
     .venv/bin/python benchmarks/retrieval_quality.py [--distractors] [--data-dir DIR] [--json]
 """
@@ -43,7 +50,7 @@ MODES = ("dense", "sparse", "hybrid")
 K = 5
 
 # The starting point, for comparison: every chunk indexed with no document identity at all,
-# one store query per question (hybrid figures from the brief of this benchmark).
+# one store query per question (the project's measurement of a naive pipeline, hybrid mode).
 NAIVE_HYBRID = {"recall@5": 0.88, "top1": 0.50}
 
 log = logging.getLogger("retrieval_quality")

@@ -115,3 +115,12 @@ def test_follow_up_questions_are_made_standalone() -> None:
     )
     assert standalone_question(long_question, history) == long_question
     assert standalone_question("And its gross margin?", []) == "And its gross margin?"
+
+
+def test_leak_guard_shows_ordinary_text_at_once() -> None:
+    guard = LeakGuard(system_prompt())
+    assert guard.feed("Audit logs are ") == "Audit logs are "
+    assert guard.feed("kept for sev") == "kept for "  # a word still being written waits
+    assert guard.feed("en years. Use") == "seven years. "  # may start a recitation: waits
+    assert guard.feed(" of logs is logged.") == "Use of logs is logged."
+    assert not guard.leaked
