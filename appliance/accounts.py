@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 import secrets
 import sqlite3
@@ -52,7 +51,7 @@ from typing import Any, Literal
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from appliance import errors
+from appliance import errors, sqlite
 from appliance.errors import ApplianceError
 
 Role = Literal["staff", "admin"]
@@ -190,15 +189,8 @@ class Accounts:
         self._clock = clock
         # Unknown users are checked against this, so they take as long as known ones.
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # The file holds password hashes: owner-only from the start (SQLite gives its -wal and
-        # -shm files the main file's permissions).
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
+        # The file holds password hashes: owner-only from the start.
+        self._db = sqlite.connect(path, _SCHEMA, durable=True, private=True)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -219,14 +211,8 @@ class Accounts:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, taken before reading so check-then-change is atomic."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with sqlite.write(self._db, self._lock) as db:
+            yield db
 
     # --- users -------------------------------------------------------------------------------
 

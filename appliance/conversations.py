@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import threading
 import time
 import uuid
@@ -17,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from appliance import sqlite
 
 _REFERRING = re.compile(
     r"\b(it|its|they|them|their|this|that|these|those|he|she|his|her|there|the same|above|"
@@ -70,11 +71,7 @@ class ConversationStore:
     """Conversation history per user, in ``DATA/conversations.sqlite3``."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
+        self._db = sqlite.connect(path, _SCHEMA)
         self._lock = threading.Lock()
 
     def close(self) -> None:

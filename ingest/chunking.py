@@ -58,21 +58,26 @@ def chunk_sections(
     token_spans: TokenSpans,
     max_tokens: int,
     overlap_tokens: int,
+    *,
+    room: Callable[[Section], int] | None = None,
 ) -> list[Chunk]:
-    """Cut ``sections`` into chunks of at most ``max_tokens`` tokens."""
+    """Cut ``sections`` into chunks of at most ``max_tokens`` tokens, or fewer where
+    ``room(section)`` says less fits (what is embedded with a chunk, such as its heading path,
+    shares the model's window with it)."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    overlap = max(0, min(overlap_tokens, max_tokens // 2))
     chunks: list[Chunk] = []
     offset = 0
     for section in sections:
+        limit = max_tokens if room is None else max(16, min(max_tokens, room(section)))
+        overlap = max(0, min(overlap_tokens, limit // 2))
         text = section.text
         spans = token_spans(text)
         n = len(spans)
         i = 0
         while i < n:
-            hi = min(i + max_tokens, n)
-            j = hi if hi == n else _best_cut(text, spans, i + max_tokens // 2, hi)
+            hi = min(i + limit, n)
+            j = hi if hi == n else _best_cut(text, spans, i + limit // 2, hi)
             start, end = spans[i][0], spans[j - 1][1]
             piece = text[start:end]
             if piece.strip():

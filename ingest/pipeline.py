@@ -32,6 +32,7 @@ from appliance.protocols import (
     ParsedDocument,
     Point,
     SearchMode,
+    Section,
     SparseEncoder,
     VectorStore,
 )
@@ -146,6 +147,16 @@ class Indexer:
 
     def sparse_text(self, rel: str, identity: str, chunk: Chunk) -> str:
         return f"{file_name_terms(rel)}\n{self.dense_text(identity, chunk)}"
+
+    def _room(self, identity: str) -> Callable[[Section], int] | None:
+        """Tokens left for a chunk in the model's window once its identity line and heading
+        path are in front (a longer text would be cut at the end when embedded)."""
+        window = getattr(self.embedder, "max_tokens", None)
+        if not window:
+            return None
+        spans = self.embedder.token_spans
+        fixed = int(window) - len(spans(identity)) - 4  # special tokens and line breaks
+        return lambda section: fixed - (len(spans(section.heading)) if section.heading else 0)
 
     def text_key(self, dense_text: str) -> str:
         return hashlib.sha256(f"{self.embedder.model_id}\0{dense_text}".encode()).hexdigest()
@@ -414,6 +425,7 @@ class Indexer:
                 self.embedder.token_spans,
                 self.chunking.max_tokens,
                 self.chunking.overlap_tokens,
+                room=self._room(identity),
             )
             if not chunks:
                 return "empty document: no extractable text"

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance import sqlite
 from appliance.protocols import Chunk
 
 FILE_STATES = ("queued", "parsing", "embedding", "indexed", "failed")
@@ -89,13 +90,8 @@ class IngestState:
     """The SQLite ingestion state. Thread-safe; one connection guarded by a lock."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # WAL with synchronous=NORMAL survives a killed process; FULL also survives power loss.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
+        # A commit here is a promise about the index: it must survive a power loss too.
+        self._db = sqlite.connect(path, _SCHEMA, durable=True)
         self._lock = threading.RLock()
 
     def close(self) -> None:
@@ -104,14 +100,8 @@ class IngestState:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with sqlite.write(self._db, self._lock) as db:
+            yield db
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:

@@ -70,3 +70,35 @@ def test_real_tokenizer_limits(real_embedder) -> None:  # type: ignore[no-untype
     assert len(chunks) > 1
     for chunk in chunks:
         assert len(real_embedder.token_spans(chunk.text)) <= 64
+
+
+def test_room_per_section_shrinks_chunks_under_long_headings() -> None:
+    sections = [Section("word " * 100, heading="Short"), Section("word " * 100, heading="A " * 30)]
+
+    def room(section: Section) -> int:
+        return 60 - len(word_spans(section.heading or ""))
+
+    chunks = chunk_sections(sections, word_spans, 50, 5, room=room)
+    by_heading: dict[str | None, int] = {}
+    for chunk in chunks:
+        size = len(word_spans(chunk.text))
+        by_heading[chunk.heading] = max(by_heading.get(chunk.heading, 0), size)
+        assert size + len(word_spans(chunk.heading or "")) <= 60 or size <= 16
+    assert by_heading["Short"] == 50
+    assert by_heading["A " * 30] == 30
+
+
+def test_pipeline_keeps_dense_texts_within_the_model_window(  # type: ignore[no-untyped-def]
+    real_embedder, make_indexer, tmp_path
+) -> None:
+    indexer = make_indexer(tmp_path, embedder=real_embedder)
+    heading = " > ".join(["A rather long heading about retention and records policy"] * 8)
+    section = Section("The retention rules say many things. " * 200, heading=heading)
+    identity = "Acme Corporation | Records Retention Policy | January 1, 2024"
+    room = indexer._room(identity)
+    assert room is not None
+    assert room(section) < 180
+    chunks = chunk_sections([section], real_embedder.token_spans, 180, 32, room=room)
+    for chunk in chunks:
+        dense = indexer.dense_text(identity, chunk)
+        assert len(real_embedder.token_spans(dense)) + 2 <= real_embedder.max_tokens
