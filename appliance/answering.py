@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -165,12 +165,7 @@ def merge_passages(hits: Sequence[Hit]) -> list[Passage]:
                 )
             )
     merged.sort(key=lambda m: m[0])
-    return [
-        Passage(
-            i, p.path, p.page, p.heading, p.text, p.score, p.start, p.end, p.doc_hash, p.chunk_ids
-        )
-        for i, (_rank, p) in enumerate(merged, 1)
-    ]
+    return [replace(p, number=i) for i, (_rank, p) in enumerate(merged, 1)]
 
 
 def _overlap(answer: str, passage: str) -> float:
@@ -202,18 +197,6 @@ class Answerer:
 
     # --- retrieval ---------------------------------------------------------------------------
 
-    @property
-    def store(self) -> VectorStore:
-        return self._index().store
-
-    @property
-    def embedder(self) -> Embedder:
-        return self._index().embedder
-
-    @property
-    def sparse(self) -> SparseEncoder:
-        return self._index().sparse
-
     def relevant_passages(self, query: str, hits: Sequence[Hit]) -> list[Passage]:
         """Merged passages scored by cosine similarity to the query (comparable across
         questions, unlike fused ranks), best first, keeping those within ``passage_margin`` of
@@ -232,7 +215,7 @@ class Answerer:
             key=lambda s: (-s[0], s[1]),
         )
         floor = scored[0][0] - self.settings.passage_margin
-        return [_rescore(p, cos) for cos, _i, p in scored if cos >= floor]
+        return [replace(p, score=round(cos, 4)) for cos, _i, p in scored if cos >= floor]
 
     def retrieve(self, query: str, where: Mapping[str, Sequence[str]] | None = None) -> list[Hit]:
         k = self.settings.top_k
@@ -259,11 +242,13 @@ class Answerer:
             if cost > budget:
                 if not chosen:  # the best passage alone is too long: keep its start
                     keep = int(len(passage.text) * budget / cost)
-                    chosen.append(_replace_text(passage, passage.text[:keep]))
+                    chosen.append(
+                        replace(passage, text=passage.text[:keep], end=passage.start + keep)
+                    )
                 break
             chosen.append(passage)
             budget -= cost
-        return [_renumber(p, i) for i, p in enumerate(chosen, 1)]
+        return [replace(p, number=i) for i, p in enumerate(chosen, 1)]
 
     # --- answering ---------------------------------------------------------------------------
 
@@ -408,42 +393,6 @@ class Answerer:
         if closest:
             message += " The closest documents are: " + "; ".join(closest[:3]) + "."
         return message
-
-
-def _replace_text(p: Passage, text: str) -> Passage:
-    return Passage(
-        p.number,
-        p.path,
-        p.page,
-        p.heading,
-        text,
-        p.score,
-        p.start,
-        p.start + len(text),
-        p.doc_hash,
-        p.chunk_ids,
-    )
-
-
-def _rescore(p: Passage, score: float) -> Passage:
-    return Passage(
-        p.number,
-        p.path,
-        p.page,
-        p.heading,
-        p.text,
-        round(score, 4),
-        p.start,
-        p.end,
-        p.doc_hash,
-        p.chunk_ids,
-    )
-
-
-def _renumber(p: Passage, number: int) -> Passage:
-    return Passage(
-        number, p.path, p.page, p.heading, p.text, p.score, p.start, p.end, p.doc_hash, p.chunk_ids
-    )
 
 
 def ask_events(
