@@ -802,7 +802,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--event")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_audit, log_file=False)
+
+    # Commands of the other subsystems register themselves; their modules import nothing heavy.
+    import importlib
+
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub)
     return parser
+
+
+# Each module has ``add_commands(sub)``, which adds subparsers with ``func`` and ``log_file``
+# defaults like the ones above.
+_COMMAND_MODULES = (
+    "finetune.commands",
+    "appliance.doctor",
+    "appliance.backup",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -141,6 +141,34 @@ class UISettings(_Section):
     max_upload_mb: int = Field(200, ge=1, le=4096, description="Largest file the UI accepts.")
 
 
+class FinetuneSettings(_Section):
+    base_model_path: Path | None = Field(
+        None,
+        description="The base model fine-tunes start from: a Hugging Face folder, or a GGUF file "
+        "(dequantized once into a folder under data/models). Empty: the active chat model's "
+        "GGUF (the packaged SmolLM2 at first).",
+    )
+    golden_path: Path | None = Field(
+        None,
+        description="The evaluation golden set (JSONL: id, question, answer, evidence_doc). "
+        "Datasets drop examples that overlap it, and the gate scores base and candidate on it.",
+    )
+    heldout_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of a built dataset kept out of training for the gate."
+    )
+    gate_max_drop: float = Field(
+        2.0, ge=0, description="Points a headline metric may drop before a candidate is rejected."
+    )
+    quantization: str = Field(
+        "Q4_K_M", description="llama.cpp quantization type of the served GGUF (or F16)."
+    )
+    ollama_url: str | None = Field(
+        None,
+        description="An Ollama server to register exported models with (its host must be "
+        "allowed by the offline guard). Empty: export writes the Modelfile only.",
+    )
+
+
 class Settings(_Section):
     data_dir: Path = Field(Path("data"), description="Index, ingestion state and logs.")
     embedding: EmbeddingSettings = EmbeddingSettings()
@@ -152,6 +180,7 @@ class Settings(_Section):
     answer: AnswerSettings = AnswerSettings()
     metrics: MetricsSettings = MetricsSettings()
     ui: UISettings = UISettings()
+    finetune: FinetuneSettings = FinetuneSettings()
     session_hours: float = Field(
         8, gt=0, le=24 * 30, description="Sign-in sessions expire after this."
     )
@@ -179,6 +208,21 @@ class Settings(_Section):
     @property
     def audit_path(self) -> Path:
         return self.data_dir / "audit" / "audit.jsonl"
+
+    @property
+    def models_dir(self) -> Path:
+        """The model registry (registry.json) and every registered model's files."""
+        return self.data_dir / "models"
+
+    @property
+    def runs_dir(self) -> Path:
+        """One folder per fine-tuning run: config, checkpoints, adapter, loss curve, gate."""
+        return self.data_dir / "finetune" / "runs"
+
+    @property
+    def datasets_dir(self) -> Path:
+        """Built training datasets, one folder each with its manifest."""
+        return self.data_dir / "datasets"
 
 
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
