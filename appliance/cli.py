@@ -815,6 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
 # defaults like the ones above.
 _COMMAND_MODULES = (
     "finetune.commands",
+    "finetune.dataset_commands",
+    "finetune.model_commands",
     "appliance.doctor",
     "appliance.backup",
 )
