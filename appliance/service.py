@@ -123,7 +123,11 @@ class CoreService:
             ("POST", "/admin/grants"): admin(self._grants),
             ("GET", "/admin/models"): admin(lambda _who, _b: self._models()),
             ("GET", "/admin/feedback"): admin(lambda _who, _b: self._feedback_stats()),
+            ("POST", "/admin/chunks"): admin(self._chunks),
         }
+        from appliance.model_routes import model_routes
+
+        routes.update(model_routes(self))
         self.api = ApiServer(
             settings.data_dir, settings.service.host, settings.service.port, routes
         )
@@ -475,7 +479,10 @@ class CoreService:
         return self._groups()
 
     def _model_version(self) -> str:
-        return self.answerer.chat.name.rsplit("@", 1)[-1] if self.answerer is not None else ""
+        if self.answerer is None:
+            return ""
+        version = getattr(self.answerer.chat, "version", None)  # the registry's, when followed
+        return str(version) if version else self.answerer.chat.name.rsplit("@", 1)[-1]
 
     def _model_origin(self) -> str:
         chat = self.settings.chat
@@ -563,3 +570,14 @@ class CoreService:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def _chunks(self, _who: Identity, body: dict[str, Any]) -> list[dict[str, str]]:
+        """A seeded sample of indexed chunk texts (``appliance dataset build --from docs``
+        reads them here, since this process owns the index)."""
+        from finetune.synthetic import sample_chunks
+
+        limit, seed = int(body.get("limit", 50)), int(body.get("seed", 0))
+        if not 1 <= limit <= 10_000:
+            raise ValueError(f"limit must be between 1 and 10000, got {limit}")
+        collection = self.ingestion.searcher.collection
+        return [c.as_json() for c in sample_chunks(self.ingestion.state, collection, limit, seed)]

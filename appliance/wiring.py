@@ -205,13 +205,46 @@ def _old_embedder(settings: Settings, path: str | None, model_id: str | None) ->
     return model
 
 
+def build_active_chat_model(settings: Settings) -> Any:
+    """The chat model that answers. With llama.cpp that is the model registry's active version
+    (the configured or packaged GGUF is its base), checked by hash and switched without a
+    restart; server backends serve whatever model their settings name."""
+    from appliance.chat_models import (
+        GenerationParams,
+        LlamaCppChatModel,
+        build_chat_model,
+        default_chat_model_path,
+    )
+
+    chat = settings.chat
+    if chat.backend != "llamacpp":
+        return build_chat_model(chat)
+    from finetune.registry import ModelRegistry
+
+    from appliance.active_model import RegistryChatModel
+
+    base = chat.model_path or default_chat_model_path()
+    if not base.is_file():
+        return build_chat_model(chat)  # raises the actionable "not a file" error
+    registry = ModelRegistry(settings.models_dir)
+    registry.ensure_base(base)
+    params = GenerationParams(
+        max_tokens=chat.max_tokens, temperature=chat.temperature, seed=chat.seed
+    )
+    return RegistryChatModel(
+        registry,
+        lambda path: LlamaCppChatModel(
+            path, n_ctx=chat.n_ctx, n_threads=chat.n_threads, seed=chat.seed, default_params=params
+        ),
+        default_params=params,
+    )
+
+
 def build_answerer(settings: Settings, ingestion: Ingestion) -> Any:
     """The answering engine over the ingestion's searchable collection, with the configured
     chat model; the model is closed with the ingestion."""
     from appliance.answering import Answerer, CrossEncoderReranker
-    from appliance.chat_models import build_chat_model
-
-    chat = build_chat_model(settings.chat)
+    chat = build_active_chat_model(settings)
     ingestion._stack.callback(chat.close)
     path = settings.answer.rerank_model_path
     return Answerer(

@@ -44,6 +44,7 @@ def main() -> None:
             st.Page("views/documents.py", title="Documents"),
             st.Page("views/users.py", title="Users"),
             st.Page("views/models.py", title="Models"),
+            st.Page("views/finetune.py", title="Fine-tuning", url_path="finetune"),
         ]
     page = st.navigation(pages)
     with st.sidebar:

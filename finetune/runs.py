@@ -1,0 +1,390 @@
+"""A fine-tuning run from dataset to registered model: train, export, gate, register, activate.
+
+A run is a folder under ``DATA/finetune/runs/RUN``. ``request.json`` says what to do (the
+dataset and the resolved run config); ``state.json`` says how far it got. Every stage leaves
+its output in the folder before the state moves on, so ``appliance finetune resume RUN``
+continues a run that was stopped, killed or queued from the UI, skipping finished stages:
+
+    queued ─► training ─► exporting ─► gating ─► activated | rejected
+                 │ (stop: checkpoint)                       (failed: error kept in the state)
+                 ▼
+              stopped
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ApplianceError, ConfigError
+from appliance.evaluation import GoldenItem, evaluate, load_golden
+from appliance.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FINAL = ("activated", "rejected", "registered", "failed")
+
+
+# --- the run folder --------------------------------------------------------------------------
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def run_dir(settings: Settings, run_id: str) -> Path:
+    if not run_id or "/" in run_id or run_id.startswith(".") or "\\" in run_id:
+        raise ConfigError(f"{run_id!r} is not a run id")
+    folder = settings.runs_dir / run_id
+    if not (folder / "request.json").is_file():
+        raise ConfigError(f"no fine-tuning run {run_id!r} in {settings.runs_dir}")
+    return folder
+
+
+def state(folder: Path) -> dict[str, Any]:
+    return _read_json(folder / "state.json") or {"status": "unknown"}
+
+
+def _set_state(folder: Path, status: str, **extra: Any) -> dict[str, Any]:
+    current = state(folder)
+    current.update(extra, status=status, updated=time.time())
+    current.setdefault("history", []).append({"status": status, "time": time.time()})
+    _write_json(folder / "state.json", current)
+    return current
+
+
+def create_run(
+    settings: Settings,
+    dataset: str | Path,
+    *,
+    config_path: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    requested_by: str = "local",
+) -> Path:
+    """A queued run: its folder with the request (dataset and resolved config)."""
+    from finetune.config import load_run_config
+    from finetune.dataset import load_dataset
+
+    info = load_dataset(_dataset_path(settings, dataset))
+    config = load_run_config(config_path, **(overrides or {}))
+    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+    folder = settings.runs_dir / run_id
+    folder.mkdir(parents=True)
+    _write_json(
+        folder / "request.json",
+        {
+            "run": run_id,
+            "dataset": str(info.path),
+            "dataset_sha256": info.sha256,
+            "config": config.model_dump(mode="json"),
+            "requested_by": requested_by,
+            "created": time.time(),
+        },
+    )
+    _set_state(folder, "queued", run=run_id)
+    return folder
+
+
+def _dataset_path(settings: Settings, dataset: str | Path) -> Path:
+    path = Path(dataset)
+    if path.is_dir():
+        return path
+    named = settings.datasets_dir / str(dataset)
+    if named.is_dir():
+        return named
+    raise ConfigError(
+        f"no dataset {str(dataset)!r}: give a dataset folder or a name from "
+        "`appliance dataset list` (build one with `appliance dataset build`)"
+    )
+
+
+def list_runs(settings: Settings) -> list[dict[str, Any]]:
+    runs = []
+    if settings.runs_dir.is_dir():
+        for folder in sorted(settings.runs_dir.iterdir(), reverse=True):
+            request = _read_json(folder / "request.json")
+            if not isinstance(request, dict):
+                continue
+            progress = _read_json(folder / "progress.json") or {}
+            current = state(folder)
+            runs.append(
+                {
+                    "run": folder.name,
+                    "status": current.get("status"),
+                    "error": current.get("error"),
+                    "version": current.get("version"),
+                    "dataset": request.get("dataset"),
+                    "requested_by": request.get("requested_by"),
+                    "created": request.get("created"),
+                    "step": progress.get("step"),
+                    "max_steps": progress.get("max_steps"),
+                    "loss": progress.get("loss"),
+                    "gate": current.get("gate"),
+                    "loss_curve": str(folder / "loss.png")
+                    if (folder / "loss.png").is_file()
+                    else None,
+                    "gate_report": str(folder / "gate" / "gate.html")
+                    if (folder / "gate" / "gate.html").is_file()
+                    else None,
+                }
+            )
+    return runs
+
+
+# --- the golden set, evaluated with a given GGUF ----------------------------------------------
+
+
+def golden_items(settings: Settings, limit: int | None = None) -> list[GoldenItem]:
+    path = settings.finetune.golden_path
+    if path is None:
+        return []
+    if not path.is_file():
+        raise ConfigError(f"finetune.golden_path {path} is not a file")
+    return load_golden(path, limit)
+
+
+def evaluate_with_model(
+    settings: Settings, answerer: Any, gguf: Path, items: Sequence[GoldenItem]
+) -> dict[str, Any]:
+    """The golden set through ``answerer``'s retrieval with the chat model in ``gguf``."""
+    from appliance.answering import Answerer
+    from appliance.chat_models import GenerationParams, LlamaCppChatModel
+
+    chat = settings.chat
+    params = GenerationParams(max_tokens=chat.max_tokens, temperature=0.0, seed=chat.seed)
+    with LlamaCppChatModel(
+        gguf, n_ctx=chat.n_ctx, n_threads=chat.n_threads, seed=chat.seed, default_params=params
+    ) as model:
+        twin = Answerer(
+            index=answerer._index,
+            chat=model,
+            settings=answerer.settings,
+            chat_settings=answerer.chat_settings,
+            reranker=answerer.reranker,
+        )
+        return evaluate(items, lambda q: twin.answer(q).as_json(), k=settings.answer.top_k)
+
+
+def golden_evaluator(settings: Settings) -> Callable[[Path, Sequence[GoldenItem]], Any]:
+    """Evaluate through the running core service (it owns the index) or, when none runs, by
+    opening the index in this process."""
+    from appliance.api import ServiceClient
+
+    def remote(gguf: Path, items: Sequence[GoldenItem]) -> dict[str, Any]:
+        client = ServiceClient.find(settings.data_dir)
+        if client is None:
+            return local(gguf, items)
+        body = {"gguf": str(gguf), "items": [asdict(i) for i in items]}
+        result: dict[str, Any] = client.call("POST", "/admin/finetune/evaluate", body)
+        return result
+
+    def local(gguf: Path, items: Sequence[GoldenItem]) -> dict[str, Any]:
+        from appliance.wiring import build_answerer, open_ingestion
+
+        with open_ingestion(settings, settings.ingest.docs_dir, role="appliance gate") as ing:
+            answerer = build_answerer(settings, ing)
+            return evaluate_with_model(settings, answerer, gguf, items)
+
+    return remote
+
+
+# --- executing a run ---------------------------------------------------------------------------
+
+
+def _result_dict(result: Any) -> dict[str, Any]:
+    data = asdict(result) if is_dataclass(result) and not isinstance(result, type) else result
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dict(data).items()}
+
+
+def base_gguf(settings: Settings) -> Path:
+    from appliance.chat_models import default_chat_model_path
+
+    return settings.chat.model_path or default_chat_model_path()
+
+
+def execute(
+    settings: Settings,
+    folder: Path,
+    *,
+    progress: bool = True,
+    stop: threading.Event | None = None,
+    activate: bool = True,
+    say: Callable[[str], None] = lambda _m: None,
+) -> dict[str, Any]:
+    """Run (or continue) every stage of the run in ``folder``; the final state."""
+    try:
+        return _execute(settings, folder, progress, stop, activate, say)
+    except ApplianceError as exc:
+        _set_state(folder, "failed", error=str(exc))
+        raise
+    except Exception as exc:  # a training or export library failing: keep the reason
+        log.exception("fine-tuning run %s failed", folder.name)
+        _set_state(folder, "failed", error=f"{type(exc).__name__}: {exc}")
+        raise ApplianceError(f"fine-tuning run {folder.name} failed: {exc}") from exc
+
+
+def _execute(
+    settings: Settings,
+    folder: Path,
+    progress: bool,
+    stop: threading.Event | None,
+    activate: bool,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    from finetune.base_model import ensure_hf_base
+    from finetune.config import RunConfig
+    from finetune.dataset import load_dataset
+    from finetune.registry import ModelRegistry
+
+    request = _read_json(folder / "request.json")
+    if not isinstance(request, dict):
+        raise ConfigError(f"{folder} holds no readable request.json")
+    current = state(folder)
+    if current.get("status") in FINAL and current.get("status") != "failed":
+        return current
+    config = RunConfig.model_validate(request["config"])
+    dataset = load_dataset(Path(request["dataset"]))
+    registry = ModelRegistry(settings.models_dir)
+    registry.ensure_base(base_gguf(settings))
+    source = settings.finetune.base_model_path or base_gguf(settings)
+
+    # 1. train (or continue training)
+    _set_state(folder, "training")
+    say(f"run {folder.name}: base model {source.name}")
+    base_dir = ensure_hf_base(source, settings.models_dir / "hf")
+    result = _train(folder, dataset.path, config, base_dir, progress, stop)
+    if result.get("status") == "stopped" or (stop is not None and stop.is_set()):
+        return _set_state(folder, "stopped", train=result)
+    if result.get("fallback_reason"):
+        say(f"note: {result['fallback_reason']}")
+    _set_state(folder, "exporting", train=result)
+
+    # 2. merge, GGUF, quantize, smoke test, LoRA GGUF
+    exported = _read_json(folder / "export.json")
+    if not isinstance(exported, dict):
+        from finetune.export import export_run
+
+        say("merging the adapter and converting to GGUF")
+        exported = _result_dict(
+            export_run(
+                Path(result["base_dir"]),
+                Path(result["adapter_dir"]),
+                folder / "export",
+                settings.finetune.quantization,
+            )
+        )
+        _write_json(folder / "export.json", exported)
+
+    # 3. gate against the serving model
+    _set_state(folder, "gating")
+    report = _gate(settings, folder, registry, dataset, Path(exported["gguf"]), say)
+
+    # 4. register with full lineage; activate only what passed
+    record = {
+        "run_id": folder.name,
+        "parent": "base",
+        "base_model": str(source),
+        "dataset": str(dataset.path),
+        "dataset_sha256": dataset.sha256,
+        "config": request["config"],
+        "train": result,
+        "export": exported,
+        "gate": {
+            "passed": report.passed,
+            "failures": report.failures,
+            "reference": report.reference,
+            "metrics": report.metrics(),
+            "report": str(folder / "gate" / "gate.html"),
+        },
+    }
+    version = current.get("version") or registry.register(record)
+    _set_state(folder, "registered", version=version, gate=record["gate"])
+    if report.passed and activate:
+        registry.activate(version)
+        say(f"{version} passed the gate and is now active")
+        return _set_state(folder, "activated", version=version)
+    say(
+        f"{version} is registered but not active: "
+        + ("; ".join(report.failures) if report.failures else "activation was not requested")
+    )
+    return _set_state(folder, "rejected" if not report.passed else "registered", version=version)
+
+
+def _train(
+    folder: Path,
+    dataset_dir: Path,
+    config: Any,
+    base_dir: Path,
+    progress: bool,
+    stop: threading.Event | None,
+) -> dict[str, Any]:
+    from finetune import train
+
+    done = _read_json(folder / "result.json")
+    if isinstance(done, dict) and done.get("status", "done") == "done":
+        return done
+    if (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir()):
+        outcome = train.resume(folder, progress=progress, stop=stop)
+    else:
+        outcome = train.train(
+            folder, dataset_dir, config, base=base_dir, progress=progress, stop=stop
+        )
+    data = _result_dict(outcome)
+    progress_state = _read_json(folder / "progress.json") or {}
+    data.setdefault("status", progress_state.get("status", "done"))
+    return data
+
+
+def _gate(
+    settings: Settings,
+    folder: Path,
+    registry: Any,
+    dataset: Any,
+    candidate: Path,
+    say: Callable[[str], None],
+) -> Any:
+    from appliance.chat_models import LlamaCppChatModel
+    from finetune.gate import run_gate, write_report
+
+    active = registry.active()
+    reference = (str(active["version"]), registry.verified_gguf(str(active["version"])))
+    heldout = _jsonl(dataset.heldout_path)
+    golden = golden_items(settings)
+    threads = settings.chat.n_threads
+    report = run_gate(
+        reference=reference,
+        candidate=("candidate " + folder.name, candidate),
+        load=lambda path: LlamaCppChatModel(path, n_ctx=2048, n_threads=threads, seed=0),
+        heldout=heldout,
+        golden=golden,
+        golden_evaluator=golden_evaluator(settings) if golden else None,
+        max_drop=settings.finetune.gate_max_drop,
+        max_tokens=settings.chat.max_tokens,
+        progress=say,
+    )
+    write_report(report, folder / "gate")
+    return report
+
+
+def _jsonl(path: Path | None) -> list[dict[str, Any]]:
+    if path is None or not path.is_file():
+        return []
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
