@@ -11,10 +11,12 @@ Requests without a session come from the appliance's own operators on the host (
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import mimetypes
 import os
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +34,8 @@ from appliance.wiring import Ingestion
 log = logging.getLogger(__name__)
 
 _SAFE_NAME = re.compile(r"^[^/\\\x00-\x1f\x7f]{1,200}$")
+# File systems limit a name to 255 bytes, not characters: 200 "é" are 400 bytes.
+_MAX_NAME_BYTES = 200
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,7 @@ class CoreService:
             ("POST", "/admin/grants"): admin(self._grants),
             ("GET", "/admin/models"): admin(lambda _who, _b: self._models()),
             ("GET", "/admin/feedback"): admin(lambda _who, _b: self._feedback_stats()),
+            ("POST", "/admin/backup"): admin(self._backup),
             ("POST", "/admin/chunks"): admin(self._chunks),
         }
         from appliance.model_routes import model_routes
@@ -384,7 +389,13 @@ class CoreService:
         name = os.path.basename(str(body["name"]).replace("\\", "/"))
         folder = str(body.get("folder") or "").strip("/")
         for part in [name, *([folder] if folder else [])]:
-            if not _SAFE_NAME.match(part) or part in (".", "..") or is_ignored_name(part):
+            too_long = len(part.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES
+            if (
+                not _SAFE_NAME.match(part)
+                or part in (".", "..")
+                or is_ignored_name(part)
+                or too_long
+            ):
                 raise ValueError(f"unsafe file or folder name {part!r}")
         if Path(name).suffix.lower() not in supported_suffixes():
             known = ", ".join(sorted(supported_suffixes()))
@@ -401,9 +412,19 @@ class CoreService:
             raise AccessDenied("the folder is outside the documents folder")
         target_dir.mkdir(parents=True, exist_ok=True)
         target = target_dir / name
-        tmp = target_dir / f".{name}.upload"
-        tmp.write_bytes(data)
-        os.replace(tmp, target)  # atomic: the watcher never sees a partial file
+        # A fresh hidden name (O_EXCL): a link planted at a predictable temporary name in the
+        # watched folder cannot redirect the write; the rename is atomic, so the watcher never
+        # sees a partial file.
+        fd, tmp = tempfile.mkstemp(dir=target_dir, prefix=".upload-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         rel = target.relative_to(root).as_posix()
         self._audit("document_upload", who.username, path=rel, size=len(data))
         return {"path": rel, "size": len(data)}
@@ -581,3 +602,20 @@ class CoreService:
             raise ValueError(f"limit must be between 1 and 10000, got {limit}")
         collection = self.ingestion.searcher.collection
         return [c.as_json() for c in sample_chunks(self.ingestion.state, collection, limit, seed)]
+
+    def _backup(self, who: Identity, body: dict[str, Any]) -> dict[str, Any]:
+        """A backup of the data folder this service owns, with ingestion's writes held while
+        the index and its state are copied (appliance.backup)."""
+        from appliance.backup import create_backup
+
+        path = Path(str(body["path"]))
+        if not path.is_absolute():
+            raise ValueError(f"the backup path must be absolute, got {path}")
+        manifest = create_backup(
+            self.settings,
+            path,
+            include_models=bool(body.get("include_models")),
+            ingestion=self.ingestion,
+        )
+        self._audit("admin", who.username, action="backup", target=str(path))
+        return manifest

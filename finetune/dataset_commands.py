@@ -1,9 +1,112 @@
-"""Placeholder: commands are added by the module owner."""
+"""``appliance dataset build|list|show``: training datasets for fine-tuning (``finetune.dataset``).
+
+Heavy work (the chat model, for ``--from docs``) is imported only when a command runs.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+from pathlib import Path
 from typing import Any
+
+from appliance.settings import Settings
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+
+
+def cmd_build(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.dataset import build_dataset
+
+    info = build_dataset(
+        settings,
+        args.sources,
+        args.out,
+        seed=args.seed,
+        limit=args.limit,
+        golden=Path(args.golden) if args.golden else None,
+    )
+    if args.json:
+        _print_json(info.summary())
+        return 0
+    print(
+        f"dataset {info.name}: train {info.train}, heldout {info.heldout}, "
+        f"preferences {info.preferences}  (sha256 {info.sha256[:12]})"
+    )
+    print(f"  examples by source: {_counts(info.sources)}")
+    print(f"  rejected: {_counts(info.rejected)}")
+    print(f"  dropped for golden overlap: {info.dropped_for_golden_overlap}")
+    print(f"  in {info.path}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.dataset import list_datasets
+
+    found = list_datasets(settings)
+    if args.json:
+        _print_json({"datasets": [d.summary() for d in found]})
+        return 0
+    if not found:
+        print("no datasets yet (build one: appliance dataset build --from feedback)")
+    for d in found:
+        print(
+            f"{d.name:32s} {d.created:25s} train {d.train:5d}  heldout {d.heldout:4d}  "
+            f"preferences {d.preferences:4d}  {d.sha256[:12]}"
+        )
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.dataset import dataset_path, load_dataset
+
+    info = load_dataset(dataset_path(settings, args.name))  # verifies the content hash
+    if args.json:
+        _print_json(info.manifest)
+        return 0
+    print(json.dumps(info.manifest, indent=2, ensure_ascii=False))
+    return 0
 
 
 def add_commands(sub: Any) -> None:  # argparse._SubParsersAction
-    del sub
+    p = sub.add_parser("dataset", help="build and inspect fine-tuning datasets")
+    actions = p.add_subparsers(dest="action", required=True)
+
+    b = actions.add_parser(
+        "build", help="build a dataset from feedback, the documents or a JSONL file"
+    )
+    b.add_argument(
+        "--from",
+        dest="sources",
+        action="append",
+        required=True,
+        metavar="feedback|docs|FILE",
+        help="a source; repeat to combine: feedback (approved answers and preference pairs), "
+        "docs (synthetic pairs from indexed chunks), or a JSONL file of instruction pairs",
+    )
+    b.add_argument("--out", help="dataset name (default: dataset-DATE-TIME)")
+    b.add_argument(
+        "--limit", type=int, help="at most N examples per source (docs: N chunks sampled)"
+    )
+    b.add_argument("--seed", type=int, default=0, help="seeds sampling and the split")
+    b.add_argument(
+        "--golden", help="the evaluation golden set to keep out (default: finetune.golden_path)"
+    )
+    b.add_argument("--json", action="store_true", help="print the summary as JSON")
+    b.set_defaults(func=cmd_build, log_file=True)
+
+    s = actions.add_parser("list", help="the built datasets")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_list, log_file=False)
+
+    s = actions.add_parser("show", help="a dataset's manifest (its content hash is verified)")
+    s.add_argument("name")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_show, log_file=False)
