@@ -55,14 +55,11 @@ def _quiet_model_loading() -> None:
     """Progress bars of weight loading are noise on a terminal and in JSON pipelines."""
     import os
 
+    # Environment only: importing transformers here took 2 s, before the data-folder lock was
+    # even tried, so a second writer was refused late. The libraries read these at import.
     os.environ.setdefault("TQDM_DISABLE", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -147,6 +144,7 @@ def _progress_bar() -> Callable[[str, int, int], None]:
 
 def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     """The core service: the watcher, the local API, /metrics (``serve`` and ``watch``)."""
+    from appliance.sdnotify import ServiceNotifier, http_alive
     from appliance.wiring import open_core_service
 
     _quiet_model_loading()
@@ -154,7 +152,13 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     docs.mkdir(parents=True, exist_ok=True)
     stop = _stop_on_signals()
     service = open_core_service(settings, docs, role=f"appliance {args.command}")
-    with service.ingestion:
+    # Under systemd (Type=notify): READY=1 once the API answers, watchdog pings while it does,
+    # STOPPING=1 on the way out. A no-op in a terminal.
+    notifier = ServiceNotifier(
+        lambda: http_alive(settings.service.host, service.api.port),
+        status=lambda: f"watching {docs}; API on {settings.service.host}:{service.api.port}",
+    )
+    with service.ingestion, notifier:
         _ensure_first_admin(service, settings)
         print(
             f"core service: watching {docs} (data in {settings.data_dir}), API on "
@@ -846,7 +850,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except ApplianceError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return int(getattr(exc, "exit_code", EXIT_ERROR))  # e.g. 5: the disk is full
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

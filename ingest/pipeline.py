@@ -9,18 +9,28 @@ The previous version stays searchable until the new one is complete, and a faile
 it in place. ``recover()`` (run at every start) deletes what 'pending' and 'doomed' rows name
 and then compares the store's point ids with the live rows, so whatever a killed process left
 behind, the index again equals the state, and the folder scan makes the state equal the folder.
+
+A full disk pauses ingestion instead of failing files: ENOSPC or EDQUOT from the state, the store
+or the parser becomes ``DiskFullError`` out of ``reconcile`` (nothing is marked failed, so nothing
+is lost), ``status()["paused"]`` says why, and the next reconcile first runs ``recover()`` and then
+carries on. Qdrant Edge 0.9 writes through memory maps and dies with SIGBUS instead of raising when
+the disk fills under it, so the indexer also refuses to write while less than ``min_free_bytes``
+(plus a margin for the write in hand) is free where the state lives.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import queue
+import shutil
+import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,6 +58,48 @@ log = logging.getLogger(__name__)
 _POINT_NS = uuid.UUID("6f1c2f0e-8d7a-4b8e-9a51-3c0d2b7e9f10")
 HELD_DELETIONS = "held_deletions"
 CACHE_TTL_S = 24 * 3600
+MIN_FREE_BYTES = 64 * 1024 * 1024
+"""Free space kept in reserve on the data folder's disk: below it the indexer pauses, because
+Qdrant Edge's memory-mapped write-ahead log kills the process (SIGBUS) on a full disk."""
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_SQLITE_FULL = 13  # SQLITE_FULL: "database or disk is full"
+_DISK_FULL_TEXTS = ("no space left on device", "disk quota exceeded", "database or disk is full")
+
+
+class DiskFullError(IngestError):
+    """Ingestion paused: the data folder's disk (or quota) is full. Nothing was lost; the next
+    reconcile carries on once there is space. ``exit_code`` is the CLI's distinct exit status."""
+
+    exit_code = 5
+
+
+def disk_full_reason(exc: BaseException) -> str | None:
+    """Why ``exc`` (or an exception it was raised from) means a full disk, or None.
+
+    SQLite reports SQLITE_FULL, OSError carries errno, and Qdrant Edge raises plain exceptions
+    whose text holds the OS message, so all three are recognised."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DiskFullError):
+            return str(current)
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return os_strerror(current)
+        if isinstance(current, sqlite3.Error) and (
+            getattr(current, "sqlite_errorcode", None) == _SQLITE_FULL
+        ):
+            return f"the ingestion state database: {current}"
+        text = str(current).lower()
+        if any(t in text for t in _DISK_FULL_TEXTS):
+            return str(current)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def os_strerror(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or errno.errorcode.get(exc.errno or 0, 'OSError')}{where}"
 
 
 class Parser(Protocol):
@@ -120,6 +172,7 @@ class Indexer:
         suffixes: frozenset[str],
         ingest: IngestSettings,
         chunking: ChunkingSettings,
+        min_free_bytes: int = MIN_FREE_BYTES,
     ) -> None:
         self.docs_dir = docs_dir
         self.state = state
@@ -134,6 +187,55 @@ class Indexer:
         # One writer at a time: the watcher thread and API calls share the indexer.
         self._write_lock = threading.RLock()
         self._interrupted = threading.Event()
+        self.min_free_bytes = min_free_bytes
+        self.paused: str | None = None
+        """Why ingestion is paused ("disk full: ..."), or None while it runs."""
+
+    @contextlib.contextmanager
+    def writes_held(self) -> Iterator[None]:
+        """Hold every write (waits for the batch in hand) and flush the store, so that the
+        state and the index on disk agree while the caller copies them (a backup)."""
+        with self._write_lock:
+            self.store.flush()
+            yield
+
+    # --- disk space --------------------------------------------------------------------------
+
+    def free_bytes(self) -> int | None:
+        """Free bytes where the ingestion state lives (the data folder), None if unknown."""
+        try:
+            return shutil.disk_usage(self.state.path.parent).free
+        except OSError:
+            return None
+
+    def has_space(self, extra: int = 0) -> bool:
+        free = self.free_bytes()
+        return free is None or free >= self.min_free_bytes + extra
+
+    def _check_space(self, extra: int = 0) -> None:
+        """Refuse a write that could fill the disk under the store (see the module docstring)."""
+        free = self.free_bytes()
+        if free is not None and free < self.min_free_bytes + extra:
+            raise DiskFullError(
+                f"disk full: {free / 1048576:.1f} MiB free in {self.state.path.parent}, "
+                f"{(self.min_free_bytes + extra) / 1048576:.1f} MiB needed to write safely; "
+                "ingestion is paused and resumes by itself once space is freed"
+            )
+
+    def _pause(self, exc: BaseException, reason: str) -> DiskFullError:
+        message = reason if reason.startswith("disk full") else f"disk full: {reason}"
+        if self.paused is None:
+            # Once per episode: the watcher retries every few seconds until space is back.
+            log.error("ingestion paused: %s", message)
+        self.paused = message
+        return exc if isinstance(exc, DiskFullError) else DiskFullError(message)
+
+    def _resume(self) -> None:
+        if self.paused is not None:
+            # A write cut short by the full disk may have left pending rows and points.
+            self.recover()
+            log.warning("disk space is available again: ingestion resumed")
+            self.paused = None
 
     def interrupt(self) -> None:
         """Stop a running reconcile after the file in hand (the rest stays queued)."""
@@ -221,42 +323,72 @@ class Indexer:
         start = time.monotonic()
         report = IngestReport()
         with self._write_lock:
-            if not self.docs_dir.is_dir():
-                raise IngestError(
-                    f"documents folder {self.docs_dir} does not exist or is not a folder"
-                )
-            known = self.state.files(self.collection)
-            wanted = set(only) if only is not None else None
-            found: dict[str, FoundFile] = {}
-            for item in walk(self.docs_dir, self.suffixes):
-                if isinstance(item, tuple):
-                    rel, reason = item
-                    if wanted is None or rel in wanted:
-                        self._reject(rel, reason, report)
-                    continue
-                if wanted is None or item.rel in wanted:
-                    found[item.rel] = item
-            todo: list[FoundFile] = []
-            for rel, item in found.items():
-                row = known.get(rel)
-                if row is not None and row.size == item.size and row.mtime_ns == item.mtime_ns:
-                    if row.state == "failed":
-                        report.failed += 1  # retried when the file changes
-                        report.failures.append({"path": rel, "reason": row.reason or "failed"})
-                        continue
-                    if row.indexed_sha256 is not None and row.indexed_sha256 == row.sha256:
-                        report.unchanged += 1
-                        continue
-                todo.append(item)
-            scope = known if wanted is None else {r: known[r] for r in wanted if r in known}
-            gone = sorted(rel for rel in scope if rel not in found)
-            self._index_files(todo, known, report, progress)
-            self._remove_files(gone, known, report, confirm_deletions, full=wanted is None)
-            self.store.flush()
-            if wanted is None:
-                self.state.prune_cache(CACHE_TTL_S)
+            try:
+                self._reconcile(report, confirm_deletions, progress, only)
+            except Exception as exc:
+                reason = disk_full_reason(exc)
+                if reason is None:
+                    raise
+                raise self._pause(exc, reason) from exc
         report.seconds = round(time.monotonic() - start, 3)
         return report
+
+    def _reconcile(
+        self,
+        report: IngestReport,
+        confirm_deletions: bool,
+        progress: ProgressFn | None,
+        only: Iterable[str] | None,
+    ) -> None:
+        """The body of ``reconcile``, run under the write lock."""
+        if self.paused is not None:
+            self._check_space()
+            self._resume()
+        if not self.docs_dir.is_dir():
+            raise IngestError(f"documents folder {self.docs_dir} does not exist or is not a folder")
+        known = self.state.files(self.collection)
+        wanted = set(only) if only is not None else None
+        found: dict[str, FoundFile] = {}
+        rejected: dict[str, str] = {}
+        for item in walk(self.docs_dir, self.suffixes):
+            if isinstance(item, tuple):
+                rel, reason = item
+                if wanted is None or rel in wanted:
+                    rejected[rel] = reason
+                continue
+            if wanted is None or item.rel in wanted:
+                found[item.rel] = item
+        todo: list[FoundFile] = []
+        for rel, item in found.items():
+            row = known.get(rel)
+            if row is not None and row.size == item.size and row.mtime_ns == item.mtime_ns:
+                if row.state == "failed":
+                    report.failed += 1  # retried when the file changes
+                    report.failures.append({"path": rel, "reason": row.reason or "failed"})
+                    continue
+                if row.indexed_sha256 is not None and row.indexed_sha256 == row.sha256:
+                    report.unchanged += 1
+                    continue
+            todo.append(item)
+        scope = known if wanted is None else {r: known[r] for r in wanted if r in known}
+        # A rejected file, or one whose name is not UTF-8 (its row is under the display
+        # form), is still in the folder: its failure row stays, or `status` would lose the
+        # reason on every other scan. A rejected file's earlier indexed version does go.
+        shown_rejected = {display_path(rel) for rel in rejected}
+        present = shown_rejected | {display_path(rel) for rel in found}
+        gone = sorted(
+            rel
+            for rel in scope
+            if rel not in present
+            or (rel in shown_rejected and scope[rel].indexed_sha256 is not None)
+        )
+        self._index_files(todo, known, report, progress)
+        self._remove_files(gone, known, report, confirm_deletions, full=wanted is None)
+        for rel, reason in rejected.items():
+            self._reject(rel, reason, report)
+        self.store.flush()
+        if wanted is None:
+            self.state.prune_cache(CACHE_TTL_S)
 
     def _reject(self, rel: str, reason: str, report: IngestReport) -> None:
         shown = display_path(rel)
@@ -296,6 +428,8 @@ class Indexer:
         elif full or confirmed:
             # Only a whole-folder scan (or a confirmation) knows that nothing is held any more.
             self.state.set_meta(HELD_DELETIONS, None)
+        if gone:
+            self._check_space()  # a deletion, too, appends to the store's write-ahead log
         for rel in gone:
             self.remove(rel)
             if known[rel].indexed_sha256 is not None:
@@ -325,7 +459,9 @@ class Indexer:
             # before that must not mistake the file for an unchanged one.
             self.state.set_file_state(self.collection, display_path(item.rel), "queued")
         # Parse the next files while this one is embedded: the parser is another process.
-        prepared: queue.Queue[tuple[FoundFile, _Prepared | str | None]] = queue.Queue(maxsize=2)
+        prepared: queue.Queue[tuple[FoundFile, _Prepared | str | Exception | None]] = queue.Queue(
+            maxsize=2
+        )
         stop = threading.Event()
 
         def produce() -> None:
@@ -335,6 +471,10 @@ class Indexer:
                 try:
                     prepared.put((item, self._prepare_lexical(item)))
                 except Exception as exc:  # reported per file; never stops the batch
+                    if disk_full_reason(exc) is not None:
+                        # not the file's fault: it must stay queued, never be marked failed
+                        prepared.put((item, exc))
+                        return
                     log.exception("preparing %s failed", display_path(item.rel))
                     prepared.put((item, f"internal error: {type(exc).__name__}: {exc}"))
 
@@ -347,16 +487,23 @@ class Indexer:
                 item, result = prepared.get()
                 if progress:
                     progress(item.rel, done, len(todo))
+                if isinstance(result, Exception):
+                    raise result
                 if isinstance(result, str):
+                    if disk_full_reason(IngestError(result)) is not None:
+                        raise DiskFullError(f"disk full: {result}")
                     self._fail(item, result, report)
                     continue
                 if result is None:  # unchanged content (a touch)
                     report.unchanged += 1
                     continue
+                self._check_space(self._write_estimate(result))
                 try:
                     ready = self._embed(result)
                     self._write(ready)
                 except ParseError as exc:
+                    if disk_full_reason(exc) is not None:
+                        raise
                     self._fail(item, exc.reason, report)
                     continue
                 row = known.get(item.rel)
@@ -373,6 +520,11 @@ class Indexer:
                 with contextlib.suppress(queue.Empty):
                     prepared.get(timeout=0.1)
             producer.join()
+
+    def _write_estimate(self, prep: _Prepared) -> int:
+        """Bytes a file's write may add: its text in the state, the payload and the BM25 terms,
+        and each vector in the cache and the store (a generous over-estimate)."""
+        return 4 * sum(len(c.text) for c in prep.chunks) + 8 * self.embedder.dim * len(prep.chunks)
 
     def _fail(self, item: FoundFile, reason: str, report: IngestReport) -> None:
         rel = display_path(item.rel)
@@ -527,6 +679,7 @@ class Indexer:
                 and now - r.state_since > stuck_after
             ],
             "held_deletions": self.state.get_meta(HELD_DELETIONS),
+            "paused": self.paused,
         }
 
     def search(

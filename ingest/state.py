@@ -90,6 +90,7 @@ class IngestState:
     """The SQLite ingestion state. Thread-safe; one connection guarded by a lock."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path  # the indexer watches the free space of this file's disk
         # A commit here is a promise about the index: it must survive a power loss too.
         self._db = sqlite.connect(path, _SCHEMA, durable=True)
         self._lock = threading.RLock()

@@ -11,7 +11,8 @@ Events can be lost, so a full ``reconcile()`` runs:
   * when a folder is created, moved or deleted (cheaper than tracking its contents);
   * when inotify reports a queue overflow (seen through watchdog's warning, see
     ``_OverflowAlarm``) or its watches cannot be rebuilt;
-  * after a failed reconcile, with backoff (a documents share that went away);
+  * after a failed reconcile, with backoff (a documents share that went away), and at once when
+    the folder is back or, after a full disk paused the indexer, when space is free again;
   * every ``reconcile_interval_s`` (0: never), for whatever no signal revealed.
 
 ``health()`` reports 'degraded' with a reason while events may be missed (polling fallback,
@@ -51,7 +52,7 @@ from watchdog.observers.polling import PollingObserver
 
 from appliance.errors import IngestError
 from appliance.settings import IngestSettings
-from ingest.pipeline import Indexer, IngestReport
+from ingest.pipeline import DiskFullError, Indexer, IngestReport
 from ingest.scan import is_candidate, relative
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,7 @@ class FolderWatcher:
         self._lost_seq = 0
         self._failure: str | None = None
         self._folder_failed = False
+        self._disk_full = False
         self._held = 0
         self._last_reconcile: float | None = None
         self._last_error: str | None = None
@@ -350,6 +352,7 @@ class FolderWatcher:
                 "pending": len(self._pending),
                 "last_reconcile": self._last_reconcile,
                 "last_error": self._last_error,
+                "paused": self._indexer.paused,
             }
 
     # --- events (observer thread) ------------------------------------------------------------
@@ -497,6 +500,7 @@ class FolderWatcher:
         self._check_observer()
         # Outside the lock: a stat on a hung network share must not block health().
         folder_back = self._folder_failed and self._indexer.docs_dir.is_dir()
+        space_back = self._disk_full and self._indexer.has_space()
         now = time.monotonic()
         with self._cond:
             if self._next_timer is not None and now >= self._next_timer:
@@ -505,6 +509,8 @@ class FolderWatcher:
                     self._full_since, self._full_why = now, "periodic scan"
             if self._folder_failed and self._retry_at > now and folder_back:
                 self._retry_at = now  # the folder is back: do not wait for the backoff
+            if self._disk_full and self._retry_at > now and space_back:
+                self._retry_at = now  # space was freed: resume without waiting
             quiet = now - self._last_event >= self._debounce
             candidates = [
                 (rel, entry.last)
@@ -582,6 +588,7 @@ class FolderWatcher:
                 log.info("reconcile of %s succeeded again", self._indexer.docs_dir)
             self._failure = None
             self._folder_failed = False
+            self._disk_full = False
             self._failures = 0
             self._retry_at = 0.0
             self._last_reconcile = time.time()
@@ -604,7 +611,9 @@ class FolderWatcher:
         folder_gone = not self._indexer.docs_dir.is_dir()
         now = time.monotonic()
         with self._cond:
-            if message != self._last_error:
+            # The indexer logs a full disk itself, once per episode, whatever the retries say.
+            logged = isinstance(exc, DiskFullError)
+            if message != self._last_error and not logged:
                 if isinstance(exc, IngestError):
                     log.error("%s", message)
                 else:
@@ -612,6 +621,7 @@ class FolderWatcher:
             self._failure = message
             self._last_error = message
             self._folder_failed = folder_gone
+            self._disk_full = isinstance(exc, DiskFullError)
             if folder_gone:
                 self._observer_broken = True  # watch the folder anew once it is back
             self._failures += 1
