@@ -377,8 +377,9 @@ _DOCX_HEADING = re.compile(r"Heading\s*(\d)")
 
 def check_docx_zip(path: Path) -> None:
     """ParseError unless ``path`` is a zip whose declared sizes are safe to inflate: at most
-    512 MB in all and no member over 1 MB that compresses more than 100:1. (zipfile never
-    inflates a member past its declared size, so lying headers fail the CRC instead.)"""
+    512 MB in all and no member over 1 MB that compresses more than 100:1. Headers that
+    understate a member's size pass this check, and zipfile's read() inflates the whole member
+    before cutting it to the declared size: the sandbox's memory limit is what stops those."""
     _file_size(path)
     try:
         with zipfile.ZipFile(path) as archive:

@@ -71,18 +71,39 @@ def inside(root: Path, path: Path) -> bool:
         return False
 
 
+def symlink_problem(root: Path, path: Path) -> str | None:
+    """Why the symlink ``path`` must not be followed, or None when it stays inside ``root``.
+    A loop gets its own reason: "points outside" would send the admin looking elsewhere."""
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError up to 3.12, OSError (ELOOP) from 3.13
+        return "symlink loop: the link never reaches a file"
+    if not target.is_relative_to(root.resolve()):
+        return "symlink points outside the documents folder"
+    return None
+
+
 def walk(root: Path, suffixes: frozenset[str]) -> Iterator[FoundFile | tuple[str, str]]:
     """Yield the folder's documents, and ``(rel, reason)`` for files that must be rejected."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         base = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames if not is_ignored_name(d))
+        for name in dirnames:
+            # os.walk lists a symlinked folder but never enters it; one that leaves the folder
+            # (or loops) is reported, so a share linked in from elsewhere is not silently absent.
+            path = base / name
+            rel = relative(root, path)
+            problem = symlink_problem(root, path) if path.is_symlink() else None
+            if rel is not None and problem is not None:
+                yield rel, problem
         for name in sorted(filenames):
             path = base / name
             rel = relative(root, path)
             if rel is None or not is_candidate(rel, suffixes):
                 continue
-            if path.is_symlink() and not inside(root, path):
-                yield rel, "symlink points outside the documents folder"
+            problem = symlink_problem(root, path) if path.is_symlink() else None
+            if problem is not None:
+                yield rel, problem
                 continue
             try:
                 st = path.stat()
