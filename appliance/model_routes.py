@@ -102,7 +102,6 @@ def model_routes(service: CoreService) -> dict[tuple[str, str], Callable[[Reques
 
     def runs(_who: Identity, _body: dict[str, Any]) -> dict[str, Any]:
         from finetune.dataset import list_datasets
-
         from finetune.runs import list_runs
 
         return {"runs": list_runs(settings), "datasets": list_datasets(settings)}

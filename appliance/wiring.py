@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, ModelError
 from appliance.offline import allowed_hosts_from_urls, enforce_offline
 from appliance.ownership import DataDirLock
 from appliance.protocols import Embedder, StoreBackend
@@ -219,15 +219,20 @@ def build_active_chat_model(settings: Settings) -> Any:
     chat = settings.chat
     if chat.backend != "llamacpp":
         return build_chat_model(chat)
-    from finetune.registry import ModelRegistry
-
     from appliance.active_model import RegistryChatModel
+    from finetune.registry import ModelRegistry
 
     base = chat.model_path or default_chat_model_path()
     if not base.is_file():
         return build_chat_model(chat)  # raises the actionable "not a file" error
     registry = ModelRegistry(settings.models_dir)
-    registry.ensure_base(base)
+    try:
+        registry.ensure_base(base)
+    except ModelError as exc:
+        # The admin pointed chat.model_path at another model than the registry's base: serve
+        # what the settings say, and say why the registry's versions are not served.
+        log.warning("serving %s, not the model registry's active version: %s", base, exc)
+        return build_chat_model(chat)
     params = GenerationParams(
         max_tokens=chat.max_tokens, temperature=chat.temperature, seed=chat.seed
     )
@@ -244,6 +249,7 @@ def build_answerer(settings: Settings, ingestion: Ingestion) -> Any:
     """The answering engine over the ingestion's searchable collection, with the configured
     chat model; the model is closed with the ingestion."""
     from appliance.answering import Answerer, CrossEncoderReranker
+
     chat = build_active_chat_model(settings)
     ingestion._stack.callback(chat.close)
     path = settings.answer.rerank_model_path

@@ -70,7 +70,7 @@ def heldout_prompt(record: dict[str, Any]) -> tuple[list[ChatMessage], str]:
 def score_heldout(
     model: BaseChatModel, records: Sequence[dict[str, Any]], params: GenerationParams
 ) -> dict[str, Any]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for record in records:
         prompt, reference = heldout_prompt(record)
         answer, _stats = model.complete(prompt, params)
@@ -85,9 +85,10 @@ def score_heldout(
             }
         )
     n = len(rows) or 1
-    metrics = {name: round(sum(r[name] for r in rows) / n, 4) for name in HELDOUT_HEADLINE} | {
-        "questions": len(rows)
+    metrics: dict[str, float] = {
+        name: round(sum(float(r[name]) for r in rows) / n, 4) for name in HELDOUT_HEADLINE
     }
+    metrics["questions"] = len(rows)
     return {"metrics": metrics, "questions": rows}
 
 

@@ -213,10 +213,11 @@ def _result_dict(result: Any) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dict(data).items()}
 
 
-def base_gguf(settings: Settings) -> Path:
-    from appliance.chat_models import default_chat_model_path
+def _adapter_hashes(folder: Path) -> dict[str, Any]:
+    from finetune.export import file_sha256
 
-    return settings.chat.model_path or default_chat_model_path()
+    files = sorted(folder.glob("*.safetensors"))
+    return {"path": str(folder), "sha256": {f.name: file_sha256(f) for f in files}}
 
 
 def execute(
@@ -251,7 +252,7 @@ def _execute(
     from finetune.base_model import ensure_hf_base
     from finetune.config import RunConfig
     from finetune.dataset import load_dataset
-    from finetune.registry import ModelRegistry
+    from finetune.registry import registry_for
 
     request = _read_json(folder / "request.json")
     if not isinstance(request, dict):
@@ -261,9 +262,8 @@ def _execute(
         return current
     config = RunConfig.model_validate(request["config"])
     dataset = load_dataset(Path(request["dataset"]))
-    registry = ModelRegistry(settings.models_dir)
-    registry.ensure_base(base_gguf(settings))
-    source = settings.finetune.base_model_path or base_gguf(settings)
+    registry = registry_for(settings)
+    source = settings.finetune.base_model_path or Path(registry.get("base")["gguf"]["path"])
 
     # 1. train (or continue training)
     _set_state(folder, "training")
@@ -279,22 +279,27 @@ def _execute(
     # 2. merge, GGUF, quantize, smoke test, LoRA GGUF
     exported = _read_json(folder / "export.json")
     if not isinstance(exported, dict):
+        import shutil
+
         from finetune.export import export_run
 
-        say("merging the adapter and converting to GGUF")
-        exported = _result_dict(
-            export_run(
-                Path(result["base_dir"]),
-                Path(result["adapter_dir"]),
-                folder / "export",
-                settings.finetune.quantization,
-            )
+        say("merging the adapter, converting to GGUF, quantizing")
+        shutil.rmtree(folder / "export", ignore_errors=True)  # a half-done earlier attempt
+        outcome = export_run(
+            Path(result["base_dir"]),
+            Path(result["adapter_dir"]),
+            folder / "export",
+            settings.finetune.quantization,
+            n_threads=settings.chat.n_threads,
         )
+        exported = {"result": outcome.as_json(), "registry": outcome.registry_fields()}
         _write_json(folder / "export.json", exported)
+    for warning in exported["result"].get("warnings") or []:
+        say(f"note: {warning}")
 
     # 3. gate against the serving model
     _set_state(folder, "gating")
-    report = _gate(settings, folder, registry, dataset, Path(exported["gguf"]), say)
+    report = _gate(settings, folder, registry, dataset, Path(exported["result"]["gguf"]), say)
 
     # 4. register with full lineage; activate only what passed
     record = {
@@ -305,7 +310,8 @@ def _execute(
         "dataset_sha256": dataset.sha256,
         "config": request["config"],
         "train": result,
-        "export": exported,
+        "adapter": _adapter_hashes(Path(result["adapter_dir"])),
+        **exported["registry"],
         "gate": {
             "passed": report.passed,
             "failures": report.failures,
