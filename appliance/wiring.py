@@ -35,7 +35,11 @@ def prepare_process(settings: Settings) -> None:
 
     # llama.cpp's OpenMP threads spin while waiting; on a small shared CPU that costs 3-10x.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    enforce_offline(allowed_hosts_from_urls([settings.store.url, settings.chat.url]))
+    enforce_offline(
+        allowed_hosts_from_urls(
+            [settings.store.url, settings.chat.url, settings.finetune.ollama_url]
+        )
+    )
 
 
 def build_embedder(settings: Settings) -> Embedder:
