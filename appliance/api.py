@@ -50,6 +50,12 @@ class Raw:
 Handler = Callable[[Request], Any]
 
 
+class _Server(ThreadingHTTPServer):
+    # The default backlog of 5 reset connections when 20 UI sessions signed in at once while
+    # the model held the CPU (benchmarks/load_test.py).
+    request_queue_size = 128
+
+
 class ApiServer:
     """A threaded HTTP server whose routes are ``(method, path) -> handler(body) -> JSON``."""
 
@@ -157,7 +163,7 @@ class ApiServer:
                 self._handle("POST")
 
         try:
-            self._httpd = ThreadingHTTPServer((host, port), _Request)
+            self._httpd = _Server((host, port), _Request)
         except OSError as exc:
             raise ServiceError(
                 f"the core service cannot listen on {host}:{port}: {exc.strerror}; "

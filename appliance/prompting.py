@@ -35,7 +35,16 @@ _INSTRUCTION = re.compile(
     r"rules|prompt|prompts|directions|guidelines|context)\b|\b(system prompt|developer mode|"
     r"jailbreak)\b|\byou are (now|no longer)\b|\b(new|updated) instructions?\b|"
     r"\b(assistant|ai|model|chatbot)\b[^.!?\n]{0,40}\b(must|should|shall|will) (now )?"
-    r"(reply|respond|answer|say|output|print|reveal)\b|\b(reply|respond|answer) (only )?with\b",
+    r"(reply|respond|answer|say|output|print|reveal)\b|\b(reply|respond|answer) (only )?with\b|"
+    # Orders addressed to whoever reads the text (measured by benchmarks/prompt_injection.py),
+    # narrow enough that policy sentences ("staff must always include a badge") stay:
+    r"\b(always|never) (tell|remind|ask|instruct) (the )?(user|users|reader|readers)\b|"
+    r"\b(include|add|append|insert) (this|the following) (exact )?(code|text|link|string|"
+    r"message|line|url)\b|\b(reply|respond|answer|write)\b[^.!?\n]{0,30}\bonly in (french|"
+    r"german|spanish|italian|english|chinese|russian|dutch|portuguese|japanese|arabic)\b|"
+    r"\banswer (every|each|all) (question|questions|request|requests) with\b|"
+    r"\bask (the )?(user|reader|them)\b[^.!?\n]{0,40}\b(password|credentials|pin|"
+    r"account number|card)\b",
     re.IGNORECASE,
 )
 _SENTENCE = re.compile(r"[^.!?\n]*(?:[.!?]+|\n|$)")

@@ -407,7 +407,19 @@ class Indexer:
         *,
         full: bool,
     ) -> None:
-        indexed = [rel for rel in gone if known[rel].indexed_sha256 is not None]
+        gone_set = set(gone)
+        # New paths were indexed before this: a gone path whose content lives on under another
+        # path was renamed or moved, and removing it loses nothing.
+        living = {
+            row.indexed_sha256
+            for rel, row in self.state.files(self.collection).items()
+            if rel not in gone_set and row.indexed_sha256 is not None
+        }
+        indexed = [
+            rel
+            for rel in gone
+            if known[rel].indexed_sha256 is not None and known[rel].indexed_sha256 not in living
+        ]
         total = sum(1 for row in known.values() if row.indexed_sha256 is not None)
         s = self.settings
         if (
@@ -424,7 +436,8 @@ class Indexer:
                 len(indexed),
                 total,
             )
-            gone = [rel for rel in gone if known[rel].indexed_sha256 is None]
+            held = set(indexed)
+            gone = [rel for rel in gone if rel not in held]
         elif full or confirmed:
             # Only a whole-folder scan (or a confirmation) knows that nothing is held any more.
             self.state.set_meta(HELD_DELETIONS, None)

@@ -190,6 +190,23 @@ def test_mass_deletion_is_held_until_confirmed(make_indexer, tmp_path: Path) -> 
     assert index_problems(indexer) == []
 
 
+def test_moving_most_documents_is_not_a_mass_deletion(make_indexer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A reorganised folder (everything moved into subfolders) loses nothing: not held."""
+    docs = tmp_path / "many"
+    for i in range(12):
+        write(docs / f"doc{i}.txt", f"document number {i}\n")
+    indexer: Indexer = make_indexer(docs)
+    indexer.reconcile()
+    (docs / "archive").mkdir()
+    for i in range(10):
+        (docs / f"doc{i}.txt").rename(docs / "archive" / f"doc{i}.txt")
+    report = indexer.reconcile()
+    assert report.held_deletions == 0
+    assert report.removed == 10
+    assert indexer.state.counts(indexer.collection)[0] == 12
+    assert index_problems(indexer) == []
+
+
 def test_recover_undoes_half_done_writes(make_indexer, docs: Path) -> None:  # type: ignore[no-untyped-def]
     indexer: Indexer = make_indexer(docs)
     indexer.reconcile()
