@@ -346,7 +346,9 @@ def _train(
     done = _read_json(folder / "result.json")
     if isinstance(done, dict) and done.get("status", "done") == "done":
         return done
-    if (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir()):
+    if (folder / "config.json").is_file():
+        # Started before (stopped, killed or crashed): resume restarts from the newest
+        # checkpoint, or from step 0 when there is none yet.
         outcome = train.resume(folder, progress=progress, stop=stop)
     else:
         outcome = train.train(

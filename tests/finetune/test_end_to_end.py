@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # The recipe measured to teach the format on this model (see tests/finetune/format_data.py).
 RUN_CONFIG = """\
-max_steps: 60
+max_steps: 24
 learning_rate: 1.0e-3
 batch_size: 4
-max_seq_len: 160
-save_every: 20
+max_seq_len: 256
+save_every: 12
 """
 
 DOCS = {
@@ -87,7 +87,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     (work / "golden.jsonl").write_text(
         "".join(json.dumps(g) + "\n" for g in GOLDEN), encoding="utf-8"
     )
-    records = make_format_records(40, seed=1)
+    records = make_format_records(36, seed=1)
     (work / "pairs.jsonl").write_text(
         "".join(json.dumps({"messages": r["messages"]}) + "\n" for r in records),
         encoding="utf-8",
@@ -117,7 +117,7 @@ def test_every_stage_did_its_work(chain: dict[str, Any]) -> None:
     assert ask["sources"][0]["path"] == "policy.md"
     assert _read(work / "eval.json")["metrics"]["recall_at_k"] == 1.0
     dataset = _read(work / "dataset.json")
-    assert dataset["train"] + dataset["heldout"] == 40
+    assert dataset["train"] + dataset["heldout"] == 36
     final = _read(work / "finetune.json")
     assert final["status"] == "activated", final
     models = _read(work / "models.json")
