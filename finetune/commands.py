@@ -38,7 +38,14 @@ def add_commands(sub: Any) -> None:  # argparse._SubParsersAction
     )
     p.add_argument("run", nargs="?", help="the run id (resume, stop)")
     p.add_argument("--dataset", help="a dataset name (appliance dataset list) or folder")
-    p.add_argument("--config", type=Path, help="YAML run config (LoRA, schedule, steps, ...)")
+    # dest differs from the global --config (the settings file), which comes before the command:
+    # appliance --config settings.yaml finetune --dataset D --config run.yaml
+    p.add_argument(
+        "--config",
+        dest="run_config",
+        type=Path,
+        help="YAML run config (LoRA, schedule, steps, ...)",
+    )
     p.add_argument("--max-steps", type=int, help="training steps (overrides the run config)")
     p.add_argument(
         "--no-activate", action="store_true", help="register the model but do not activate it"
@@ -116,7 +123,7 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
             raise ApplianceError("say which dataset to train on: --dataset NAME_OR_FOLDER")
         overrides = {"max_steps": args.max_steps} if args.max_steps else {}
         folder = runs.create_run(
-            settings, args.dataset, config_path=args.config, overrides=overrides
+            settings, args.dataset, config_path=args.run_config, overrides=overrides
         )
     quiet = args.json or not sys.stderr.isatty()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -179,3 +180,71 @@ def test_feedback_is_stored_with_the_answer(service) -> None:  # type: ignore[no
     other = client_for(service, "clerk")
     with pytest.raises(ServiceError):
         other.call("POST", "/feedback", {"message": final["message"], "rating": "down"})
+
+
+def test_models_are_listed_activated_and_rolled_back_through_the_service(  # type: ignore[no-untyped-def]
+    service, tmp_path: Path
+) -> None:
+    import shutil
+
+    from appliance.chat_models import default_chat_model_path
+    from finetune.registry import ModelRegistry
+
+    admin = client_for(service, "boss")
+    listed = admin.call("GET", "/admin/models")
+    assert [(v["version"], v["active"]) for v in listed["versions"]] == [("base", True)]
+    copy = service.settings.models_dir / "v1-test.gguf"
+    shutil.copyfile(default_chat_model_path(), copy)
+    with copy.open("ab") as f:
+        f.write(b"\0" * 16)  # another file, another hash, same weights
+    registry = ModelRegistry(service.settings.models_dir)
+    version = registry.register({"gguf": {"path": str(copy)}, "gate": {"passed": True}})
+    reply = admin.call("POST", "/admin/models/activate", {"version": version})
+    assert reply == {"active": version, "switch_error": None}
+    assert service.answerer.chat.version == version
+    assert admin.call("GET", "/admin/models")["active"]["version"] == version
+    assert admin.call("POST", "/admin/models/activate", {"rollback": True})["active"] == "base"
+    assert service.answerer.chat.version == "base"
+
+
+def test_fine_tuning_runs_are_queued_listed_and_stopped_through_the_service(  # type: ignore[no-untyped-def]
+    service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance import model_routes
+    from finetune.dataset import build_dataset
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Which form is number {i} of {i * 13}?"},
+                        {"role": "assistant", "content": f"Form {i}."},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(4)
+        )
+    )
+    build_dataset(service.settings, [str(pairs)], "svc-pairs")
+    launched: list[str] = []  # the seam: a real launch would start a training process
+    monkeypatch.setattr(
+        model_routes, "launch_run", lambda _svc, run: launched.append(run) or "test"
+    )
+    admin = client_for(service, "boss")
+    listing = admin.call("GET", "/admin/finetune/runs")
+    assert "svc-pairs" in [d["name"] for d in listing["datasets"]]
+    started = admin.call("POST", "/admin/finetune/start", {"dataset": "svc-pairs", "max_steps": 2})
+    assert launched == [started["run"]]
+    runs = admin.call("GET", "/admin/finetune/runs")["runs"]
+    assert runs[0]["run"] == started["run"]
+    assert runs[0]["status"] == "queued"
+    assert runs[0]["requested_by"] == "boss"
+    admin.call("POST", "/admin/finetune/stop", {"run": started["run"]})
+    assert (service.settings.runs_dir / started["run"] / "stop").exists()
+    with pytest.raises(ServiceError, match="no loss file yet"):
+        admin.download("/admin/finetune/file", {"run": started["run"], "kind": "loss"})
+    with pytest.raises(ServiceError, match="inside the data folder"):
+        admin.call("POST", "/admin/finetune/evaluate", {"gguf": "/etc/passwd", "items": []})

@@ -1,0 +1,67 @@
+"""`appliance finetune` without training: arguments, errors, run folders, listing, stopping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from appliance.cli import build_parser, main
+from appliance.settings import load_settings
+from finetune import runs
+
+
+def test_the_run_config_does_not_shadow_the_settings_file() -> None:
+    args = build_parser().parse_args(
+        ["--config", "settings.yaml", "finetune", "--dataset", "d", "--config", "run.yaml"]
+    )
+    assert args.config == Path("settings.yaml")
+    assert args.run_config == Path("run.yaml")
+    assert args.action == "run"
+
+
+def test_errors_name_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert main([*data, "finetune"]) == 1
+    assert "--dataset" in capsys.readouterr().err
+    assert main([*data, "finetune", "--dataset", "nowhere"]) == 1
+    assert "appliance dataset build" in capsys.readouterr().err
+    assert main([*data, "finetune", "resume"]) == 1
+    assert "RUN" in capsys.readouterr().err
+    assert main([*data, "finetune", "stop", "../etc"]) == 1
+    assert "not a run id" in capsys.readouterr().err
+    assert main([*data, "finetune", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_a_queued_run_is_listed_and_can_be_asked_to_stop(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = load_settings(overrides={"data_dir": str(tmp_path / "data")})
+    dataset = tmp_path / "pairs.jsonl"
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Question number {i} about topic {i * 7}?"},
+                {"role": "assistant", "content": f"Answer {i}."},
+            ]
+        }
+        for i in range(4)
+    ]
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in records))
+    from finetune.dataset import build_dataset
+
+    info = build_dataset(settings, [str(dataset)], "tiny")
+    folder = runs.create_run(settings, "tiny", overrides={"max_steps": 3}, requested_by="alice")
+    request = json.loads((folder / "request.json").read_text())
+    assert request["dataset_sha256"] == info.sha256
+    assert request["config"]["max_steps"] == 3
+    listed = runs.list_runs(settings)
+    assert [(r["run"], r["status"], r["requested_by"]) for r in listed] == [
+        (folder.name, "queued", "alice")
+    ]
+    data = ["--data-dir", str(settings.data_dir)]
+    assert main([*data, "finetune", "stop", folder.name]) == 0
+    assert (folder / "stop").exists()
+    capsys.readouterr()
