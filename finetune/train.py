@@ -917,6 +917,9 @@ def _as_random_state(value: Any) -> tuple[Any, ...]:
 # --- public API -------------------------------------------------------------------------------
 
 
+_RUN_BOOKKEEPING = frozenset({"request.json", "state.json", "state.json.tmp", "run.log", "stop"})
+
+
 def train(
     run_dir: Path,
     dataset_dir: Path,
@@ -939,7 +942,8 @@ def train(
         )
     if not (dataset_dir / TRAIN_FILE).is_file():
         raise ConfigError(f"dataset folder {dataset_dir} has no {TRAIN_FILE}")
-    if run_dir.exists() and any(run_dir.iterdir()):
+    # The run's own bookkeeping (finetune.runs: request, state, log, stop) may be there already.
+    if run_dir.exists() and any(p.name not in _RUN_BOOKKEEPING for p in run_dir.iterdir()):
         raise ConfigError(f"run folder {run_dir} is not empty; resume it or choose a new one")
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = {

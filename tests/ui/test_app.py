@@ -264,12 +264,26 @@ def test_admin_pages_are_there_for_an_admin(app: MakeApp) -> None:
     assert_clean(at)
     assert [t.value for t in at.title] == ["Models"]
     assert "SmolLM2" in " ".join(str(v) for v in at.dataframe[0].value["Value"])
+    versions = at.dataframe[1].value
+    assert list(versions["Version"]) == ["base"]
+    assert list(versions["Active"]) == ["●"]
+
+    at.switch_page("views/finetune.py").run()
+    assert_clean(at)
+    assert [t.value for t in at.title] == ["Fine-tuning"]
+    assert "No fine-tuning runs yet." in texts(at)
+    assert "appliance dataset build" in texts(at)  # no dataset: the form says how to build one
 
 
 def test_admin_pages_are_absent_for_staff(app: MakeApp) -> None:
     at = sign_in(app(), STAFF)
     assert [t.value for t in at.title] == ["Chat"]
-    for page in ("views/documents.py", "views/users.py", "views/models.py"):
+    for page in (
+        "views/documents.py",
+        "views/users.py",
+        "views/models.py",
+        "views/finetune.py",
+    ):
         with pytest.raises(ValueError, match="Could not find a navigation page"):
             at.switch_page(page)
 
