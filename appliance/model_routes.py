@@ -104,7 +104,8 @@ def model_routes(service: CoreService) -> dict[tuple[str, str], Callable[[Reques
         from finetune.dataset import list_datasets
         from finetune.runs import list_runs
 
-        return {"runs": list_runs(settings), "datasets": list_datasets(settings)}
+        datasets = [d.summary() for d in list_datasets(settings)]
+        return {"runs": list_runs(settings), "datasets": datasets}
 
     def start(who: Identity, body: dict[str, Any]) -> dict[str, Any]:
         from finetune.runs import create_run
