@@ -118,3 +118,27 @@ def test_a_missing_corpus_is_a_clear_error(
     err = capsys.readouterr().err
     assert "absent" in err
     assert str(tmp_path / "absent") in err
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "finetune_throughput",
+        "gguf_quantization",
+        "reliability_kill9",
+        "reliability_churn",
+        "prompt_injection",
+        "load_test",
+    ],
+)
+def test_the_issue_5_and_6_scripts_import_and_parse_their_options(
+    script: Any, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """They run at full size in minutes to hours; their small versions run in tests/finetune,
+    tests/reliability and tests/ops. Here: they import without heavy side effects and their
+    options parse."""
+    bench = script(name)
+    with pytest.raises(SystemExit) as done:
+        bench.main(["--help"])
+    assert done.value.code == 0
+    assert "--json" in capsys.readouterr().out
