@@ -54,6 +54,7 @@ from typing import IO, Any
 
 from appliance import __version__
 from appliance.errors import ApplianceError
+from appliance.hashing import file_sha256
 from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -94,14 +95,6 @@ class _HashingReader(io.RawIOBase):
         self.digest.update(data)
         self.size += len(data)
         return data
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _now_iso() -> str:
@@ -304,7 +297,7 @@ def create_backup(
                 if include_models:
                     entry = out.add_file(path, name)
                 else:  # by reference: restore checks the file that is put back by hand
-                    entry = {"sha256": _sha256_file(path), "size": path.stat().st_size}
+                    entry = {"sha256": file_sha256(path), "size": path.stat().st_size}
                 models["files"].append({"path": name, **entry})
             facts = _index_facts(staging / "ingest.sqlite3")
             index: dict[str, Any] = {
@@ -559,7 +552,7 @@ def restore_backup(settings: Settings, src: Path, *, force: bool = False) -> dic
         entry["path"]
         for entry in (manifest.get("models") or {}).get("files", [])
         if not (data / entry["path"]).is_file()
-        or _sha256_file(data / entry["path"]) != entry["sha256"]
+        or file_sha256(data / entry["path"]) != entry["sha256"]
     ]
     notes = []
     if missing_models:

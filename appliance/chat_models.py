@@ -22,7 +22,6 @@ Heavy libraries (llama_cpp, ollama, httpx, jinja2) are imported when a model is 
 from __future__ import annotations
 
 import codecs
-import hashlib
 import importlib.util
 import json
 import logging
@@ -40,6 +39,7 @@ from urllib.parse import urlsplit
 
 from appliance.chat_settings import ChatSettings
 from appliance.errors import ConfigError, ModelError, missing_dependency
+from appliance.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -536,14 +536,6 @@ def default_chat_model_path() -> Path:
     )
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class LlamaCppChatModel(BaseChatModel):
     """One GGUF loaded in-process; one generation at a time (other threads' streams wait)."""
 
@@ -606,7 +598,7 @@ class LlamaCppChatModel(BaseChatModel):
         self._lock = threading.Lock()
         self._owner: int | None = None
         # The identity for audit: hashed once here (about 1 s per GB), not inside an answer.
-        self._name = f"{path.name}@sha256:{_file_digest(path)[:12]}"
+        self._name = f"{path.name}@sha256:{file_sha256(path)[:12]}"
 
     def _training_context(self) -> int:
         """The context the model was trained with, read before a context is allocated (a

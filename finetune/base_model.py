@@ -12,7 +12,6 @@ attempt).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -22,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from appliance.errors import ModelError, missing_dependency
+from appliance.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,6 @@ _TMP_PREFIX = ".tmp-base-"
 def is_hf_folder(path: Path) -> bool:
     """A folder with a ``config.json`` and safetensors weights (what ``from_pretrained`` reads)."""
     return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def default_base_source() -> Path:

@@ -21,7 +21,6 @@ an interrupted export never leaves a half-written file under a final name.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ExportError, missing_dependency
+from appliance.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +93,6 @@ def offline_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def describe_file(path: Path) -> dict[str, Any]:

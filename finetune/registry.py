@@ -55,7 +55,7 @@ def _now() -> str:
 
 def cached_sha256(path: Path) -> str:
     """The file's sha256, from the cache when its path, size and mtime are unchanged."""
-    from finetune.export import file_sha256
+    from appliance.hashing import file_sha256
 
     path = Path(path)
     st = path.stat()

@@ -214,7 +214,7 @@ def _result_dict(result: Any) -> dict[str, Any]:
 
 
 def _adapter_hashes(folder: Path) -> dict[str, Any]:
-    from finetune.export import file_sha256
+    from appliance.hashing import file_sha256
 
     files = sorted(folder.glob("*.safetensors"))
     return {"path": str(folder), "sha256": {f.name: file_sha256(f) for f in files}}

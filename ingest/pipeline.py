@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from appliance.errors import IngestError, ParseError
+from appliance.hashing import file_sha256
 from appliance.protocols import (
     Chunk,
     Embedder,
@@ -124,14 +125,6 @@ class IngestReport:
 
 ProgressFn = Callable[[str, int, int], None]
 """Called with (relative path, files done, files to do)."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def collection_of(rel: str) -> str:
