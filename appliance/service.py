@@ -242,6 +242,10 @@ class CoreService:
     def refresh_metrics(self) -> None:
         if self.metrics is not None:
             self.metrics.set_ingest(self.ingestion.searcher.status(), self._last_success)
+            if self.answerer is not None:  # the active model may have been switched since
+                self.metrics.set_model(
+                    self.answerer.chat.name, self._model_version(), self._model_origin()
+                )
 
     # --- search and answers ------------------------------------------------------------------
 
@@ -507,6 +511,9 @@ class CoreService:
 
     def _model_origin(self) -> str:
         chat = self.settings.chat
+        version = getattr(self.answerer.chat, "version", None) if self.answerer else None
+        if version and version != "base":
+            return f"fine-tuned: model registry version {version} (appliance models list)"
         if chat.backend == "llamacpp":
             return (
                 str(chat.model_path)
