@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
+from appliance import hashing
 from appliance.audit import read as read_audit
 from appliance.cli import main
 from appliance.errors import ModelError
 from appliance.settings import load_settings
-from finetune import export
 from finetune.registry import ModelRegistry, cached_sha256
 
 
@@ -57,7 +57,7 @@ def registry(tmp_path: Path) -> ModelRegistry:
 def test_base_is_registered_once_and_active(registry: ModelRegistry, tmp_path: Path) -> None:
     base = registry.active()
     assert base["version"] == "base"
-    assert base["gguf"]["sha256"] == export.file_sha256(tmp_path / "base.Q4_1.gguf")
+    assert base["gguf"]["sha256"] == hashing.file_sha256(tmp_path / "base.Q4_1.gguf")
     assert base["gguf"]["quantization"] == "Q4_1"
     again = registry.ensure_base(tmp_path / "base.Q4_1.gguf")
     assert again["gguf"]["sha256"] == base["gguf"]["sha256"]
@@ -74,7 +74,7 @@ def test_register_activate_and_roll_back(registry: ModelRegistry, tmp_path: Path
     got = registry.get("v1")
     assert got["parent"] == "base"
     assert got["run_id"] == "run-a"
-    assert got["gguf"]["sha256"] == export.file_sha256(Path(got["gguf"]["path"]))
+    assert got["gguf"]["sha256"] == hashing.file_sha256(Path(got["gguf"]["path"]))
     assert got["gguf"]["quantization"] == "Q4_K_M"
 
     registry.activate("v1", by="tester")
@@ -125,13 +125,13 @@ def test_hash_is_cached_by_size_and_mtime(
 ) -> None:
     registry.register(record(tmp_path, "a"))
     calls: list[Path] = []
-    real = export.file_sha256
+    real = hashing.file_sha256
 
     def counting(path: Path) -> str:
         calls.append(path)
         return real(path)
 
-    monkeypatch.setattr(export, "file_sha256", counting)
+    monkeypatch.setattr(hashing, "file_sha256", counting)
     for _ in range(3):
         registry.verified_gguf("v1")
     assert calls == [], "unchanged files are not hashed again"
