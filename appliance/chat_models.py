@@ -1083,6 +1083,17 @@ class OpenAICompatibleChatModel(BaseChatModel):
 # --- the factory -----------------------------------------------------------------------------
 
 
+def llamacpp_chat_model(chat: ChatSettings, path: Path) -> LlamaCppChatModel:
+    """A GGUF in llama.cpp with the settings' context, threads and generation defaults (the
+    configured model, a registry version, or a candidate under evaluation)."""
+    params = GenerationParams(
+        max_tokens=chat.max_tokens, temperature=chat.temperature, seed=chat.seed
+    )
+    return LlamaCppChatModel(
+        path, n_ctx=chat.n_ctx, n_threads=chat.n_threads, seed=chat.seed, default_params=params
+    )
+
+
 def build_chat_model(chat: ChatSettings) -> BaseChatModel:
     """The chat model the settings describe (loads a local model; servers are not contacted)."""
     params = GenerationParams(
@@ -1095,9 +1106,7 @@ def build_chat_model(chat: ChatSettings) -> BaseChatModel:
                 f"chat.model_path (APPLIANCE_CHAT__MODEL_PATH) is {str(path)!r}, which is not a "
                 "file; point it at a local GGUF file, or leave it empty for the packaged SmolLM2"
             )
-        return LlamaCppChatModel(
-            path, n_ctx=chat.n_ctx, n_threads=chat.n_threads, seed=chat.seed, default_params=params
-        )
+        return llamacpp_chat_model(chat, path)
     example = "http://127.0.0.1:11434" if chat.backend == "ollama" else "http://127.0.0.1:8000"
     if not chat.url:
         raise ConfigError(

@@ -215,9 +215,9 @@ def build_active_chat_model(settings: Settings) -> Any:
     restart; server backends serve whatever model their settings name."""
     from appliance.chat_models import (
         GenerationParams,
-        LlamaCppChatModel,
         build_chat_model,
         default_chat_model_path,
+        llamacpp_chat_model,
     )
 
     chat = settings.chat
@@ -241,11 +241,7 @@ def build_active_chat_model(settings: Settings) -> Any:
         max_tokens=chat.max_tokens, temperature=chat.temperature, seed=chat.seed
     )
     return RegistryChatModel(
-        registry,
-        lambda path: LlamaCppChatModel(
-            path, n_ctx=chat.n_ctx, n_threads=chat.n_threads, seed=chat.seed, default_params=params
-        ),
-        default_params=params,
+        registry, lambda path: llamacpp_chat_model(chat, path), default_params=params
     )
 
 

@@ -471,7 +471,7 @@ class ExportResult:
         }
 
 
-def _folder_hashes(folder: Path) -> dict[str, Any]:
+def folder_hashes(folder: Path) -> dict[str, Any]:
     files = sorted(folder.glob("*.safetensors"))
     return {
         "path": str(folder),
@@ -548,7 +548,7 @@ def export_run(
         started = time.monotonic()
         final = {p: out_dir / p.relative_to(tmp) for p in (tmp / "merged", f16, served)}
         files = {
-            "merged": _folder_hashes(tmp / "merged"),
+            "merged": folder_hashes(tmp / "merged"),
             "f16_gguf": describe_file(f16),
             "gguf": describe_file(served),
         }

@@ -20,7 +20,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +103,12 @@ def create_run(
 
 
 def _dataset_path(settings: Settings, dataset: str | Path) -> Path:
+    from finetune.dataset import dataset_path
+
     path = Path(dataset)
     if path.is_dir():
         return path
-    named = settings.datasets_dir / str(dataset)
+    named = dataset_path(settings, str(dataset))  # refuses names that are not plain names
     if named.is_dir():
         return named
     raise ConfigError(
@@ -165,13 +167,9 @@ def evaluate_with_model(
 ) -> dict[str, Any]:
     """The golden set through ``answerer``'s retrieval with the chat model in ``gguf``."""
     from appliance.answering import Answerer
-    from appliance.chat_models import GenerationParams, LlamaCppChatModel
+    from appliance.chat_models import llamacpp_chat_model
 
-    chat = settings.chat
-    params = GenerationParams(max_tokens=chat.max_tokens, temperature=0.0, seed=chat.seed)
-    with LlamaCppChatModel(
-        gguf, n_ctx=chat.n_ctx, n_threads=chat.n_threads, seed=chat.seed, default_params=params
-    ) as model:
+    with llamacpp_chat_model(settings.chat, gguf) as model:
         twin = Answerer(
             index=answerer._index,
             chat=model,
@@ -208,18 +206,6 @@ def golden_evaluator(settings: Settings) -> Callable[[Path, Sequence[GoldenItem]
 # --- executing a run ---------------------------------------------------------------------------
 
 
-def _result_dict(result: Any) -> dict[str, Any]:
-    data = asdict(result) if is_dataclass(result) and not isinstance(result, type) else result
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dict(data).items()}
-
-
-def _adapter_hashes(folder: Path) -> dict[str, Any]:
-    from appliance.hashing import file_sha256
-
-    files = sorted(folder.glob("*.safetensors"))
-    return {"path": str(folder), "sha256": {f.name: file_sha256(f) for f in files}}
-
-
 def execute(
     settings: Settings,
     folder: Path,
@@ -252,6 +238,7 @@ def _execute(
     from finetune.base_model import ensure_hf_base
     from finetune.config import RunConfig
     from finetune.dataset import load_dataset
+    from finetune.export import folder_hashes
     from finetune.registry import registry_for
 
     request = _read_json(folder / "request.json")
@@ -310,7 +297,7 @@ def _execute(
         "dataset_sha256": dataset.sha256,
         "config": request["config"],
         "train": result,
-        "adapter": _adapter_hashes(Path(result["adapter_dir"])),
+        "adapter": folder_hashes(Path(result["adapter_dir"])),
         **exported["registry"],
         "gate": {
             "passed": report.passed,
@@ -354,7 +341,7 @@ def _train(
         outcome = train.train(
             folder, dataset_dir, config, base=base_dir, progress=progress, stop=stop
         )
-    data = _result_dict(outcome)
+    data = outcome.to_json()
     progress_state = _read_json(folder / "progress.json") or {}
     data.setdefault("status", progress_state.get("status", "done"))
     return data
@@ -368,18 +355,17 @@ def _gate(
     candidate: Path,
     say: Callable[[str], None],
 ) -> Any:
-    from appliance.chat_models import LlamaCppChatModel
+    from appliance.chat_models import llamacpp_chat_model
     from finetune.gate import run_gate, write_report
 
     active = registry.active()
     reference = (str(active["version"]), registry.verified_gguf(str(active["version"])))
     heldout = _jsonl(dataset.heldout_path)
     golden = golden_items(settings)
-    threads = settings.chat.n_threads
     report = run_gate(
         reference=reference,
         candidate=("candidate " + folder.name, candidate),
-        load=lambda path: LlamaCppChatModel(path, n_ctx=2048, n_threads=threads, seed=0),
+        load=lambda path: llamacpp_chat_model(settings.chat, path),
         heldout=heldout,
         golden=golden,
         golden_evaluator=golden_evaluator(settings) if golden else None,
