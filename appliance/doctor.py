@@ -620,6 +620,155 @@ def check_units(settings: Settings, unit_dir: Path) -> list[Check]:
     return checks
 
 
+# --- under systemd: readiness, watchdog, restarts ----------------------------------------------
+
+# What `systemctl show` is asked for; ``ShowUnit`` is the seam tests replace.
+READINESS_PROPERTIES = (
+    "LoadState",
+    "ActiveState",
+    "SubState",
+    "Type",
+    "StatusText",
+    "WatchdogUSec",
+    "NRestarts",
+    "Result",
+)
+ShowUnit = Callable[[str], Mapping[str, str]]
+
+
+def systemctl_show(unit: str) -> dict[str, str]:
+    """``systemctl show UNIT``'s readiness properties as a dict (empty when systemctl fails)."""
+    import subprocess
+
+    run = subprocess.run(
+        ["systemctl", "show", unit, *(f"--property={p}" for p in READINESS_PROPERTIES)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    return dict(line.split("=", 1) for line in run.stdout.splitlines() if "=" in line)
+
+
+def _usec(value: str) -> int:
+    """A ``systemctl show`` time span: plain microseconds, or "infinity"/"" (off)."""
+    try:
+        return int(value)
+    except ValueError:
+        return 0
+
+
+def check_readiness(
+    settings: Settings,
+    show: ShowUnit = systemctl_show,
+    ui_alive: Callable[[], bool] | None = None,
+) -> list[Check]:
+    """The running units as systemd sees them: the same readiness the boot test proves
+    (tests/ops/test_systemd_boot.py): the core is active only after it sent READY=1 and keeps
+    its watchdog fed; the UI answers its health check; neither has been restarting."""
+    core, ui = UNITS[0], UNITS[1]
+    journal = "journalctl -u {} -b says why"
+    checks: list[Check] = []
+    props = show(core)
+    state = f"{props.get('ActiveState', '?')}/{props.get('SubState', '?')}"
+    status = props.get("StatusText", "")
+    if props.get("ActiveState") != "active":
+        checks.append(
+            _fail(
+                "ready-core",
+                f"{core} is {state} (result {props.get('Result', '?')})",
+                f"systemctl start {core}; {journal.format(core)}",
+            )
+        )
+    elif props.get("Type") != "notify":
+        checks.append(
+            _warn(
+                "ready-core",
+                f"{core} is active but Type={props.get('Type')}: systemd does not wait for READY=1",
+                "reinstall the unit (sudo ./install.sh --system); a drop-in may override Type",
+            )
+        )
+    elif status.startswith("unhealthy"):
+        checks.append(
+            _fail(
+                "ready-core",
+                f"{core} is active but says: {status}; watchdog pings are withheld",
+                f"systemd restarts it when WatchdogSec passes; {journal.format(core)}",
+            )
+        )
+    else:
+        checks.append(_ok("ready-core", f"{core} sent READY=1 ({status or 'no status'})"))
+    watchdog = _usec(props.get("WatchdogUSec", ""))
+    if watchdog > 0:
+        checks.append(
+            _ok("watchdog-core", f"watchdog on: restarted if hung for {watchdog / 1e6:g} s")
+        )
+    else:
+        checks.append(
+            _warn(
+                "watchdog-core",
+                f"{core} has no watchdog (WatchdogSec is off)",
+                "a hung service is not restarted: remove the drop-in that sets WatchdogSec=0",
+            )
+        )
+    ui_props = show(ui)
+    for unit, unit_props in ((core, props), (ui, ui_props)):
+        restarts = _usec(unit_props.get("NRestarts", "0"))
+        if restarts:
+            checks.append(
+                _warn(
+                    f"restarts-{unit.split('.')[0]}",
+                    f"{unit} was restarted {restarts} times since it was started",
+                    journal.format(unit) + " (a crash, the watchdog or the OOM killer)",
+                )
+            )
+    alive = ui_alive or (
+        lambda: _answers(settings.ui.host, settings.ui.port, "/_stcore/health", b"ok".__eq__)
+    )
+    if ui_props.get("ActiveState") != "active":
+        checks.append(
+            _fail(
+                "ready-ui",
+                f"{ui} is {ui_props.get('ActiveState', '?')}/{ui_props.get('SubState', '?')}",
+                f"systemctl start {ui}; {journal.format(ui)}",
+            )
+        )
+    elif not alive():
+        checks.append(
+            _fail(
+                "ready-ui",
+                f"{ui} is active but /_stcore/health on port {settings.ui.port} does not answer",
+                f"it may still be starting; else systemctl restart {ui}; {journal.format(ui)}",
+            )
+        )
+    else:
+        checks.append(_ok("ready-ui", f"{ui} answers /_stcore/health on port {settings.ui.port}"))
+    return checks
+
+
+# --- supply chain -------------------------------------------------------------------------------
+
+SBOM_NAME = "sbom.cdx.json"
+
+
+def check_sbom(prefix: Path | None = None) -> Check:
+    """The CycloneDX SBOM that install.sh writes into the venv it installed."""
+    path = Path(sys.prefix if prefix is None else prefix) / SBOM_NAME
+    if not path.is_file():
+        return _warn(
+            "sbom",
+            f"no software bill of materials at {path}",
+            "re-run the installer (./install.sh, or sudo ./install.sh --system): it writes one",
+        )
+    try:
+        components = len(json.loads(path.read_text(encoding="utf-8")).get("components", []))
+    except (OSError, ValueError, AttributeError) as exc:
+        return _warn(
+            "sbom", f"{path} cannot be read as CycloneDX JSON: {exc}", "re-run the installer"
+        )
+    return _ok("sbom", f"{path} (CycloneDX, {components} components)")
+
+
 # --- running ---------------------------------------------------------------------------------
 
 
@@ -644,8 +793,11 @@ def run_checks(
     checks += check_network(settings, unit_dir, system)
     checks.append(check_offline_env())
     checks.append(check_audit(settings))
+    checks.append(check_sbom())
     if system:
         checks += check_units(settings, unit_dir)
+        if _systemd_running() and (unit_dir / UNITS[0]).is_file():
+            checks += check_readiness(settings)
     return checks
 
 
