@@ -34,8 +34,14 @@ OPTIMIZE_AFTER = 1000
 def _setup_logging(settings: Settings, verbose: bool, to_file: bool) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if to_file:
-        settings.log_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(settings.log_dir / "appliance.log", encoding="utf-8"))
+        path = settings.log_dir / "appliance.log"
+        try:
+            settings.log_dir.mkdir(parents=True, exist_ok=True)
+            handlers.append(logging.FileHandler(path, encoding="utf-8"))
+        except OSError as exc:
+            # A reader of the data folder, such as the UI unit (ProtectSystem=strict and no
+            # ReadWritePaths), may write nowhere: its log is stderr, which is the journal there.
+            print(f"note: not logging to {path} ({exc.strerror}): stderr only", file=sys.stderr)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
