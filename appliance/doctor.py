@@ -20,6 +20,7 @@ import errno
 import ipaddress
 import json
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -650,8 +651,19 @@ def systemctl_show(unit: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in run.stdout.splitlines() if "=" in line)
 
 
-def _usec(value: str) -> int:
-    """A ``systemctl show`` time span: plain microseconds, or "infinity"/"" (off)."""
+_SPAN_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _timespan_s(value: str) -> float:
+    """Seconds in a ``systemctl show`` time span ("2min", "1min 30s", "500ms", "0"); 0 for
+    "infinity", empty or unreadable (a watchdog that is off)."""
+    total = 0.0
+    for number, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", value.strip()):
+        total += float(number) * _SPAN_UNITS.get(unit or "us", 0.0)
+    return total
+
+
+def _count(value: str) -> int:
     try:
         return int(value)
     except ValueError:
@@ -698,11 +710,9 @@ def check_readiness(
         )
     else:
         checks.append(_ok("ready-core", f"{core} sent READY=1 ({status or 'no status'})"))
-    watchdog = _usec(props.get("WatchdogUSec", ""))
+    watchdog = _timespan_s(props.get("WatchdogUSec", ""))
     if watchdog > 0:
-        checks.append(
-            _ok("watchdog-core", f"watchdog on: restarted if hung for {watchdog / 1e6:g} s")
-        )
+        checks.append(_ok("watchdog-core", f"watchdog on: restarted if hung for {watchdog:g} s"))
     else:
         checks.append(
             _warn(
@@ -713,7 +723,7 @@ def check_readiness(
         )
     ui_props = show(ui)
     for unit, unit_props in ((core, props), (ui, ui_props)):
-        restarts = _usec(unit_props.get("NRestarts", "0"))
+        restarts = _count(unit_props.get("NRestarts", "0"))
         if restarts:
             checks.append(
                 _warn(

@@ -171,6 +171,26 @@ def ui_health() -> None:
     )
 
 
+def doctor() -> None:
+    """`appliance doctor` run by the service user reads the same readiness from systemd."""
+    run = as_service_user(str(APPLIANCE), "doctor", "--json", timeout=180)
+    try:
+        checks = {c["name"]: c for c in json.loads(run.stdout)["checks"]}
+    except (ValueError, KeyError) as exc:
+        raise RuntimeError(f"doctor printed no JSON ({exc}): {run.stderr.strip()[-300:]}") from exc
+    wanted = ("ready-core", "watchdog-core", "ready-ui", "sbom")
+    seen = {name: checks.get(name, {}).get("status", "missing") for name in wanted}
+    failed = sorted(n for n, c in checks.items() if c["status"] == "fail")
+    ok = all(status == "ok" for status in seen.values())
+    row(
+        "appliance doctor under systemd",
+        "pass" if ok else "fail",
+        ", ".join(f"{n}: {s}" for n, s in seen.items())
+        + f"; sbom: {checks.get('sbom', {}).get('detail', '?')}"
+        + (f"; other failures: {', '.join(failed)}" if failed else ""),
+    )
+
+
 def document_search() -> None:
     phrase = "zebra calibration protocol ZX-41"
     note = DOCS / "probe-note.md"
@@ -526,6 +546,7 @@ def main() -> int:
             run_id = finetune_start()
     steps: list[tuple[str, Callable[[], None]]] = [
         ("ui", ui_health),
+        ("doctor", doctor),
         ("search", document_search),
         ("ready", readiness),
         ("kill9", kill9),

@@ -27,7 +27,7 @@ CORE_READY = {
     "SubState": "running",
     "Type": "notify",
     "StatusText": "watching /srv/appliance/documents; API on 127.0.0.1:8765",
-    "WatchdogUSec": "120000000",
+    "WatchdogUSec": "2min",
     "NRestarts": "0",
     "Result": "success",
 }
@@ -63,8 +63,11 @@ def test_core_still_starting_or_failed_fails(settings: Settings) -> None:
 def test_unhealthy_status_fails_and_no_watchdog_warns(settings: Settings) -> None:
     core = {**CORE_READY, "StatusText": "unhealthy: the local API does not answer"}
     assert _readiness(settings, core=core)["ready-core"].status == "fail"
-    checks = _readiness(settings, core={**CORE_READY, "WatchdogUSec": "infinity"})
-    assert checks["watchdog-core"].status == "warn"
+    for off in ("infinity", "0", ""):
+        checks = _readiness(settings, core={**CORE_READY, "WatchdogUSec": off})
+        assert checks["watchdog-core"].status == "warn"
+    checks = _readiness(settings, core={**CORE_READY, "WatchdogUSec": "1min 30s"})
+    assert "90 s" in checks["watchdog-core"].detail
 
 
 def test_not_notify_type_warns(settings: Settings) -> None:

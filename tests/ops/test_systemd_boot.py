@@ -41,6 +41,7 @@ EXPECTED = (
     "systemd as PID 1",
     "install --system, enable --now",
     "appliance-ui answers /_stcore/health",
+    "appliance doctor under systemd",
     "dropped document is searchable (appliance search)",
     "appliance-core active only after READY=1",
     "kill -9 of the core's main pid: restarted",
