@@ -155,6 +155,8 @@ def boot(
 
     ``--register=no --keep-unit``: the host has no systemd (nor machined) to register with.
     ``--private-network``: only a loopback interface, so nothing inside reaches a network.
+    The container gets cgroup v2 (``SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1``) even on a host with the
+    hybrid layout, as on a Debian 12 appliance: the IP firewall needs it.
     On timeout the container is asked to power off (SIGTERM to nspawn), then killed.
     """
     args = [
@@ -168,10 +170,16 @@ def boot(
         str(rootfs),
         *(f"--bind-ro={src}:{dst}" for src, dst in bind_ro),
         *(f"--bind={src}:{dst}" for src, dst in bind),
+        # systemd's IP firewall (IPAddressDeny=) attaches BPF programs to cgroup v2: allow the
+        # bpf() call, which nspawn's own seccomp filter refuses by default.
+        "--system-call-filter=bpf",
+        "--capability=CAP_BPF",
         "-b",
     ]
+    env = dict(os.environ, SYSTEMD_NSPAWN_UNIFIED_HIERARCHY="1")
     with subprocess.Popen(
         args,
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -329,41 +329,92 @@ def sandbox() -> None:
     )
 
 
-def firewall() -> None:
-    """IPAddressDeny needs systemd's cgroup BPF firewall: try it with the units' own settings."""
-    sh("ip", "addr", "add", "10.213.0.1/32", "dev", "lo")
-    server = socket.socket()
-    server.bind(("10.213.0.1", 0))
-    server.listen(8)
-    port = server.getsockname()[1]
+BLOCKED_IP, SERVER_IP = "10.213.0.1", "10.213.0.2"  # on lo: non-loopback, yet local
+
+
+def _connect_as(unit: str, ip: str, port: int) -> str:
+    """Connect to ip:port from a transient service with ``unit``'s IP firewall settings as
+    they are in force now (unit file, generated drop-in and all): "connected" or "refused ..."."""
+    props = show(unit, "IPAddressDeny", "IPAddressAllow")
     code = (
         "import socket\n"
-        f"try: socket.create_connection(('10.213.0.1', {port}), timeout=5).close()\n"
+        f"try: socket.create_connection(('{ip}', {port}), timeout=3).close()\n"
         "except OSError as e: print('refused', e)\n"
         "else: print('connected')\n"
     )
-    run = sh(
-        "systemd-run", "--quiet", "--wait", "--pipe", "--property=IPAddressDeny=any",
-        "--property=IPAddressAllow=localhost", "/usr/bin/python3", "-c", code, timeout=60,
-    )  # fmt: skip
-    server.close()
-    journal = sh("journalctl", "-b", "-o", "cat").stdout
-    bpf_lines = sorted(
-        {ln for ln in journal.splitlines() if "BPF" in ln or "bpf" in ln or "cgroupsv1" in ln}
+    args = [f"--property=IPAddressDeny={props['IPAddressDeny']}"]
+    args += [f"--property=IPAddressAllow={a}" for a in props["IPAddressAllow"].split()]
+    run = sh("systemd-run", "--quiet", "--wait", "--pipe", *args, "/usr/bin/python3", "-c", code)
+    return run.stdout.strip() or run.stderr.strip()
+
+
+def firewall() -> None:
+    """IPAddressDeny=any, then the drop-in that install.sh writes for a configured server on
+    the LAN: set ``finetune.ollama_url`` to one, re-run install.sh --system (the upgrade path),
+    and that address, only that one, gets through."""
+    name = "IPAddressDeny=any and the generated allow drop-in"
+    for ip in (BLOCKED_IP, SERVER_IP):
+        sh("ip", "addr", "add", f"{ip}/32", "dev", "lo")
+    with socket.socket() as blocked, socket.socket() as server:
+        blocked.bind((BLOCKED_IP, 0))
+        server.bind((SERVER_IP, 0))
+        blocked.listen(8)
+        server.listen(8)
+        ports = blocked.getsockname()[1], server.getsockname()[1]
+        before = _connect_as(CORE, BLOCKED_IP, ports[0])
+        if not before.startswith("refused"):
+            row(
+                name,
+                "n/a",
+                f"not enforced in this container (a connect to {BLOCKED_IP} under the core's "
+                f"IPAddressDeny=any: {before}): systemd's IP firewall needs cgroup v2 and the "
+                "bpf() system call; the in-process offline guard still refuses it",
+            )
+            return
+        config = Path(CONFIG)
+        text = config.read_text()
+        config.write_text(text + f"finetune: {{ollama_url: 'http://{SERVER_IP}:{ports[1]}'}}\n")
+        env = dict(os.environ, INSTALL_REUSE_VENV=REUSE_VENV, PYTHON="/usr/bin/python3")
+        upgrade = sh("bash", str(SRC / "install.sh"), "--system", timeout=600, env=env)
+        (OUT / "upgrade.log").write_text(upgrade.stdout + upgrade.stderr)
+        allowed = show(CORE, "IPAddressAllow")["IPAddressAllow"]
+        to_server = _connect_as(CORE, SERVER_IP, ports[1])
+        elsewhere = _connect_as(CORE, BLOCKED_IP, ports[0])
+    config.write_text(text)
+    ok = (
+        upgrade.returncode == 0
+        and SERVER_IP in allowed
+        and to_server == "connected"
+        and elsewhere.startswith("refused")
+        and active(CORE)
     )
-    out = run.stdout.strip() or run.stderr.strip()
-    if out.startswith("refused"):
-        row("IPAddressDeny=any (firewall)", "pass", f"a non-loopback connect is refused: {out}")
-    else:
-        why = "; ".join(bpf_lines[:2]) or "no BPF message"
-        row(
-            "IPAddressDeny=any (firewall)",
-            "n/a",
-            f"not enforced in this container (a connect to 10.213.0.1 under IPAddressDeny=any: "
-            f"{out}); systemd says: {why}. The container runs on the host's cgroup v1, and "
-            "IPAddressDeny needs the cgroup v2 BPF firewall; the in-process offline guard "
-            "still refuses non-loopback connections.",
-        )
+    row(
+        name,
+        "pass" if ok else "fail",
+        f"before: {BLOCKED_IP} {before}; after setting finetune.ollama_url to {SERVER_IP} and "
+        f"re-running install.sh --system (exit {upgrade.returncode}): IPAddressAllow={allowed}, "
+        f"{SERVER_IP} {to_server}, {BLOCKED_IP} {elsewhere}",
+    )
+
+
+def resource_limits() -> None:
+    """TasksMax and friends need cgroup controllers, which the host may not delegate."""
+    cgroup = Path("/sys/fs/cgroup/system.slice") / CORE
+    pids_max = cgroup / "pids.max"
+    controllers = Path("/sys/fs/cgroup/cgroup.controllers")
+    listed = controllers.read_text().split() if controllers.is_file() else []
+    if pids_max.is_file():
+        value = pids_max.read_text().strip()
+        row("TasksMax (cgroup pids controller)", "pass" if value == "512" else "fail",
+            f"{pids_max}: {value}")  # fmt: skip
+        return
+    row(
+        "TasksMax (cgroup pids controller)",
+        "n/a",
+        f"not enforced in this container: no pids controller in its cgroup (controllers: "
+        f"{' '.join(listed) or 'none'}); on this cgroup v1 host they stay with the host's v1 "
+        "hierarchies. The same holds for CPUWeight (fine-tuning) and a MemoryMax drop-in.",
+    )
 
 
 def ignored_options() -> None:
@@ -552,7 +603,7 @@ def main() -> int:
         ("kill9", kill9),
         ("watchdog", watchdog),
         ("sandbox", sandbox),
-        ("firewall", firewall),
+        ("limits", resource_limits),
         ("security", security_scores),
     ]
     for key, step in steps:
@@ -562,7 +613,12 @@ def main() -> int:
     if run_id:
         with check(FINETUNE_CHECK):
             finetune_finish(run_id, t0)
-    for key, step in (("journal", journal_secrets), ("ignored", ignored_options)):
+    # After the fine-tuning run: this re-installs the code that run imports from.
+    for key, step in (
+        ("firewall", firewall),
+        ("journal", journal_secrets),
+        ("ignored", ignored_options),
+    ):
         if wanted(key):
             with check(key):
                 step()
