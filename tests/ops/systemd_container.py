@@ -27,7 +27,7 @@ MIRROR = "http://deb.debian.org/debian"
 # systemd as PID 1 and its bus; python3 to run the appliance (3.11, like the host's venv);
 # iproute2 to give loopback a non-loopback address for the firewall check; acl for the documents
 # folder's default ACLs; procps; libgomp1, the OpenMP runtime that the host-built llama.cpp links
-# to. (polkitd is left out: its postinst fails under debootstrap here.)
+# to.
 PACKAGES = (
     "systemd",
     "systemd-sysv",
@@ -39,7 +39,13 @@ PACKAGES = (
     "procps",
     "libgomp1",
 )
-RECIPE = f"debootstrap --variant=minbase --include={','.join(PACKAGES)} {SUITE} {MIRROR}"
+# polkitd (the fine-tuning rule) fails to configure inside debootstrap's own install here, and
+# installs cleanly with apt in the finished rootfs: a second stage.
+SECOND_STAGE = ("polkitd",)
+RECIPE = (
+    f"debootstrap --variant=minbase --include={','.join(PACKAGES)} {SUITE} {MIRROR}; "
+    f"apt-get install --no-install-recommends {' '.join(SECOND_STAGE)}"
+)
 HOST_PACKAGES = {"systemd-nspawn": "systemd-container", "debootstrap": "debootstrap"}
 
 
@@ -88,7 +94,7 @@ def build_rootfs(root: Path | None = None, timeout: float = 900) -> Path:
         if (target / "etc/os-release").is_file():  # built by another process meanwhile
             return target
         partial = target.with_name(target.name + ".partial")
-        _remove(partial)
+        remove(partial)
         run = subprocess.run(
             [
                 "debootstrap",
@@ -108,15 +114,33 @@ def build_rootfs(root: Path | None = None, timeout: float = 900) -> Path:
             log = partial / "debootstrap/debootstrap.log"
             if log.is_file():
                 shutil.copy(log, target.with_name(target.name + ".failed.log"))
-            _remove(partial)
+            remove(partial)
             raise Unavailable(f"debootstrap failed (no Debian mirror?): {tail}")
+        _second_stage(partial, timeout)
         # The recipe, for whoever finds the folder.
         (partial / "etc/appliance-test-rootfs").write_text(RECIPE + "\n")
         partial.rename(target)
     return target
 
 
-def _remove(path: Path) -> None:
+def _second_stage(partial: Path, timeout: float) -> None:
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    proc = partial / "proc"
+    subprocess.run(["mount", "-t", "proc", "proc", str(proc)], check=True)
+    try:
+        run = subprocess.run(
+            ["chroot", str(partial), "apt-get", "install", "-y", "-q",
+             "--no-install-recommends", *SECOND_STAGE],
+            env=env, capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+    finally:
+        subprocess.run(["umount", "-l", str(proc)], check=False)
+    if run.returncode != 0:
+        remove(partial)
+        raise Unavailable(f"apt-get install {' '.join(SECOND_STAGE)} failed: {run.stderr[-300:]}")
+
+
+def remove(path: Path) -> None:
     """Remove a folder that a killed debootstrap may have left with /proc, /sys or /dev mounted
     inside: unmount those first, and never cross into another filesystem."""
     if not path.exists():

@@ -448,6 +448,7 @@ def security_scores() -> None:
 
 
 FINETUNE_CHECK = "appliance-finetune@RUN runs a 2-step job as the service user"
+POLKIT_CHECK = "polkit rule: the service user may start fine-tuning units, nothing else"
 FINAL = ("activated", "registered", "rejected")
 
 
@@ -481,9 +482,22 @@ def finetune_start() -> str:
     if made.returncode != 0:
         raise RuntimeError(f"create_run: {made.stderr.strip()[-300:]}")
     run_id = made.stdout.strip().splitlines()[-1]
-    # Started by root: polkitd is not in this rootfs (its postinst fails under debootstrap), so
-    # the polkit rule that lets the UI (user appliance) start runs is not exercised here.
-    sh("systemctl", "start", "--no-block", f"{FINETUNE}{run_id}.service")
+    unit = f"{FINETUNE}{run_id}.service"
+    # As the UI does it: the service user asks systemd over D-Bus, and polkit consults the rule
+    # that install.sh wrote. Any other unit must stay out of its reach.
+    started = as_service_user("systemctl", "start", "--no-block", unit)
+    other = as_service_user("systemctl", "start", "--no-block", UI)
+    if started.returncode != 0:
+        sh("systemctl", "start", "--no-block", unit)  # so the run is still checked
+    denied = other.returncode != 0
+    row(
+        POLKIT_CHECK,
+        "pass" if started.returncode == 0 and denied else "fail",
+        f"user appliance: systemctl start {FINETUNE}RUN: "
+        + ("allowed" if started.returncode == 0 else f"refused ({started.stderr.strip()})")
+        + f"; systemctl start {UI}: "
+        + (f"refused ({other.stderr.strip()})" if denied else "ALLOWED"),
+    )
     return run_id
 
 
