@@ -120,6 +120,10 @@ def build_rootfs(root: Path | None = None, timeout: float = 900) -> Path:
         # The recipe, for whoever finds the folder.
         (partial / "etc/appliance-test-rootfs").write_text(RECIPE + "\n")
         partial.rename(target)
+    # Rootfs of earlier recipes are never used again: a few hundred MB each.
+    for old in target.parent.glob(f"rootfs-{SUITE}-*"):
+        if old.is_dir() and old.name != target.name and not old.name.endswith(".partial"):
+            remove(old)
     return target
 
 

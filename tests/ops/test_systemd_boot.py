@@ -3,10 +3,12 @@
 ``install.sh --system`` runs inside a container booted by ``systemd-nspawn`` with systemd 252 as
 PID 1, and a oneshot probe unit (tests/ops/systemd_probe.py) checks what only a real systemd
 shows: ``Type=notify`` readiness, the restart after ``kill -9``, the watchdog restart of a hung
-service, the UI's health, a dropped document becoming searchable, a fine-tuning run as the
-service user, the live ``systemd-analyze security`` scores, the sandbox as applied, the firewall,
-the journal free of secrets, and the uninstall. Each check is pass, fail, or n/a with the reason
-(an option this container cannot apply); the test fails on any fail.
+service, the UI's health, ``appliance doctor``'s readiness checks, a dropped document becoming
+searchable, a fine-tuning run started by the service user through the polkit rule, the live
+``systemd-analyze security`` scores, the sandbox as applied, the firewall and its generated
+drop-in (through an upgrade re-install), the journal free of secrets, and the uninstall. Each
+check is pass, fail, or n/a with the reason (an option this container cannot apply); the test
+fails on any fail.
 
 Nothing is downloaded twice and nothing reaches a network from inside: this test session's own
 venv (``sys.prefix``) is bind-mounted read-only at /opt/reuse-venv and install.sh reuses it
