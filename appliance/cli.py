@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -473,12 +474,9 @@ def _ask_events(settings: Settings, body: dict[str, Any]) -> Any:
 
 
 def _current_user() -> str:
-    import getpass
+    from appliance.audit import local_identity
 
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "local"
+    return local_identity()
 
 
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
@@ -598,10 +596,10 @@ def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
     """Accounts live in SQLite beside the index; these commands work with or without the
     service running (SQLite serialises the writers)."""
     from appliance.accounts import Accounts
-    from appliance.audit import AuditLog
+    from appliance.audit import open_audit_log
 
-    audit = AuditLog(settings.audit_path)
-    operator = f"local:{_current_user()}"
+    audit = open_audit_log(settings)
+    operator = _current_user()
     with Accounts(settings.accounts_path) as accounts:
         action = args.action
         if action == "list":
@@ -672,27 +670,62 @@ def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import datetime
 
-    from appliance.audit import read, verify
+    from appliance.audit import load_key, parse_anchor, printable, read, verify
 
     path = settings.audit_path
-    if args.verify:
-        result = verify(path)
+    key_file = settings.audit.hmac_key_file
+    key = load_key(key_file, settings.data_dir) if key_file is not None else None
+    if args.verify == "anchor":
+        result = verify(path, key=key)
+        if not result.ok:
+            print(f"TAMPERED: {result.records} records; {result.problem}", file=sys.stderr)
+            return EXIT_ERROR
+        anchor = {"count": result.records, "last_hash": result.last_hash}
         if args.json:
-            _print_json({"ok": result.ok, "records": result.records, "problem": result.problem})
+            _print_json(anchor)
+        else:
+            print(f"audit anchor count={anchor['count']} last_hash={anchor['last_hash']}")
+        return 0
+    if args.verify == "verify":
+        given = None
+        if args.anchor:
+            text = args.anchor
+            if not re.fullmatch(r"[0-9a-f]{64}", text) and Path(text).is_file():
+                text = Path(text).read_text(encoding="utf-8", errors="replace")
+            given = parse_anchor(text)
+        result = verify(path, anchor=given, key=key)
+        if args.json:
+            _print_json(
+                {
+                    "ok": result.ok,
+                    "records": result.records,
+                    "problem": result.problem,
+                    "last_hash": result.last_hash,
+                    "keyed_from": result.keyed_from,
+                }
+            )
         else:
             print(
                 f"{'ok' if result.ok else 'TAMPERED'}: {result.records} records"
                 + (f"; {result.problem}" if result.problem else "")
             )
+            if key is not None and result.ok and result.keyed_from != 1 and result.records:
+                since = result.keyed_from or "no record"
+                print(f"note: records are keyed from seq {since} on (older ones predate the key)")
         return 0 if result.ok else EXIT_ERROR
+    if args.anchor:
+        raise ApplianceError("--anchor goes with `appliance audit verify`")
     since = datetime.fromisoformat(args.since) if args.since else None
     for record in read(path, since=since, user=args.user, event=args.event):
         if args.json:
             _print_json(record)
         else:
-            data = json.dumps(record.get("data", {}), ensure_ascii=False)
-            who = record.get("user") or "-"
-            print(f"{record['time']}  {who:16s} {record['event']:16s} {data[:160]}")
+            # Stored strings come from outside (a failed sign-in's username): escape control
+            # and format characters so they cannot forge or hide lines on the terminal.
+            data = printable(json.dumps(record.get("data", {}), ensure_ascii=False))
+            who = printable(str(record.get("user") or "-"))
+            event = printable(str(record["event"]))
+            print(f"{printable(str(record['time']))}  {who:16s} {event:16s} {data[:160]}")
     return 0
 
 
@@ -800,7 +833,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_users, log_file=False)
 
     p = sub.add_parser("audit", help="read or verify the tamper-evident audit log")
-    p.add_argument("verify", nargs="?", choices=["verify"], help="check the hash chain")
+    p.add_argument(
+        "verify",
+        nargs="?",
+        choices=["verify", "anchor"],
+        help="verify: check the hash chain; anchor: print the record count and last hash to "
+        "keep outside the appliance",
+    )
+    p.add_argument(
+        "--anchor",
+        help="with verify: a hash, a file with `audit anchor --json`, or a journal line; fails "
+        "when records up to it are missing or changed",
+    )
     p.add_argument("--since", help="ISO date or time, e.g. 2026-11-01")
     p.add_argument("--user")
     p.add_argument("--event")

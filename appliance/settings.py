@@ -169,6 +169,21 @@ class FinetuneSettings(_Section):
     )
 
 
+class AuditSettings(_Section):
+    hmac_key_file: Path | None = Field(
+        None,
+        description="A key file outside the data folder (install.sh --system creates "
+        "/etc/appliance/audit.key, root-owned, readable by the service): every audit record then "
+        "carries an HMAC, so whoever can write the data folder cannot rewrite the chain.",
+    )
+    anchor_every: int = Field(
+        100,
+        ge=0,
+        description="The core service writes an anchor (record count and last hash) to the "
+        "system journal after this many records, and at shutdown; 0: only at shutdown.",
+    )
+
+
 class Settings(_Section):
     data_dir: Path = Field(Path("data"), description="Index, ingestion state and logs.")
     embedding: EmbeddingSettings = EmbeddingSettings()
@@ -181,6 +196,7 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     ui: UISettings = UISettings()
     finetune: FinetuneSettings = FinetuneSettings()
+    audit: AuditSettings = AuditSettings()
     session_hours: float = Field(
         8, gt=0, le=24 * 30, description="Sign-in sessions expire after this."
     )
