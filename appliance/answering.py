@@ -311,6 +311,14 @@ class Answerer:
             prepared.started,
         )
         timings = answer.timings
+        # Evidence first: what was retrieved goes out before the model starts (the audit log
+        # records the question with it before any answer text reaches the client).
+        yield {
+            "type": "sources",
+            "sources": [asdict(Source.of(p)) for p in passages],
+            "retrieved": answer.retrieved,
+            "model": answer.model,
+        }
         if not passages or answer.relevance < self.settings.min_relevance:
             answer.abstained = True
             answer.answer = self._abstention(passages)

@@ -106,10 +106,19 @@ class ApiServer:
                 except (ApplianceError, ValueError) as exc:
                     line = json.dumps({"type": "error", "error": str(exc)}).encode() + b"\n"
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                except (BrokenPipeError, ConnectionResetError):
+                    log.info("api stream: the client went away")
+                    return
                 except Exception as exc:
                     log.exception("api stream failed")
                     line = json.dumps({"type": "error", "error": type(exc).__name__}).encode()
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(line) + 1, line + b"\n"))
+                finally:
+                    # Close the producer now, not whenever it is collected: an aborted answer
+                    # is audited as such at once (and frees the model).
+                    close = getattr(events, "close", None)
+                    if close is not None:
+                        close()
                 self.wfile.write(b"0\r\n\r\n")
 
             def _handle(self, method: str) -> None:

@@ -172,28 +172,9 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _ensure_first_admin(service: Any, settings: Settings) -> None:
-    """On a fresh install nobody can sign in: create ``admin`` with a random password, shown
-    once here and kept in a 0600 file until it is changed (as IT expects of an appliance)."""
-    import os
-    import secrets
+    from appliance.first_admin import ensure_first_admin
 
-    accounts = service.accounts
-    if accounts is None or accounts.users():
-        return
-    password = secrets.token_urlsafe(12)
-    accounts.add_user("admin", password, role="admin")
-    path = settings.data_dir / "initial-admin-password"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(password + "\n")
-    service.audit.record(
-        "admin", "local:install", action="user_create", target="admin", role="admin"
-    )
-    print(
-        f"first start: created the user 'admin' with password {password} (also in {path}); "
-        "sign in and change it, or add your own admin with `appliance users add NAME --admin`",
-        file=sys.stderr,
-    )
+    ensure_first_admin(service.accounts, service.audit, settings.data_dir)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -632,6 +613,9 @@ def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
                 args.name, _read_password(args, f"new password for {args.name}: ")
             )
             accounts.end_sessions(args.name)
+            from appliance.first_admin import forget_initial_password
+
+            forget_initial_password(settings.data_dir, args.name.lower())
             audit.record(
                 "admin",
                 operator,
@@ -870,8 +854,19 @@ _COMMAND_MODULES = (
 )
 
 
+def _private_files() -> None:
+    """Index text, conversations and logs are the organisation's documents: a local install
+    creates them owner-only (umask 077), whatever the login shell's umask. Under systemd the
+    unit's own ``UMask=0027`` applies (the admins' group reads the data folder)."""
+    import os
+
+    if not os.environ.get("INVOCATION_ID"):
+        os.umask(0o077)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    _private_files()
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
     if args.data_dir is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -248,3 +249,76 @@ def test_fine_tuning_runs_are_queued_listed_and_stopped_through_the_service(  # 
         admin.download("/admin/finetune/file", {"run": started["run"], "kind": "loss"})
     with pytest.raises(ServiceError, match="inside the data folder"):
         admin.call("POST", "/admin/finetune/evaluate", {"gguf": "/etc/passwd", "items": []})
+
+
+# --- issue 13: complete audit, sign-in records, first sign-in ----------------------------------
+
+
+def test_aborted_streams_are_audited_before_any_text(service) -> None:  # type: ignore[no-untyped-def]
+    """A client that reads the first event and goes away has been shown the evidence: the
+    question is already in the log, and the end says 'aborted'."""
+    path = service.settings.audit_path
+    before = len(list(read(path, user="lawyer", event="question")))
+    lawyer = client_for(service, "lawyer")
+    for _ in range(3):
+        conn = http.client.HTTPConnection(lawyer.host, lawyer.port, timeout=60)
+        body = {"question": "What was the Hartwell settlement amount?", "stream": True}
+        conn.request("POST", "/ask", body=json.dumps(body), headers=lawyer._headers())
+        response = conn.getresponse()
+        first = json.loads(response.readline())
+        assert first["type"] == "sources"
+        conn.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ends = list(read(path, user="lawyer", event="answer_end"))
+        if sum(r["data"]["status"] == "aborted" for r in ends) >= 3:
+            break
+        time.sleep(0.2)
+    questions = list(read(path, user="lawyer", event="question"))
+    assert len(questions) == before + 3
+    assert all(q["data"]["retrieved"] for q in questions[-3:])
+    assert sum(r["data"]["status"] == "aborted" for r in ends) >= 3
+    assert verify(path).ok
+
+
+def test_failed_sign_ins_keep_raw_names_out_of_user_and_are_rate_limited(service) -> None:  # type: ignore[no-untyped-def]
+    path = service.settings.audit_path
+    client = client_for(service)
+    hostile = "eve\n2026-01-01T00:00:00Z  admin  login\x1b[2K"
+    for n in range(8):
+        with pytest.raises(ServiceError):
+            client.call(
+                "POST",
+                "/auth/login",
+                {"username": hostile, "password": f"guess {n}", "client": "198.51.100.4"},
+            )
+    records = [
+        r for r in read(path, event="login_failed") if r["data"].get("client") == "198.51.100.4"
+    ]
+    assert 1 <= len(records) <= 3  # rate-limited per name and address
+    assert all(r["user"] is None and r["data"]["attempt"] == hostile for r in records)
+    assert verify(path).ok
+
+
+def test_a_first_sign_in_can_only_change_its_password(service) -> None:  # type: ignore[no-untyped-def]
+    from appliance.first_admin import INITIAL_PASSWORD_FILE
+
+    service.accounts.add_user("admin", "first password 1", role="admin", must_change=True)
+    initial = service.settings.data_dir / INITIAL_PASSWORD_FILE
+    initial.write_text("first password 1\n")
+    client = client_for(service)
+    session = client.call(
+        "POST", "/auth/login", {"username": "admin", "password": "first password 1"}
+    )
+    assert session["must_change_password"] is True
+    newbie = client.with_session(session["session"])
+    with pytest.raises(ServiceError) as refused:
+        newbie.call("POST", "/search", {"query": "office"})
+    assert refused.value.status == 403
+    assert newbie.call("GET", "/auth/me")["must_change_password"] is True
+    reply = newbie.call(
+        "POST", "/auth/password", {"old": "first password 1", "new": "my own passphrase"}
+    )
+    assert reply["must_change_password"] is False
+    assert not initial.exists()  # the shown-once password has served its purpose
+    assert newbie.call("POST", "/search", {"query": "office"}) is not None
