@@ -60,6 +60,7 @@ class Identity:
 
 
 LOCAL = Identity("local:operator", "admin", None)
+UNAVAILABLE = "source no longer available"
 
 
 class RateLimit:
@@ -428,7 +429,32 @@ class CoreService:
         return self._store().conversations(self._owner(who, body))
 
     def _conversation_get(self, who: Identity, body: dict[str, Any]) -> Any:
-        return self._store().messages(self._owner(who, body), str(body["conversation"]))
+        messages = self._store().messages(self._owner(who, body), str(body["conversation"]))
+        for message in messages:
+            message["sources"] = [self._still_visible(who, s) for s in message["sources"]]
+        return messages
+
+    def _still_visible(self, who: Identity, source: dict[str, Any]) -> dict[str, Any]:
+        """A stored source as this user may see it now: its text only while they may still
+        read its collection and the document is still indexed (a revoked grant or a deleted
+        document leaves "source no longer available", without its name or text)."""
+        from ingest.pipeline import collection_of
+
+        path = str(source.get("path") or "")
+        readable = bool(path) and who.may_read(collection_of(path))
+        indexed = readable and (
+            self.ingestion.state.file(self.ingestion.searcher.collection, path) is not None
+        )
+        if indexed:
+            return source
+        return {
+            "number": source.get("number"),
+            "path": "",
+            "page": None,
+            "heading": None,
+            "text": UNAVAILABLE,
+            "unavailable": True,
+        }
 
     def _conversation_rename(self, who: Identity, body: dict[str, Any]) -> Any:
         self._store().rename(self._owner(who, body), str(body["conversation"]), str(body["title"]))

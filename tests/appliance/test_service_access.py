@@ -322,3 +322,38 @@ def test_a_first_sign_in_can_only_change_its_password(service) -> None:  # type:
     assert reply["must_change_password"] is False
     assert not initial.exists()  # the shown-once password has served its purpose
     assert newbie.call("POST", "/search", {"query": "office"}) is not None
+
+
+def test_history_hides_sources_after_revocation_or_deletion(service) -> None:  # type: ignore[no-untyped-def]
+    docs = service.ingestion.docs_dir
+    memo = docs / "legal" / "memo.md"
+    memo.write_text("# Memo\n\nThe Quillfeather arbitration hearing is set for 14 May.\n")
+    deadline = time.monotonic() + 60
+    lawyer = client_for(service, "lawyer")
+    while time.monotonic() < deadline:
+        hits = lawyer.call("POST", "/search", {"query": "Quillfeather arbitration hearing"})
+        if any(h["path"] == "legal/memo.md" for h in hits):
+            break
+        time.sleep(0.3)
+    final = lawyer.call(
+        "POST", "/ask", {"question": "When is the Quillfeather arbitration hearing?"}
+    )
+    conversation = final["conversation"]
+
+    def sources() -> list[dict]:  # type: ignore[type-arg]
+        messages = lawyer.call("POST", "/conversations/get", {"conversation": conversation})
+        return messages[-1]["sources"]
+
+    assert any(s["path"] == "legal/memo.md" and "Quillfeather" in s["text"] for s in sources())
+    service.accounts.revoke("legal-team", ["legal"])
+    try:
+        shown = sources()
+        assert all(s.get("unavailable") for s in shown if s["path"] != "welcome.md")
+        assert not any("Quillfeather" in s["text"] or "legal/" in s["path"] for s in shown)
+    finally:
+        service.accounts.grant("legal-team", ["legal"])
+    memo.unlink()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(s["path"] == "legal/memo.md" for s in sources()):
+        time.sleep(0.3)
+    assert not any("Quillfeather" in s["text"] for s in sources())
