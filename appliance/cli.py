@@ -145,7 +145,7 @@ def _progress_bar() -> Callable[[str, int, int], None]:
 
 def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     """The core service: the watcher, the local API, /metrics (``serve`` and ``watch``)."""
-    from appliance.sdnotify import ServiceNotifier, http_alive
+    from appliance.sdnotify import ServiceNotifier
     from appliance.wiring import open_core_service
 
     _quiet_model_loading()
@@ -156,7 +156,7 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     # Under systemd (Type=notify): READY=1 once the API answers, watchdog pings while it does,
     # STOPPING=1 on the way out. A no-op in a terminal.
     notifier = ServiceNotifier(
-        lambda: http_alive(settings.service.host, service.api.port),
+        service.api.alive,
         status=lambda: f"watching {docs}; API on {settings.service.host}:{service.api.port}",
     )
     with service.ingestion, notifier:

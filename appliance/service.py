@@ -174,8 +174,15 @@ class CoreService:
         from appliance.model_routes import model_routes
 
         routes.update(model_routes(self))
+        service = settings.service
         self.api = ApiServer(
-            settings.data_dir, settings.service.host, settings.service.port, routes
+            settings.data_dir,
+            service.host,
+            service.port,
+            routes,
+            unix_socket=service.unix_socket,
+            max_body=service.max_body_mb * 1024 * 1024,
+            max_connections=service.max_connections,
         )
         self.metrics_server: Any = None
         if metrics is not None:
@@ -342,6 +349,13 @@ class CoreService:
     def _ask(self, who: Identity, body: dict[str, Any]) -> Any:
         if self.answerer is None:
             raise ApplianceError("this core service runs without a chat model")
+        question = str(body["question"])
+        limit = self.settings.answer.max_question_chars
+        if len(question) > limit:
+            raise ValueError(
+                f"the question has {len(question)} characters; the limit is {limit} "
+                "(answer.max_question_chars): ask about one thing at a time"
+            )
         user = self._owner(who, body)
         events = self._audited_answer(
             ask_events(

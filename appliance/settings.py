@@ -123,11 +123,27 @@ class AnswerSettings(_Section):
     history_turns: int = Field(
         3, ge=0, le=20, description="Previous exchanges used to rewrite a follow-up question."
     )
+    max_question_chars: int = Field(
+        4000, ge=100, le=100_000, description="Longer questions are refused with a clear error."
+    )
 
 
 class ServiceSettings(_Section):
     host: str = Field("127.0.0.1", description="Bind address of the core service's local API.")
     port: int = Field(8765, ge=0, le=65535, description="Port of the core service's local API.")
+    unix_socket: Path | None = Field(
+        None,
+        description="Serve the local API on this Unix socket (mode 0660: the service's user and "
+        "group) instead of the TCP port.",
+    )
+    max_connections: int = Field(
+        2048,
+        ge=16,
+        description="Open connections (idle ones too) beyond which the API answers 503.",
+    )
+    max_body_mb: int = Field(
+        320, ge=1, description="Largest request body (an uploaded document, base64-encoded)."
+    )
 
 
 class MetricsSettings(_Section):

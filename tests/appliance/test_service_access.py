@@ -357,3 +357,11 @@ def test_history_hides_sources_after_revocation_or_deletion(service) -> None:  #
     while time.monotonic() < deadline and any(s["path"] == "legal/memo.md" for s in sources()):
         time.sleep(0.3)
     assert not any("Quillfeather" in s["text"] for s in sources())
+
+
+def test_an_overlong_question_is_refused_clearly(service) -> None:  # type: ignore[no-untyped-def]
+    lawyer = client_for(service, "lawyer")
+    with pytest.raises(ServiceError) as refused:
+        lawyer.call("POST", "/ask", {"question": "why? " * 1000})
+    assert refused.value.status == 400
+    assert "limit is 4000" in str(refused.value)
