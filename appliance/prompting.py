@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 # Short on purpose, and without a "say you don't know" clause: the default 135M model copies
 # such a clause instead of answering (4 of 7 right with it, 5 of 7 without, on a fixed set).
@@ -76,9 +77,13 @@ class Passage:
         return self.path
 
 
+_COMMENT = re.compile(r"<!--.*?(?:-->|$)", re.DOTALL)
+
+
 def sanitize(text: str) -> str:
-    """Document text with chat-template control tokens defused."""
-    return _CONTROL.sub(" ", text)
+    """Document text with chat-template control tokens defused and HTML comments (text no
+    reader of the rendered document sees, a favourite hiding place) removed."""
+    return _CONTROL.sub(" ", _COMMENT.sub(" ", text))
 
 
 def defuse_instructions(text: str) -> tuple[str, int]:
@@ -101,16 +106,28 @@ def system_prompt(custom: str | None = None) -> str:
     return custom or SYSTEM_PROMPT
 
 
-def passage_text(passage: Passage) -> str:
-    """What the model sees of a passage: sanitised, with instruction-like sentences removed."""
-    return defuse_instructions(sanitize(passage.text))[0].strip()
+class SentenceFilter(Protocol):
+    """Drops instruction-like sentences in any language (``appliance.injection``)."""
+
+    def clean(self, text: str) -> tuple[str, int]: ...
 
 
-def user_prompt(question: str, passages: Sequence[Passage]) -> str:
+def passage_text(passage: Passage, detector: SentenceFilter | None = None) -> str:
+    """What the model sees of a passage: sanitised, with instruction-like sentences removed
+    (English patterns here; any language with ``detector``)."""
+    text = defuse_instructions(sanitize(passage.text))[0]
+    if detector is not None:
+        text = detector.clean(text)[0]
+    return text.strip()
+
+
+def user_prompt(
+    question: str, passages: Sequence[Passage], detector: SentenceFilter | None = None
+) -> str:
     # Locations stay out of the prompt: small models copy them instead of answering; sources
     # are returned as structured data.
     # The best passage goes last, next to the question: small models weigh what is nearest.
-    blocks = [f"[{p.number}] {passage_text(p)}" for p in reversed(passages)]
+    blocks = [f"[{p.number}] {passage_text(p, detector)}" for p in reversed(passages)]
     return "Context:\n" + "\n\n".join(blocks) + f"\n\nQuestion: {sanitize(question).strip()}"
 
 

@@ -123,6 +123,12 @@ class AnswerSettings(_Section):
     history_turns: int = Field(
         3, ge=0, le=20, description="Previous exchanges used to rewrite a follow-up question."
     )
+    detect_instructions: bool = Field(
+        True,
+        description="Drop passage sentences that read as orders to the model in any language "
+        "(judged with the embedding model; appliance/injection.py), besides the English "
+        "patterns that always apply.",
+    )
     max_question_chars: int = Field(
         4000, ge=100, le=100_000, description="Longer questions are refused with a clear error."
     )

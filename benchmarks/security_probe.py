@@ -161,7 +161,13 @@ def truncation(data: Path) -> dict[str, Any]:
 
 def injection() -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "prompt_injection.py"), "--held-out", "--json"],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "prompt_injection.py"),
+            "--cases",
+            "held-out",
+            "--json",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
