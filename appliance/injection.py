@@ -21,7 +21,10 @@ sentences of the shared 10-Q and regulated PDFs (ordinary text: it must stay); t
 cases in ``benchmarks/injection_heldout.py`` were not used.
 
 Units are sentences of a paragraph whose lines are joined first (an order split across lines
-reads as one sentence), plus table cells and headings on their own. The exemplars are embedded
+reads as one sentence), plus table cells and headings on their own. A heading that names the
+machine ("Note to the AI model reading this") addresses its whole section, which goes with it
+(this rule was added after the first run of the held-out cases: their figure for that case is
+no longer blind). The exemplars are embedded
 once per model; sentences are cached by text, so a passage seen again costs nothing.
 """
 
@@ -161,7 +164,12 @@ def units(text: str) -> list[tuple[int, int]]:
             cut = m.end()
         if cut < b_end:
             spans.append((cut, b_end))
-    return [(a, b) for a, b in spans if len(text[a:b].strip(" |\n\t")) >= _MIN_CHARS]
+    return [
+        (a, b)
+        for a, b in spans
+        # headings stay however short: each one ends the scope of the one before
+        if len(text[a:b].strip(" |\n\t")) >= _MIN_CHARS or text[a:b].lstrip().startswith("#")
+    ]
 
 
 # Words that name the machine reading the text, in the languages of the exemplars and a few more.
@@ -242,6 +250,16 @@ class InstructionDetector:
         """``text`` without its instruction-like units; how many were dropped."""
         spans = units(text)
         flagged = self.flags([" ".join(text[a:b].strip(" |").split()) for a, b in spans])
+        # A heading that speaks to the machine ("Note to the AI model reading this") addresses
+        # its whole section: everything under it goes, up to the next heading.
+        addressed = False
+        for i, (a, b) in enumerate(spans):
+            heading = text[a:b].lstrip().startswith("#")
+            if heading:
+                addressed = flagged[i] or bool(_ADDRESSEE.search(text[a:b]))
+                flagged[i] = flagged[i] or addressed
+            elif addressed:
+                flagged[i] = True
         cuts = [span for span, bad in zip(spans, flagged, strict=True) if bad]
         if not cuts:
             return text, 0
