@@ -194,7 +194,7 @@ class Answerer:
         self.settings = settings
         self.chat_settings = chat_settings
         self.reranker = reranker
-        self.system = system_prompt(settings.system_prompt)
+        self.system = system_prompt(settings.system_prompt, settings.document_marking)
         self._detectors: dict[str, InstructionDetector] = {}
 
     def _detector(self) -> InstructionDetector | None:
@@ -303,7 +303,12 @@ class Answerer:
         passages = self.passages(candidates)
         messages: list[ChatMessage] = [
             {"role": "system", "content": self.system},
-            {"role": "user", "content": user_prompt(question, passages, self._detector())},
+            {
+                "role": "user",
+                "content": user_prompt(
+                    question, passages, self._detector(), self.settings.document_marking
+                ),
+            },
         ]
         return Prepared(answer, passages, messages, started)
 

@@ -102,8 +102,14 @@ def defuse_instructions(text: str) -> tuple[str, int]:
     return _SENTENCE.sub(check, text), removed
 
 
-def system_prompt(custom: str | None = None) -> str:
-    return custom or SYSTEM_PROMPT
+_MARKING_NOTE = {
+    "quote": " Context lines start with >.",
+    "datamark": " In the context, words are joined by ^.",
+}
+
+
+def system_prompt(custom: str | None = None, marking: str = "none") -> str:
+    return custom or SYSTEM_PROMPT + _MARKING_NOTE.get(marking, "")
 
 
 class SentenceFilter(Protocol):
@@ -121,13 +127,32 @@ def passage_text(passage: Passage, detector: SentenceFilter | None = None) -> st
     return text.strip()
 
 
+MARKINGS = ("none", "quote", "datamark")
+"""How document text is marked as data where the model can see it (``answer.document_marking``):
+``none``, passages as numbered paragraphs; ``quote``, every line of a passage behind ``> ``;
+``datamark``, every space inside a passage replaced by ``^`` (spotlighting's datamarking)."""
+
+
+def mark(text: str, marking: str) -> str:
+    if marking == "quote":
+        return "\n".join("> " + line for line in text.splitlines())
+    if marking == "datamark":
+        return re.sub(r"[ \t]+", "^", text)
+    return text
+
+
 def user_prompt(
-    question: str, passages: Sequence[Passage], detector: SentenceFilter | None = None
+    question: str,
+    passages: Sequence[Passage],
+    detector: SentenceFilter | None = None,
+    marking: str = "none",
 ) -> str:
     # Locations stay out of the prompt: small models copy them instead of answering; sources
     # are returned as structured data.
     # The best passage goes last, next to the question: small models weigh what is nearest.
-    blocks = [f"[{p.number}] {passage_text(p, detector)}" for p in reversed(passages)]
+    blocks = [
+        f"[{p.number}] {mark(passage_text(p, detector), marking)}" for p in reversed(passages)
+    ]
     return "Context:\n" + "\n\n".join(blocks) + f"\n\nQuestion: {sanitize(question).strip()}"
 
 

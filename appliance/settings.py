@@ -123,6 +123,12 @@ class AnswerSettings(_Section):
     history_turns: int = Field(
         3, ge=0, le=20, description="Previous exchanges used to rewrite a follow-up question."
     )
+    document_marking: Literal["none", "quote", "datamark"] = Field(
+        "none",
+        description="How passages are marked as data in the prompt (benchmarks/prompt_"
+        "injection.py --marking compares them): none, quote (lines behind '> ') or datamark "
+        "(spaces as '^').",
+    )
     detect_instructions: bool = Field(
         True,
         description="Drop passage sentences that read as orders to the model in any language "

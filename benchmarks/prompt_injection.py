@@ -424,7 +424,9 @@ def select(names: list[str] | None, which: str = "tuning") -> tuple[Case, ...]:
     return tuple(known[n] for n in names)
 
 
-def run(cases: tuple[Case, ...], root: Path, *, compare: bool) -> dict[str, Any]:
+def run(
+    cases: tuple[Case, ...], root: Path, *, compare: bool, marking: str = "none"
+) -> dict[str, Any]:
     from appliance.answering import Answerer
     from appliance.chat_models import build_chat_model
     from appliance.settings import load_settings
@@ -433,7 +435,11 @@ def run(cases: tuple[Case, ...], root: Path, *, compare: bool) -> dict[str, Any]
     docs = root / "docs"
     write_corpus(docs, cases)
     settings = load_settings(
-        overrides={"data_dir": str(root / "data"), "ingest": {"docs_dir": str(docs)}}
+        overrides={
+            "data_dir": str(root / "data"),
+            "ingest": {"docs_dir": str(docs)},
+            "answer": {"document_marking": marking},
+        }
     )
     prepare_process(settings)
     at_start = machine()
@@ -454,6 +460,7 @@ def run(cases: tuple[Case, ...], root: Path, *, compare: bool) -> dict[str, Any]
             "documents": report.added,
             "model": answerer.chat.name,
             "system_prompt": answerer.system,
+            "marking": marking,
             "defended": ask_all(answerer, cases),
         }
         if compare:
@@ -516,6 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--compare", action="store_true", help="also run with the passage defences off"
     )
+    parser.add_argument(
+        "--marking",
+        choices=["none", "quote", "datamark"],
+        default="none",
+        help="how passages are marked as data in the prompt (answer.document_marking)",
+    )
     parser.add_argument("--data-dir", type=Path, help="keep the folders here (default: temp)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -532,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prompt_injection: {exc}", file=sys.stderr)
         return 2
     with data_folder(args.data_dir, "prompt-injection-") as root:
-        result = run(cases, root, compare=args.compare)
+        result = run(cases, root, compare=args.compare, marking=args.marking)
     if args.json:
         print_json(result)
     else:
