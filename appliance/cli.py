@@ -654,7 +654,7 @@ def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import datetime
 
-    from appliance.audit import load_key, parse_anchor, printable, read, verify
+    from appliance.audit import Anchor, load_key, parse_anchor, printable, read, verify
 
     path = settings.audit_path
     key_file = settings.audit.hmac_key_file
@@ -671,7 +671,7 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
             print(f"audit anchor count={anchor['count']} last_hash={anchor['last_hash']}")
         return 0
     if args.verify == "verify":
-        given = None
+        given: str | Anchor | None = None
         if args.anchor:
             text = args.anchor
             if not re.fullmatch(r"[0-9a-f]{64}", text) and Path(text).is_file():
@@ -694,8 +694,8 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
                 + (f"; {result.problem}" if result.problem else "")
             )
             if key is not None and result.ok and result.keyed_from != 1 and result.records:
-                since = result.keyed_from or "no record"
-                print(f"note: records are keyed from seq {since} on (older ones predate the key)")
+                keyed = result.keyed_from or "no record"
+                print(f"note: records are keyed from seq {keyed} on (older ones predate the key)")
         return 0 if result.ok else EXIT_ERROR
     if args.anchor:
         raise ApplianceError("--anchor goes with `appliance audit verify`")
