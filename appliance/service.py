@@ -749,16 +749,27 @@ class CoreService:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _chunks(self, _who: Identity, body: dict[str, Any]) -> list[dict[str, str]]:
+    def _chunks(self, who: Identity, body: dict[str, Any]) -> list[dict[str, str]]:
         """A seeded sample of indexed chunk texts (``appliance dataset build --from docs``
-        reads them here, since this process owns the index)."""
+        reads them here, since this process owns the index). Admins see only the collections
+        granted to them, like everyone else, and every such read is audited."""
         from finetune.synthetic import sample_chunks
 
         limit, seed = int(body.get("limit", 50)), int(body.get("seed", 0))
         if not 1 <= limit <= 10_000:
             raise ValueError(f"limit must be between 1 and 10000, got {limit}")
         collection = self.ingestion.searcher.collection
-        return [c.as_json() for c in sample_chunks(self.ingestion.state, collection, limit, seed)]
+        chunks = sample_chunks(
+            self.ingestion.state, collection, limit, seed, readable=who.collections
+        )
+        self._audit(
+            "admin",
+            who.username,
+            action="chunks_read",
+            count=len(chunks),
+            files=sorted({c.file for c in chunks}),
+        )
+        return [c.as_json() for c in chunks]
 
     def _backup(self, who: Identity, body: dict[str, Any]) -> dict[str, Any]:
         """A backup of the data folder this service owns, with ingestion's writes held while

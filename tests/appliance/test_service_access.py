@@ -365,3 +365,20 @@ def test_an_overlong_question_is_refused_clearly(service) -> None:  # type: igno
         lawyer.call("POST", "/ask", {"question": "why? " * 1000})
     assert refused.value.status == 400
     assert "limit is 4000" in str(refused.value)
+
+
+def test_admin_chunk_reads_obey_grants_and_are_audited(service) -> None:  # type: ignore[no-untyped-def]
+    boss = client_for(service, "boss")  # an admin granted legal only
+    rows = boss.call("POST", "/admin/chunks", {"limit": 50, "seed": 1})
+    files = {r["file"] for r in rows}
+    assert files
+    assert not any(f.startswith("hr/") for f in files)
+    reads = [
+        r
+        for r in read(service.settings.audit_path, user="boss", event="admin")
+        if r["data"].get("action") == "chunks_read"
+    ]
+    assert reads
+    assert set(reads[-1]["data"]["files"]) == files
+    everything = client_for(service).call("POST", "/admin/chunks", {"limit": 50, "seed": 1})
+    assert any(r["file"].startswith("hr/") for r in everything)  # the host's operator sees all
