@@ -241,6 +241,14 @@ install_folders() {
     setfacl -m "u:$user:rwX,g:$admins:rwX" -d -m "u:$user:rwX,g:$admins:rwX" "$docs" || \
       echo "note: the filesystem of $docs has no ACLs; admins need umask 007 there" >&2
   fi
+  # The audit log's HMAC key: root-owned, readable by the service's group, outside the data
+  # folder, so whoever can write the data folder cannot re-chain a rewritten audit log.
+  if [ ! -e "$etc/audit.key" ]; then
+    (umask 077; head -c 48 /dev/urandom | base64 > "$etc/audit.key")
+    echo "wrote $etc/audit.key"
+  fi
+  chmod 0640 "$etc/audit.key"
+  own root:"$group" "$etc/audit.key"
   if [ ! -e "$etc/config.yaml" ]; then
     cat > "$etc/config.yaml" <<YAML
 # The appliance's settings (appliance/settings.py describes every key). Servers on other hosts
@@ -252,10 +260,13 @@ ingest:
 service: {host: 127.0.0.1, port: 8765}
 ui: {host: 127.0.0.1, port: 8501}
 metrics: {host: 127.0.0.1, port: 9108}
+audit: {hmac_key_file: $etc/audit.key}
 YAML
     echo "wrote $etc/config.yaml"
   else
     echo "kept $etc/config.yaml"
+    grep -q hmac_key_file "$etc/config.yaml" ||
+      echo "note: add 'audit: {hmac_key_file: $etc/audit.key}' to $etc/config.yaml to key the audit log" >&2
   fi
   chmod 0640 "$etc/config.yaml"
   own root:"$group" "$etc/config.yaml"

@@ -17,10 +17,19 @@ their work needs, and that grant is an explicit, audited act rather than an impl
 is replaced at the next successful sign-in. Unknown user, wrong password and disabled account
 all raise the same :class:`AuthError` message, and an unknown user's password is verified
 against a dummy hash so the answer takes as long as for a real one. After ``max_failures``
-consecutive failures for a username (known or not) or for a client address, attempts within
+consecutive failures for a username at one client address (the UI forwards the browser's
+address), or for the address alone, attempts within
 ``lockout_base_s * 2 ** (failures - max_failures)`` seconds (at most 15 minutes) of the last
-failure are refused without looking at the password. A success resets both counters; failures
-older than ``forget_failures_after_s`` are forgotten.
+failure are refused without looking at the password. Throttling by name *and* address means a
+guesser locks out only itself, not every admin by name; without an address (a local tool) the
+name alone is the key. Each attempt is counted as a failure *before* its password is checked,
+in the same transaction as the throttle check, so parallel guesses cannot all slip through
+before the first failure lands; a success takes the count back. At most
+``max_concurrent_checks`` Argon2 verifications (64 MiB each) run at once; the rest wait.
+Failures older than ``forget_failures_after_s`` are forgotten.
+
+**First sign-in.** An account created with ``must_change=True`` (the first admin, whose random
+password was shown once) can do nothing but change its password; the service enforces that.
 
 **Sessions.** A session token is 32 random bytes, url-safe; only its SHA-256 is stored. A
 session lasts ``session_ttl_s`` from sign-in (absolute, not sliding) and ends early on sign-out,
@@ -91,6 +100,8 @@ class Session:
     username: str
     role: str
     expires: float
+    must_change: bool = False
+    """The password must be changed before anything else (a first admin's random one)."""
 
 
 _SCHEMA = """
@@ -174,6 +185,7 @@ class Accounts:
         min_password_length: int = 10,
         hasher: PasswordHasher | None = None,
         clock: Callable[[], float] = time.time,
+        max_concurrent_checks: int = 2,
     ) -> None:
         if session_ttl_s <= 0 or max_failures < 1 or lockout_base_s < 0 or min_password_length < 1:
             raise AccountError(
@@ -192,6 +204,11 @@ class Accounts:
         # The file holds password hashes: owner-only from the start.
         self._db = sqlite.connect(path, _SCHEMA, durable=True, private=True)
         self._lock = threading.Lock()
+        self._checks = threading.BoundedSemaphore(max(1, max_concurrent_checks))
+        columns = {str(r[1]) for r in self._db.execute("PRAGMA table_info(users)")}
+        if "must_change" not in columns:  # a data folder from before first-sign-in changes
+            with self._write() as db:
+                db.execute("ALTER TABLE users ADD COLUMN must_change INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -250,8 +267,11 @@ class Accounts:
         password: str,
         role: str = "staff",
         groups: Iterable[str] | str = (),
+        *,
+        must_change: bool = False,
     ) -> dict[str, Any]:
-        """Create a user; ``username`` is matched without regard to case and stored lower-case."""
+        """Create a user; ``username`` is matched without regard to case and stored lower-case.
+        ``must_change``: the user must set a new password at first sign-in."""
         name = normalise_username(username)
         self._check_role(role)
         self._check_password(name, password)
@@ -263,8 +283,8 @@ class Accounts:
                 raise AccountError(f"user {name!r} already exists")
             db.execute(
                 "INSERT INTO users (username, role, disabled, password_hash, created, "
-                "password_changed) VALUES (?, ?, 0, ?, ?, ?)",
-                (name, role, password_hash, now, now),
+                "password_changed, must_change) VALUES (?, ?, 0, ?, ?, ?, ?)",
+                (name, role, password_hash, now, now, int(must_change)),
             )
             db.executemany(
                 "INSERT INTO memberships (username, grp) VALUES (?, ?)",
@@ -283,10 +303,28 @@ class Accounts:
         with self._write() as db:
             self._require_user(db, name)
             db.execute(
-                "UPDATE users SET password_hash = ?, password_changed = ? WHERE username = ?",
+                "UPDATE users SET password_hash = ?, password_changed = ?, must_change = 0 "
+                "WHERE username = ?",
                 (password_hash, self._clock(), name),
             )
             self._end_sessions(db, name, keep_token)
+
+    def change_password(self, token: str, old: str, new: str) -> str:
+        """The signed-in user of ``token`` sets a new password, proving the old one; their other
+        sessions end, this one stays. Returns the username."""
+        session = self.session(token)
+        if session is None:
+            raise AuthError("not signed in, or the session expired", reason="no_session")
+        if old == new:
+            raise AccountError("the new password must differ from the current one")
+        with self._lock:
+            row = self._db.execute(
+                "SELECT password_hash FROM users WHERE username = ?", (session.username,)
+            ).fetchone()
+        if row is None or not self._verify(str(row[0]), old):
+            raise AuthError("the current password is wrong", reason="bad_password")
+        self.set_password(session.username, new, keep_token=token)
+        return session.username
 
     def set_role(self, username: str, role: str) -> None:
         name = normalise_username(username)
@@ -431,10 +469,9 @@ class Accounts:
     # --- sign-in and sessions ------------------------------------------------------------------
 
     def _failure_keys(self, name: str, client: str) -> list[str]:
-        keys = [f"user:{name[:64]}"]
-        if client:
-            keys.append(f"client:{client[:128]}")
-        return keys
+        if not client:
+            return [f"user:{name[:64]}"]
+        return [f"pair:{name[:64]}@{client[:128]}", f"client:{client[:128]}"]
 
     def _retry_after(self, db: sqlite3.Connection, keys: list[str], now: float) -> float:
         """Seconds until the strictest lockout among ``keys`` ends; 0 when none applies."""
@@ -451,56 +488,64 @@ class Accounts:
             wait = max(wait, last + window - now)
         return wait
 
-    def _fail(self, keys: list[str], now: float, reason: str) -> AuthError:
+    def _count_attempt(self, keys: list[str], now: float) -> float:
+        """Throttle check and a pessimistic failure count, in one transaction: 0 when the
+        attempt may go on (and is now counted as failed until it succeeds), else the wait."""
         with self._write() as db:
             db.execute("DELETE FROM failures WHERE last < ?", (now - self.forget_failures_after_s,))
+            wait = self._retry_after(db, keys, now)
+            if wait > 0:
+                return wait
             db.executemany(
                 "INSERT INTO failures (key, count, last) VALUES (?, 1, ?) "
                 "ON CONFLICT (key) DO UPDATE SET count = count + 1, last = excluded.last",
                 [(key, now) for key in keys],
             )
-        return AuthError(INVALID_LOGIN, reason=reason)
+        return 0.0
+
+    def _verify(self, stored: str, password: str) -> bool:
+        with self._checks:  # Argon2 takes 64 MiB per check: a burst must not take them all
+            try:
+                return bool(self._hasher.verify(stored, password))
+            except (VerificationError, InvalidHashError):
+                return False
 
     def login(self, username: str, password: str, *, client: str = "") -> Session:
         """Check the password and open a session, or raise :class:`AuthError`.
 
-        ``client`` is the end user's address for per-address throttling; pass "" where every
-        request comes from one address (a proxy or the UI process), or everyone shares one
-        lockout.
+        ``client`` is the end user's address: the UI forwards the browser's. Pass "" only
+        where there is none (a local tool); then the username alone is throttled.
         """
         now = self._clock()
         name = username.lower() if isinstance(username, str) else ""
         keys = self._failure_keys(name, client)
-        with self._lock:
-            wait = self._retry_after(self._db, keys, now)
-            row = (
-                self._db.execute(
-                    "SELECT password_hash, disabled, role, password_changed FROM users "
-                    "WHERE username = ?",
-                    (name,),
-                ).fetchone()
-                if _NAME.fullmatch(name)
-                else None
-            )
+        wait = self._count_attempt(keys, now)
         if wait > 0:
             raise AuthError(
                 f"too many failed attempts; try again in {math.ceil(wait)} s",
                 reason="throttled",
                 retry_after_s=wait,
             )
+        with self._lock:
+            row = (
+                self._db.execute(
+                    "SELECT password_hash, disabled, role, password_changed, must_change "
+                    "FROM users WHERE username = ?",
+                    (name,),
+                ).fetchone()
+                if _NAME.fullmatch(name)
+                else None
+            )
         if not isinstance(password, str) or len(password) > MAX_PASSWORD_CHARS:
-            raise self._fail(keys, now, "bad_password" if row else "unknown_user")
+            raise AuthError(INVALID_LOGIN, reason="bad_password" if row else "unknown_user")
         stored = str(row[0]) if row else self._dummy_hash
-        try:
-            matched: bool = self._hasher.verify(stored, password)
-        except (VerificationError, InvalidHashError):
-            matched = False
+        matched = self._verify(stored, password)
         if row is None:
-            raise self._fail(keys, now, "unknown_user")
+            raise AuthError(INVALID_LOGIN, reason="unknown_user")
         if not matched:
-            raise self._fail(keys, now, "bad_password")
+            raise AuthError(INVALID_LOGIN, reason="bad_password")
         if row[1]:
-            raise self._fail(keys, now, "disabled")
+            raise AuthError(INVALID_LOGIN, reason="disabled")
         rehashed = self._hasher.hash(password) if self._hasher.check_needs_rehash(stored) else None
         token = secrets.token_urlsafe(32)
         expires = now + self.session_ttl_s
@@ -525,7 +570,13 @@ class Accounts:
                 "VALUES (?, ?, ?, ?, ?)",
                 (_token_hash(token), name, client[:128], now, expires),
             )
-        return Session(token=token, username=name, role=str(row[2]), expires=expires)
+        return Session(
+            token=token,
+            username=name,
+            role=str(row[2]),
+            expires=expires,
+            must_change=bool(row[4]),
+        )
 
     def session(self, token: str) -> Session | None:
         """The live session of ``token``; None when unknown, expired or its user is disabled."""
@@ -535,7 +586,7 @@ class Accounts:
         now = self._clock()
         with self._lock:
             row = self._db.execute(
-                "SELECT s.username, s.expires, u.role, u.disabled FROM sessions s "
+                "SELECT s.username, s.expires, u.role, u.disabled, u.must_change FROM sessions s "
                 "JOIN users u ON u.username = s.username WHERE s.token_hash = ?",
                 (digest,),
             ).fetchone()
@@ -544,7 +595,13 @@ class Accounts:
             if row[1] <= now or row[3]:
                 self._db.execute("DELETE FROM sessions WHERE token_hash = ?", (digest,))
                 return None
-        return Session(token=token, username=str(row[0]), role=str(row[2]), expires=float(row[1]))
+        return Session(
+            token=token,
+            username=str(row[0]),
+            role=str(row[2]),
+            expires=float(row[1]),
+            must_change=bool(row[4]),
+        )
 
     def logout(self, token: str) -> str | None:
         """End the session of ``token``; the username it belonged to, or None if none."""

@@ -18,6 +18,7 @@ from appliance.chat_models import ChatMessage, ChatModel, GenerationParams
 from appliance.chat_settings import ChatSettings
 from appliance.conversations import ConversationStore, Exchange, standalone_question
 from appliance.errors import ConfigError, missing_dependency
+from appliance.injection import InstructionDetector
 from appliance.prompting import (
     LeakGuard,
     Passage,
@@ -193,7 +194,19 @@ class Answerer:
         self.settings = settings
         self.chat_settings = chat_settings
         self.reranker = reranker
-        self.system = system_prompt(settings.system_prompt)
+        self.system = system_prompt(settings.system_prompt, settings.document_marking)
+        self._detectors: dict[str, InstructionDetector] = {}
+
+    def _detector(self) -> InstructionDetector | None:
+        """Instruction-like sentences in any language, judged with the index's own embedding
+        model (one detector per model: its exemplar vectors belong to that model)."""
+        if not self.settings.detect_instructions:
+            return None
+        embedder = self._index().embedder
+        key = embedder.model_id
+        if key not in self._detectors:
+            self._detectors[key] = InstructionDetector(embedder)
+        return self._detectors[key]
 
     # --- retrieval ---------------------------------------------------------------------------
 
@@ -290,7 +303,12 @@ class Answerer:
         passages = self.passages(candidates)
         messages: list[ChatMessage] = [
             {"role": "system", "content": self.system},
-            {"role": "user", "content": user_prompt(question, passages)},
+            {
+                "role": "user",
+                "content": user_prompt(
+                    question, passages, self._detector(), self.settings.document_marking
+                ),
+            },
         ]
         return Prepared(answer, passages, messages, started)
 
@@ -311,6 +329,14 @@ class Answerer:
             prepared.started,
         )
         timings = answer.timings
+        # Evidence first: what was retrieved goes out before the model starts (the audit log
+        # records the question with it before any answer text reaches the client).
+        yield {
+            "type": "sources",
+            "sources": [asdict(Source.of(p)) for p in passages],
+            "retrieved": answer.retrieved,
+            "model": answer.model,
+        }
         if not passages or answer.relevance < self.settings.min_relevance:
             answer.abstained = True
             answer.answer = self._abstention(passages)

@@ -26,6 +26,8 @@ import importlib.util
 import json
 import logging
 import os
+import re
+import secrets
 import sys
 import threading
 import time
@@ -649,6 +651,35 @@ class LlamaCppChatModel(BaseChatModel):
         # alongside decoding too).
         return len(self._require_llm().tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
+    def prompt_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The prompt's tokens, where only the template's own markup may become control tokens:
+        message text (documents, the question, the system prompt) is tokenised with
+        ``special=False``, so a document that holds "<|im_start|>system" or another family's
+        markers (``[SYSTEM_PROMPT]``, ``<think>``, DeepSeek's) cannot open a turn of its own.
+        The template is rendered with a unique placeholder per message, then the pieces are
+        tokenised each by its kind."""
+        llm = self._require_llm()
+        checked = _check_messages(messages)
+        tag = secrets.token_hex(8)
+        holders = [
+            ChatMessage(role=m["role"], content=f"\x00{tag}{i}\x00") for i, m in enumerate(checked)
+        ]
+        rendered = self._template.render(holders, add_generation_prompt=True)
+        bos_text = self._template.bos_token
+        add_bos = self._add_bos and not (bos_text and rendered.startswith(bos_text))
+        tokens: list[int] = []
+        pieces = re.split(f"\x00{tag}(\\d+)\x00", rendered)
+        for k, piece in enumerate(pieces):
+            is_content = k % 2 == 1
+            text = checked[int(piece)]["content"] if is_content else piece
+            if text:
+                tokens += llm.tokenize(
+                    text.encode("utf-8"), add_bos=add_bos and not tokens, special=not is_content
+                )
+        if add_bos and not tokens:
+            tokens = llm.tokenize(b"", add_bos=True, special=False)
+        return tokens
+
     def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
         """The prompt text the model sees: the GGUF's template, rendered in the sandbox."""
         return self._template.render(_check_messages(messages), add_generation_prompt=True)
@@ -679,10 +710,7 @@ class LlamaCppChatModel(BaseChatModel):
         try:
             queued = time.perf_counter() - asked
             llm = self._require_llm()
-            prompt = self._template.render(messages, add_generation_prompt=True)
-            bos_text = self._template.bos_token
-            add_bos = self._add_bos and not (bos_text and prompt.startswith(bos_text))
-            tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
+            tokens = self.prompt_tokens(messages)
             room = self._n_ctx - len(tokens)
             if room < 1:
                 raise ModelError(

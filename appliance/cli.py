@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +151,7 @@ def _progress_bar() -> Callable[[str, int, int], None]:
 
 def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     """The core service: the watcher, the local API, /metrics (``serve`` and ``watch``)."""
-    from appliance.sdnotify import ServiceNotifier, http_alive
+    from appliance.sdnotify import ServiceNotifier
     from appliance.wiring import open_core_service
 
     _quiet_model_loading()
@@ -161,7 +162,7 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     # Under systemd (Type=notify): READY=1 once the API answers, watchdog pings while it does,
     # STOPPING=1 on the way out. A no-op in a terminal.
     notifier = ServiceNotifier(
-        lambda: http_alive(settings.service.host, service.api.port),
+        service.api.alive,
         status=lambda: f"watching {docs}; API on {settings.service.host}:{service.api.port}",
     )
     with service.ingestion, notifier:
@@ -177,45 +178,9 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _ensure_first_admin(service: Any, settings: Settings) -> None:
-    """On a fresh install nobody can sign in: create ``admin`` with a random password, shown
-    once here and kept in a 0600 file until it is changed (as IT expects of an appliance)."""
-    import os
-    import secrets
+    from appliance.first_admin import ensure_first_admin
 
-    accounts = service.accounts
-    if accounts is None or accounts.users():
-        return
-    password = secrets.token_urlsafe(12)
-    accounts.add_user("admin", password, role="admin")
-    path = settings.data_dir / "initial-admin-password"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(password + "\n")
-    service.audit.record(
-        "admin", "local:install", action="user_create", target="admin", role="admin"
-    )
-    # Under systemd stderr is the journal, which keeps it for months and shows it to every
-    # member of adm/systemd-journal: there, only the file's path.
-    shown = "" if _stderr_is_journal() else f" with password {password}"
-    print(
-        f"first start: created the user 'admin'{shown} (password in {path}, 0600); "
-        "sign in and change it, or add your own admin with `appliance users add NAME --admin`",
-        file=sys.stderr,
-    )
-
-
-def _stderr_is_journal(env: Mapping[str, str] | None = None) -> bool:
-    """Whether stderr is connected to the systemd journal (``JOURNAL_STREAM`` names its device
-    and inode, see systemd.exec(5))."""
-    import os
-
-    stream = (os.environ if env is None else env).get("JOURNAL_STREAM", "")
-    device, _, inode = stream.partition(":")
-    try:
-        st = os.fstat(sys.stderr.fileno())
-        return bool(inode) and (st.st_dev, st.st_ino) == (int(device), int(inode))
-    except (OSError, ValueError, AttributeError):
-        return False
+    ensure_first_admin(service.accounts, service.audit, settings.data_dir)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -496,12 +461,9 @@ def _ask_events(settings: Settings, body: dict[str, Any]) -> Any:
 
 
 def _current_user() -> str:
-    import getpass
+    from appliance.audit import local_identity
 
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "local"
+    return local_identity()
 
 
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
@@ -621,10 +583,10 @@ def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
     """Accounts live in SQLite beside the index; these commands work with or without the
     service running (SQLite serialises the writers)."""
     from appliance.accounts import Accounts
-    from appliance.audit import AuditLog
+    from appliance.audit import open_audit_log
 
-    audit = AuditLog(settings.audit_path)
-    operator = f"local:{_current_user()}"
+    audit = open_audit_log(settings)
+    operator = _current_user()
     with Accounts(settings.accounts_path) as accounts:
         action = args.action
         if action == "list":
@@ -657,6 +619,9 @@ def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
                 args.name, _read_password(args, f"new password for {args.name}: ")
             )
             accounts.end_sessions(args.name)
+            from appliance.first_admin import forget_initial_password
+
+            forget_initial_password(settings.data_dir, args.name.lower())
             audit.record(
                 "admin",
                 operator,
@@ -695,27 +660,62 @@ def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import datetime
 
-    from appliance.audit import read, verify
+    from appliance.audit import Anchor, load_key, parse_anchor, printable, read, verify
 
     path = settings.audit_path
-    if args.verify:
-        result = verify(path)
+    key_file = settings.audit.hmac_key_file
+    key = load_key(key_file, settings.data_dir) if key_file is not None else None
+    if args.verify == "anchor":
+        result = verify(path, key=key)
+        if not result.ok:
+            print(f"TAMPERED: {result.records} records; {result.problem}", file=sys.stderr)
+            return EXIT_ERROR
+        anchor = {"count": result.records, "last_hash": result.last_hash}
         if args.json:
-            _print_json({"ok": result.ok, "records": result.records, "problem": result.problem})
+            _print_json(anchor)
+        else:
+            print(f"audit anchor count={anchor['count']} last_hash={anchor['last_hash']}")
+        return 0
+    if args.verify == "verify":
+        given: str | Anchor | None = None
+        if args.anchor:
+            text = args.anchor
+            if not re.fullmatch(r"[0-9a-f]{64}", text) and Path(text).is_file():
+                text = Path(text).read_text(encoding="utf-8", errors="replace")
+            given = parse_anchor(text)
+        result = verify(path, anchor=given, key=key)
+        if args.json:
+            _print_json(
+                {
+                    "ok": result.ok,
+                    "records": result.records,
+                    "problem": result.problem,
+                    "last_hash": result.last_hash,
+                    "keyed_from": result.keyed_from,
+                }
+            )
         else:
             print(
                 f"{'ok' if result.ok else 'TAMPERED'}: {result.records} records"
                 + (f"; {result.problem}" if result.problem else "")
             )
+            if key is not None and result.ok and result.keyed_from != 1 and result.records:
+                keyed = result.keyed_from or "no record"
+                print(f"note: records are keyed from seq {keyed} on (older ones predate the key)")
         return 0 if result.ok else EXIT_ERROR
+    if args.anchor:
+        raise ApplianceError("--anchor goes with `appliance audit verify`")
     since = datetime.fromisoformat(args.since) if args.since else None
     for record in read(path, since=since, user=args.user, event=args.event):
         if args.json:
             _print_json(record)
         else:
-            data = json.dumps(record.get("data", {}), ensure_ascii=False)
-            who = record.get("user") or "-"
-            print(f"{record['time']}  {who:16s} {record['event']:16s} {data[:160]}")
+            # Stored strings come from outside (a failed sign-in's username): escape control
+            # and format characters so they cannot forge or hide lines on the terminal.
+            data = printable(json.dumps(record.get("data", {}), ensure_ascii=False))
+            who = printable(str(record.get("user") or "-"))
+            event = printable(str(record["event"]))
+            print(f"{printable(str(record['time']))}  {who:16s} {event:16s} {data[:160]}")
     return 0
 
 
@@ -823,7 +823,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_users, log_file=False)
 
     p = sub.add_parser("audit", help="read or verify the tamper-evident audit log")
-    p.add_argument("verify", nargs="?", choices=["verify"], help="check the hash chain")
+    p.add_argument(
+        "verify",
+        nargs="?",
+        choices=["verify", "anchor"],
+        help="verify: check the hash chain; anchor: print the record count and last hash to "
+        "keep outside the appliance",
+    )
+    p.add_argument(
+        "--anchor",
+        help="with verify: a hash, a file with `audit anchor --json`, or a journal line; fails "
+        "when records up to it are missing or changed",
+    )
     p.add_argument("--since", help="ISO date or time, e.g. 2026-11-01")
     p.add_argument("--user")
     p.add_argument("--event")
@@ -849,8 +860,19 @@ _COMMAND_MODULES = (
 )
 
 
+def _private_files() -> None:
+    """Index text, conversations and logs are the organisation's documents: a local install
+    creates them owner-only (umask 077), whatever the login shell's umask. Under systemd the
+    unit's own ``UMask=0027`` applies (the admins' group reads the data folder)."""
+    import os
+
+    if not os.environ.get("INVOCATION_ID"):
+        os.umask(0o077)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    _private_files()
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
     if args.data_dir is not None:

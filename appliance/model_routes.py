@@ -145,7 +145,7 @@ def model_routes(service: CoreService) -> dict[tuple[str, str], Callable[[Reques
             raise ConfigError(f"run {folder.name} has no {kind} file yet")
         return Raw(path.read_bytes(), content_type, path.name)
 
-    def evaluate(_who: Identity, body: dict[str, Any]) -> dict[str, Any]:
+    def evaluate(who: Identity, body: dict[str, Any]) -> dict[str, Any]:
         from appliance.evaluation import GoldenItem
         from finetune.runs import evaluate_with_model
 
@@ -164,7 +164,12 @@ def model_routes(service: CoreService) -> dict[tuple[str, str], Callable[[Reques
             )
             for i in body.get("items", [])
         ]
-        return evaluate_with_model(settings, service.answerer, gguf, items)
+        # Admins obey their grants here too: the golden questions search only what they may
+        # read (the host's operator, as for every route without a session, searches all).
+        service._audit(
+            "admin", who.username, action="finetune_evaluate", target=gguf.name, items=len(items)
+        )
+        return evaluate_with_model(settings, service.answerer, gguf, items, who.where())
 
     return {
         ("GET", "/admin/models"): admin(models),

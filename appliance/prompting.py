@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 # Short on purpose, and without a "say you don't know" clause: the default 135M model copies
 # such a clause instead of answering (4 of 7 right with it, 5 of 7 without, on a fixed set).
@@ -76,9 +77,13 @@ class Passage:
         return self.path
 
 
+_COMMENT = re.compile(r"<!--.*?(?:-->|$)", re.DOTALL)
+
+
 def sanitize(text: str) -> str:
-    """Document text with chat-template control tokens defused."""
-    return _CONTROL.sub(" ", text)
+    """Document text with chat-template control tokens defused and HTML comments (text no
+    reader of the rendered document sees, a favourite hiding place) removed."""
+    return _CONTROL.sub(" ", _COMMENT.sub(" ", text))
 
 
 def defuse_instructions(text: str) -> tuple[str, int]:
@@ -97,20 +102,57 @@ def defuse_instructions(text: str) -> tuple[str, int]:
     return _SENTENCE.sub(check, text), removed
 
 
-def system_prompt(custom: str | None = None) -> str:
-    return custom or SYSTEM_PROMPT
+_MARKING_NOTE = {
+    "quote": " Context lines start with >.",
+    "datamark": " In the context, words are joined by ^.",
+}
 
 
-def passage_text(passage: Passage) -> str:
-    """What the model sees of a passage: sanitised, with instruction-like sentences removed."""
-    return defuse_instructions(sanitize(passage.text))[0].strip()
+def system_prompt(custom: str | None = None, marking: str = "none") -> str:
+    return custom or SYSTEM_PROMPT + _MARKING_NOTE.get(marking, "")
 
 
-def user_prompt(question: str, passages: Sequence[Passage]) -> str:
+class SentenceFilter(Protocol):
+    """Drops instruction-like sentences in any language (``appliance.injection``)."""
+
+    def clean(self, text: str) -> tuple[str, int]: ...
+
+
+def passage_text(passage: Passage, detector: SentenceFilter | None = None) -> str:
+    """What the model sees of a passage: sanitised, with instruction-like sentences removed
+    (English patterns here; any language with ``detector``)."""
+    text = defuse_instructions(sanitize(passage.text))[0]
+    if detector is not None:
+        text = detector.clean(text)[0]
+    return text.strip()
+
+
+MARKINGS = ("none", "quote", "datamark")
+"""How document text is marked as data where the model can see it (``answer.document_marking``):
+``none``, passages as numbered paragraphs; ``quote``, every line of a passage behind ``> ``;
+``datamark``, every space inside a passage replaced by ``^`` (spotlighting's datamarking)."""
+
+
+def mark(text: str, marking: str) -> str:
+    if marking == "quote":
+        return "\n".join("> " + line for line in text.splitlines())
+    if marking == "datamark":
+        return re.sub(r"[ \t]+", "^", text)
+    return text
+
+
+def user_prompt(
+    question: str,
+    passages: Sequence[Passage],
+    detector: SentenceFilter | None = None,
+    marking: str = "none",
+) -> str:
     # Locations stay out of the prompt: small models copy them instead of answering; sources
     # are returned as structured data.
     # The best passage goes last, next to the question: small models weigh what is nearest.
-    blocks = [f"[{p.number}] {passage_text(p)}" for p in reversed(passages)]
+    blocks = [
+        f"[{p.number}] {mark(passage_text(p, detector), marking)}" for p in reversed(passages)
+    ]
     return "Context:\n" + "\n\n".join(blocks) + f"\n\nQuestion: {sanitize(question).strip()}"
 
 

@@ -141,21 +141,3 @@ class ServiceNotifier:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def http_alive(host: str, port: int, path: str = "/health", timeout: float = 5.0) -> bool:
-    """Whether an HTTP server on ``host:port`` answers ``path`` with 200 within ``timeout``."""
-    import http.client
-
-    if host in ("0.0.0.0", "", "::"):  # a wildcard bind is reached on loopback
-        host = "127.0.0.1"
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        response.read()
-        return response.status == 200
-    except (OSError, http.client.HTTPException):
-        return False
-    finally:
-        conn.close()

@@ -45,6 +45,8 @@ class Identity:
     username: str
     role: str
     collections: frozenset[str] | None
+    must_change: bool = False
+    """Signed in with a password that must be changed first (the first admin's random one)."""
 
     @property
     def is_admin(self) -> bool:
@@ -57,7 +59,44 @@ class Identity:
         return self.collections is None or collection in self.collections
 
 
-LOCAL = Identity("local", "admin", None)
+LOCAL = Identity("local:operator", "admin", None)
+UNAVAILABLE = "source no longer available"
+
+
+class RateLimit:
+    """At most ``per_minute`` events a minute per key; counts what it turns away."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._windows: dict[str, tuple[float, int, int]] = {}  # key: (start, admitted, left out)
+
+    def admit(self, key: str) -> int | None:
+        """None when this event is left out; else how many were left out since the last one
+        admitted for ``key``."""
+        now = self._clock()
+        with self._lock:
+            if len(self._windows) > 10_000:  # a spray of names: forget the old windows
+                self._windows = {k: w for k, w in self._windows.items() if now - w[0] < 60 or w[2]}
+            start, admitted, left_out = self._windows.get(key, (now, 0, 0))
+            if now - start >= 60:
+                start, admitted = now, 0
+            if admitted >= self.per_minute:
+                self._windows[key] = (start, admitted, left_out + 1)
+                return None
+            self._windows[key] = (start, admitted + 1, 0)
+            return left_out
+
+
+def local_user(claimed: Any) -> str:
+    """A local operator's name as given by a tool, always in the ``local:`` namespace."""
+    from appliance.audit import valid_user
+
+    name = str(claimed or "").strip()
+    if not name.startswith("local:"):
+        name = f"local:{name}" if name else LOCAL.username
+    return name if valid_user(name) else LOCAL.username
 
 
 def search_results(
@@ -97,13 +136,15 @@ class CoreService:
         self.audit = audit
         self.metrics = metrics
         self.started = time.time()
+        self._failed_logins = RateLimit(per_minute=3)
         self.watcher = FolderWatcher(ingestion.indexer, settings.ingest, on_report=self._on_report)
         self._last_success: float | None = None
         user, admin = self._as_user, self._as_admin
         routes: dict[tuple[str, str], Callable[[Request], Any]] = {
             ("POST", "/auth/login"): self._login,
             ("POST", "/auth/logout"): self._logout,
-            ("GET", "/auth/me"): user(lambda who, _b: self._me(who)),
+            ("GET", "/auth/me"): lambda request: self._me(self.identify(request)),
+            ("POST", "/auth/password"): self._change_password,
             ("GET", "/status"): admin(lambda _who, _b: self.status()),
             ("POST", "/search"): user(
                 lambda who, b: search_results(self.ingestion, b, who.where())
@@ -133,8 +174,15 @@ class CoreService:
         from appliance.model_routes import model_routes
 
         routes.update(model_routes(self))
+        service = settings.service
         self.api = ApiServer(
-            settings.data_dir, settings.service.host, settings.service.port, routes
+            settings.data_dir,
+            service.host,
+            service.port,
+            routes,
+            unix_socket=service.unix_socket,
+            max_body=service.max_body_mb * 1024 * 1024,
+            max_connections=service.max_connections,
         )
         self.metrics_server: Any = None
         if metrics is not None:
@@ -160,18 +208,25 @@ class CoreService:
         if session is None:
             raise AuthError("not signed in, or the session expired: sign in again")
         collections = frozenset(self._accounts().collections_for(session.username))
-        return Identity(session.username, session.role, collections)
+        return Identity(session.username, session.role, collections, session.must_change)
+
+    def _acting(self, request: Request) -> Identity:
+        """The identity of a request for anything but changing its own password."""
+        who = self.identify(request)
+        if who.must_change:
+            raise AccessDenied("change your password first (it was set for a first sign-in)")
+        return who
 
     def _as_user(
         self, handler: Callable[[Identity, dict[str, Any]], Any]
     ) -> Callable[[Request], Any]:
-        return lambda request: handler(self.identify(request), request.body)
+        return lambda request: handler(self._acting(request), request.body)
 
     def _as_admin(
         self, handler: Callable[[Identity, dict[str, Any]], Any]
     ) -> Callable[[Request], Any]:
         def check(request: Request) -> Any:
-            who = self.identify(request)
+            who = self._acting(request)
             if not who.is_admin:
                 self._audit("access_denied", who.username, route="admin")
                 raise AccessDenied("this needs the admin role")
@@ -188,12 +243,12 @@ class CoreService:
         username = str(body.get("username", ""))
         # Every UI request comes from loopback: sign-ins are throttled per user, and per
         # end-user address only when the UI forwards one.
-        client = str(body.get("client") or "")
+        client = str(body.get("client") or "")[:128]
         try:
             session = self._accounts().login(username, str(body.get("password", "")), client=client)
         except AuthError as exc:
             reason = getattr(exc, "reason", "refused")  # for the log only, never the client
-            self._audit("login_failed", username[:64], client=client, reason=reason)
+            self._audit_failed_login(username, client, reason)
             if self.metrics is not None:
                 self.metrics.login(False)
             raise
@@ -205,6 +260,37 @@ class CoreService:
             "expires": session.expires,
             **self._me(self.identify(Request({}, session.token))),
         }
+
+    def _audit_failed_login(self, username: str, client: str, reason: str) -> None:
+        """A failed sign-in, audited at most a few times a minute per name and address (a
+        guessing burst must not flood the log); the next record says how many were left out."""
+        from appliance.audit import valid_user
+
+        name = username.strip().lower()
+        user = name if valid_user(name) and ":" not in name else None
+        suppressed = self._failed_logins.admit(f"{name[:64]}@{client}")
+        if suppressed is None:
+            return
+        data: dict[str, Any] = {"client": client, "reason": reason}
+        if user is None:
+            data["attempt"] = username[:200]  # raw and possibly hostile: data, never `user`
+        if suppressed:
+            data["suppressed"] = suppressed
+        self._audit("login_failed", user, **data)
+
+    def _change_password(self, request: Request) -> dict[str, Any]:
+        """A signed-in user sets their own password (and must, after a first sign-in)."""
+        from appliance.first_admin import forget_initial_password
+
+        if not request.session:
+            raise ValueError("changing a password needs a signed-in session")
+        body = request.body
+        name = self._accounts().change_password(
+            request.session, str(body.get("old", "")), str(body.get("new", ""))
+        )
+        forget_initial_password(self.settings.data_dir, name)
+        self._audit("admin", name, action="password_change", target=name)
+        return {"ok": True, **self._me(self.identify(request))}
 
     def _logout(self, request: Request) -> dict[str, Any]:
         if request.session:
@@ -218,6 +304,7 @@ class CoreService:
             "username": who.username,
             "role": who.role,
             "collections": None if who.collections is None else sorted(who.collections),
+            "must_change_password": who.must_change,
         }
 
     # --- status ------------------------------------------------------------------------------
@@ -262,7 +349,14 @@ class CoreService:
     def _ask(self, who: Identity, body: dict[str, Any]) -> Any:
         if self.answerer is None:
             raise ApplianceError("this core service runs without a chat model")
-        user = who.username if who.collections is not None else str(body.get("user") or "local")
+        question = str(body["question"])
+        limit = self.settings.answer.max_question_chars
+        if len(question) > limit:
+            raise ValueError(
+                f"the question has {len(question)} characters; the limit is {limit} "
+                "(answer.max_question_chars): ask about one thing at a time"
+            )
+        user = self._owner(who, body)
         events = self._audited_answer(
             ask_events(
                 self.answerer,
@@ -273,6 +367,7 @@ class CoreService:
                 where=who.where(),
             ),
             user,
+            str(body["question"]),
         )
         if body.get("stream"):
             return events
@@ -283,29 +378,52 @@ class CoreService:
         return final
 
     def _audited_answer(
-        self, events: Iterator[dict[str, Any]], user: str
+        self, events: Iterator[dict[str, Any]], user: str, question: str
     ) -> Iterator[dict[str, Any]]:
+        """The answer's events, audited: the ``question`` record is written before the first
+        event reaches the client (so an answer someone saw is never missing from the log, even
+        when the client goes away mid-stream), and an ``answer_end`` record says how it ended
+        (completed, aborted by the client, or failed), in a ``finally``."""
+        status, final = "aborted", None
+        started = False
         try:
             for event in events:
-                if event["type"] == "answer":
-                    answer = event["answer"]
+                if not started:
+                    started = True
                     self._audit(
                         "question",
                         user,
-                        question=answer["question"],
-                        conversation=event.get("conversation"),
-                        message=event.get("message"),
-                        model=answer["model"],
-                        abstained=answer["abstained"],
-                        retrieved=answer["retrieved"],
+                        question=question,
+                        model=event.get("model"),
+                        retrieved=event.get("retrieved", []),
                     )
+                if event["type"] == "answer":
+                    final = event
                     if self.metrics is not None:
-                        self.metrics.observe_answer(answer)
+                        self.metrics.observe_answer(event["answer"])
                 yield event
+            status = "completed"
+        except GeneratorExit:
+            status = "aborted"
+            raise
         except Exception as exc:
+            status = "error"
             if self.metrics is not None:
                 self.metrics.answer_error(type(exc).__name__)
             raise
+        finally:
+            if not started:
+                self._audit("question", user, question=question, retrieved=[])
+            end: dict[str, Any] = {"status": status}
+            if final is not None:
+                answer = final["answer"]
+                end.update(
+                    conversation=final.get("conversation"),
+                    message=final.get("message"),
+                    model=answer["model"],
+                    abstained=answer["abstained"],
+                )
+            self._audit("answer_end", user, **end)
 
     # --- conversations and feedback ----------------------------------------------------------
 
@@ -315,13 +433,42 @@ class CoreService:
         return self.conversations
 
     def _owner(self, who: Identity, body: dict[str, Any]) -> str:
-        return who.username if who.collections is not None else str(body.get("user") or "local")
+        """Whose conversation: the signed-in user, or for a local operator (the CLI, holding
+        the service token) the ``local:`` identity it names, which no account can take."""
+        if who.collections is not None:
+            return who.username
+        return local_user(body.get("user"))
 
     def _conversation_list(self, who: Identity, body: dict[str, Any]) -> Any:
         return self._store().conversations(self._owner(who, body))
 
     def _conversation_get(self, who: Identity, body: dict[str, Any]) -> Any:
-        return self._store().messages(self._owner(who, body), str(body["conversation"]))
+        messages = self._store().messages(self._owner(who, body), str(body["conversation"]))
+        for message in messages:
+            message["sources"] = [self._still_visible(who, s) for s in message["sources"]]
+        return messages
+
+    def _still_visible(self, who: Identity, source: dict[str, Any]) -> dict[str, Any]:
+        """A stored source as this user may see it now: its text only while they may still
+        read its collection and the document is still indexed (a revoked grant or a deleted
+        document leaves "source no longer available", without its name or text)."""
+        from ingest.pipeline import collection_of
+
+        path = str(source.get("path") or "")
+        readable = bool(path) and who.may_read(collection_of(path))
+        indexed = readable and (
+            self.ingestion.state.file(self.ingestion.searcher.collection, path) is not None
+        )
+        if indexed:
+            return source
+        return {
+            "number": source.get("number"),
+            "path": "",
+            "page": None,
+            "heading": None,
+            "text": UNAVAILABLE,
+            "unavailable": True,
+        }
 
     def _conversation_rename(self, who: Identity, body: dict[str, Any]) -> Any:
         self._store().rename(self._owner(who, body), str(body["conversation"]), str(body["title"]))
@@ -423,7 +570,7 @@ class CoreService:
         try:
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, 0o640)  # the service and the admins' group
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -469,8 +616,11 @@ class CoreService:
             accounts.set_groups(username, list(body["groups"] or []))
             changes.append(f"groups={list(body['groups'] or [])}")
         if body.get("password"):
+            from appliance.first_admin import forget_initial_password
+
             accounts.set_password(username, str(body["password"]))
             accounts.end_sessions(username)
+            forget_initial_password(self.settings.data_dir, accounts.user(username)["username"])
             changes.append("password reset")
         self._audit("admin", who.username, action="user_update", target=username, changes=changes)
         return accounts.user(username)
@@ -599,16 +749,27 @@ class CoreService:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _chunks(self, _who: Identity, body: dict[str, Any]) -> list[dict[str, str]]:
+    def _chunks(self, who: Identity, body: dict[str, Any]) -> list[dict[str, str]]:
         """A seeded sample of indexed chunk texts (``appliance dataset build --from docs``
-        reads them here, since this process owns the index)."""
+        reads them here, since this process owns the index). Admins see only the collections
+        granted to them, like everyone else, and every such read is audited."""
         from finetune.synthetic import sample_chunks
 
         limit, seed = int(body.get("limit", 50)), int(body.get("seed", 0))
         if not 1 <= limit <= 10_000:
             raise ValueError(f"limit must be between 1 and 10000, got {limit}")
         collection = self.ingestion.searcher.collection
-        return [c.as_json() for c in sample_chunks(self.ingestion.state, collection, limit, seed)]
+        chunks = sample_chunks(
+            self.ingestion.state, collection, limit, seed, readable=who.collections
+        )
+        self._audit(
+            "admin",
+            who.username,
+            action="chunks_read",
+            count=len(chunks),
+            files=sorted({c.file for c in chunks}),
+        )
+        return [c.as_json() for c in chunks]
 
     def _backup(self, who: Identity, body: dict[str, Any]) -> dict[str, Any]:
         """A backup of the data folder this service owns, with ingestion's writes held while

@@ -123,11 +123,39 @@ class AnswerSettings(_Section):
     history_turns: int = Field(
         3, ge=0, le=20, description="Previous exchanges used to rewrite a follow-up question."
     )
+    document_marking: Literal["none", "quote", "datamark"] = Field(
+        "none",
+        description="How passages are marked as data in the prompt (benchmarks/prompt_"
+        "injection.py --marking compares them): none, quote (lines behind '> ') or datamark "
+        "(spaces as '^').",
+    )
+    detect_instructions: bool = Field(
+        True,
+        description="Drop passage sentences that read as orders to the model in any language "
+        "(judged with the embedding model; appliance/injection.py), besides the English "
+        "patterns that always apply.",
+    )
+    max_question_chars: int = Field(
+        4000, ge=100, le=100_000, description="Longer questions are refused with a clear error."
+    )
 
 
 class ServiceSettings(_Section):
     host: str = Field("127.0.0.1", description="Bind address of the core service's local API.")
     port: int = Field(8765, ge=0, le=65535, description="Port of the core service's local API.")
+    unix_socket: Path | None = Field(
+        None,
+        description="Serve the local API on this Unix socket (mode 0660: the service's user and "
+        "group) instead of the TCP port.",
+    )
+    max_connections: int = Field(
+        2048,
+        ge=16,
+        description="Open connections (idle ones too) beyond which the API answers 503.",
+    )
+    max_body_mb: int = Field(
+        320, ge=1, description="Largest request body (an uploaded document, base64-encoded)."
+    )
 
 
 class MetricsSettings(_Section):
@@ -169,6 +197,21 @@ class FinetuneSettings(_Section):
     )
 
 
+class AuditSettings(_Section):
+    hmac_key_file: Path | None = Field(
+        None,
+        description="A key file outside the data folder (install.sh --system creates "
+        "/etc/appliance/audit.key, root-owned, readable by the service): every audit record then "
+        "carries an HMAC, so whoever can write the data folder cannot rewrite the chain.",
+    )
+    anchor_every: int = Field(
+        100,
+        ge=0,
+        description="The core service writes an anchor (record count and last hash) to the "
+        "system journal after this many records, and at shutdown; 0: only at shutdown.",
+    )
+
+
 class Settings(_Section):
     data_dir: Path = Field(Path("data"), description="Index, ingestion state and logs.")
     embedding: EmbeddingSettings = EmbeddingSettings()
@@ -181,6 +224,7 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     ui: UISettings = UISettings()
     finetune: FinetuneSettings = FinetuneSettings()
+    audit: AuditSettings = AuditSettings()
     session_hours: float = Field(
         8, gt=0, le=24 * 30, description="Sign-in sessions expire after this."
     )

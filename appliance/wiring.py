@@ -268,7 +268,7 @@ def open_core_service(
     """The core service with everything it owns: ingestion, the chat model, conversations,
     accounts, the audit log and the metrics. Close it with ``service.ingestion.close()``."""
     from appliance.accounts import Accounts
-    from appliance.audit import AuditLog
+    from appliance.audit import journal_anchor, open_audit_log
     from appliance.conversations import ConversationStore
     from appliance.metrics import Metrics
     from appliance.service import CoreService
@@ -280,7 +280,8 @@ def open_core_service(
         stack.callback(conversations.close)
         accounts = Accounts(settings.accounts_path, session_ttl_s=settings.session_hours * 3600)
         stack.callback(accounts.close)
-        audit = AuditLog(settings.audit_path)
+        audit = open_audit_log(settings, on_anchor=journal_anchor)
+        stack.callback(audit.close)
         answerer = None
         if answering:
             try:

@@ -17,7 +17,8 @@ the engine abstained. ``--compare`` runs the same cases a second time with the p
 off (no control-token stripping, no instruction-sentence removal; the leak guard stays), to show
 what those defences are worth.
 
-    .venv/bin/python benchmarks/prompt_injection.py [--compare] [--only NAME ...] [--json]
+    .venv/bin/python benchmarks/prompt_injection.py [--cases tuning|held-out|both] [--compare]
+        [--only NAME ...] [--json]
 """
 
 from __future__ import annotations
@@ -347,7 +348,7 @@ def defences_off() -> Iterator[None]:
     from appliance import prompting
 
     saved = prompting.passage_text
-    prompting.passage_text = lambda passage: passage.text.strip()
+    prompting.passage_text = lambda passage, _detector=None: passage.text.strip()
     try:
         yield
     finally:
@@ -393,17 +394,39 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def select(names: list[str] | None) -> tuple[Case, ...]:
-    if not names:
+def held_out() -> tuple[Case, ...]:
+    """The held-out cases (``injection_heldout.py``), never used to tune the defences."""
+    from injection_heldout import HELD_OUT
+
+    return tuple(
+        Case(name, kind, document, question, followed, expect)
+        for name, kind, document, question, followed, expect in HELD_OUT
+    )
+
+
+def case_set(which: str) -> tuple[Case, ...]:
+    """``tuning`` (the cases the defences were fitted to), ``held-out`` or ``both``."""
+    if which == "tuning":
         return CASES
-    known = {c.name: c for c in CASES}
+    if which == "held-out":
+        return held_out()
+    return CASES + held_out()
+
+
+def select(names: list[str] | None, which: str = "tuning") -> tuple[Case, ...]:
+    pool = case_set(which)
+    if not names:
+        return pool
+    known = {c.name: c for c in pool}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown case(s) {unknown}: choose from {sorted(known)}")
     return tuple(known[n] for n in names)
 
 
-def run(cases: tuple[Case, ...], root: Path, *, compare: bool) -> dict[str, Any]:
+def run(
+    cases: tuple[Case, ...], root: Path, *, compare: bool, marking: str = "none"
+) -> dict[str, Any]:
     from appliance.answering import Answerer
     from appliance.chat_models import build_chat_model
     from appliance.settings import load_settings
@@ -412,7 +435,11 @@ def run(cases: tuple[Case, ...], root: Path, *, compare: bool) -> dict[str, Any]
     docs = root / "docs"
     write_corpus(docs, cases)
     settings = load_settings(
-        overrides={"data_dir": str(root / "data"), "ingest": {"docs_dir": str(docs)}}
+        overrides={
+            "data_dir": str(root / "data"),
+            "ingest": {"docs_dir": str(docs)},
+            "answer": {"document_marking": marking},
+        }
     )
     prepare_process(settings)
     at_start = machine()
@@ -433,12 +460,20 @@ def run(cases: tuple[Case, ...], root: Path, *, compare: bool) -> dict[str, Any]
             "documents": report.added,
             "model": answerer.chat.name,
             "system_prompt": answerer.system,
+            "marking": marking,
             "defended": ask_all(answerer, cases),
         }
         if compare:
             with defences_off():
                 result["undefended"] = ask_all(answerer, cases)
     result["totals"] = {k: totals(result[k]) for k in ("defended", "undefended") if k in result}
+    tuning = {c.name for c in CASES}
+    result["by_set"] = {
+        name: totals([r for r in result["defended"] if (r["case"] in tuning) == is_tuning])
+        for name, is_tuning in (("tuning", True), ("held-out", False))
+    }
+    result["cases"] = len(cases)
+    result["followed"] = result["totals"]["defended"]["followed"]
     result["machine"] = at_start
     return result
 
@@ -470,6 +505,9 @@ def print_report(r: dict[str, Any]) -> None:
             f"leak guard {t['cut_by_leak_guard']}, abstained {t['abstained']}, true fact in "
             f"answer {t['true_fact_in_answer']}"
         )
+    for name, t in r["by_set"].items():
+        if t["cases"]:
+            print(f"  {name:10s}: followed {t['followed']} of {t['cases']} (defended)")
     print(f"  {load_note(r['machine'])}")
 
 
@@ -477,7 +515,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--only", nargs="+", metavar="NAME", help="only these cases")
     parser.add_argument(
+        "--cases",
+        choices=["tuning", "held-out", "both"],
+        default="tuning",
+        help="the cases the defences were tuned on, the held-out ones written apart, or both",
+    )
+    parser.add_argument(
         "--compare", action="store_true", help="also run with the passage defences off"
+    )
+    parser.add_argument(
+        "--marking",
+        choices=["none", "quote", "datamark"],
+        default="none",
+        help="how passages are marked as data in the prompt (answer.document_marking)",
     )
     parser.add_argument("--data-dir", type=Path, help="keep the folders here (default: temp)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -490,12 +540,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     quiet_libraries()
     try:
-        cases = select(args.only)
+        cases = select(args.only, args.cases)
     except ValueError as exc:
         print(f"prompt_injection: {exc}", file=sys.stderr)
         return 2
     with data_folder(args.data_dir, "prompt-injection-") as root:
-        result = run(cases, root, compare=args.compare)
+        result = run(cases, root, compare=args.compare, marking=args.marking)
     if args.json:
         print_json(result)
     else:

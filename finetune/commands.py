@@ -131,10 +131,10 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
         if not args.json:
             print(message, file=sys.stderr, flush=True)
 
-    from appliance.audit import AuditLog
+    from appliance.audit import local_identity, open_audit_log
 
-    with _one_run_at_a_time(settings), AuditLog(settings.audit_path) as audit:
-        operator = os.environ.get("SUDO_USER") or os.environ.get("USER") or "local"
+    with _one_run_at_a_time(settings), open_audit_log(settings) as audit:
+        operator = local_identity()
         audit.record("finetune", operator, action=args.action, run=folder.name)
         say(f"fine-tuning run {folder.name}")
         final = runs.execute(

@@ -21,12 +21,9 @@ def _print_json(data: Any) -> None:
 
 
 def _operator() -> str:
-    import getpass
+    from appliance.audit import local_identity
 
-    try:
-        return f"local:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "local:local"
+    return local_identity()
 
 
 def _fmt_metrics(metrics: Any) -> str:
@@ -58,7 +55,7 @@ def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_activate(args: argparse.Namespace, settings: Settings) -> int:
-    from appliance.audit import AuditLog
+    from appliance.audit import open_audit_log
     from finetune.registry import registry_for
 
     registry = registry_for(settings)
@@ -66,7 +63,7 @@ def cmd_models_activate(args: argparse.Namespace, settings: Settings) -> int:
     operator = _operator()
     record = registry.activate(args.version, force=args.force, by=operator)
     gate = record.get("gate") or {}
-    AuditLog(settings.audit_path).record(
+    open_audit_log(settings).record(
         "admin",
         operator,
         action="model_activate",
@@ -80,14 +77,14 @@ def cmd_models_activate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_rollback(args: argparse.Namespace, settings: Settings) -> int:
-    from appliance.audit import AuditLog
+    from appliance.audit import open_audit_log
     from finetune.registry import registry_for
 
     registry = registry_for(settings)
     previous = registry.active_version()
     operator = _operator()
     target = registry.rollback(by=operator)
-    AuditLog(settings.audit_path).record(
+    open_audit_log(settings).record(
         "admin", operator, action="model_rollback", target=target, previous=previous
     )
     print(f"rolled back from {previous} to {target}")
@@ -111,9 +108,9 @@ def cmd_models_export_ollama(args: argparse.Namespace, settings: Settings) -> in
         tag = args.tag or default_tag(args.version)
         result["tag"] = create_in_ollama(url, tag, record, system_prompt=system)
         registry.update(args.version, ollama_tag=tag)
-        from appliance.audit import AuditLog
+        from appliance.audit import open_audit_log
 
-        AuditLog(settings.audit_path).record(
+        open_audit_log(settings).record(
             "admin", _operator(), action="model_export_ollama", target=args.version, tag=tag
         )
     if args.json:

@@ -19,7 +19,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -163,9 +163,15 @@ def golden_items(settings: Settings, limit: int | None = None) -> list[GoldenIte
 
 
 def evaluate_with_model(
-    settings: Settings, answerer: Any, gguf: Path, items: Sequence[GoldenItem]
+    settings: Settings,
+    answerer: Any,
+    gguf: Path,
+    items: Sequence[GoldenItem],
+    where: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
-    """The golden set through ``answerer``'s retrieval with the chat model in ``gguf``."""
+    """The golden set through ``answerer``'s retrieval with the chat model in ``gguf``,
+    searching only the collections in ``where`` (an admin's grants; None: all, for the host's
+    operator)."""
     from appliance.answering import Answerer
     from appliance.chat_models import llamacpp_chat_model
 
@@ -177,7 +183,9 @@ def evaluate_with_model(
             chat_settings=answerer.chat_settings,
             reranker=answerer.reranker,
         )
-        return evaluate(items, lambda q: twin.answer(q).as_json(), k=settings.answer.top_k)
+        return evaluate(
+            items, lambda q: twin.answer(q, where=where).as_json(), k=settings.answer.top_k
+        )
 
 
 def golden_evaluator(settings: Settings) -> Callable[[Path, Sequence[GoldenItem]], Any]:

@@ -24,7 +24,7 @@ import itertools
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -227,11 +227,25 @@ def _location(path: str, page: int | None, heading: str | None) -> str:
     return path
 
 
-def sample_chunks(state: ChunkState, collection: str, limit: int, seed: int) -> list[SourceChunk]:
+def sample_chunks(
+    state: ChunkState,
+    collection: str,
+    limit: int,
+    seed: int,
+    *,
+    readable: Collection[str] | None = None,
+) -> list[SourceChunk]:
     """A seeded sample of ``limit`` live chunks of a collection, read from the ingestion state
     (which keeps every chunk's text), without loading all texts: positions are drawn from the
-    per-file counts and only the files drawn are read."""
-    counts = sorted(state.live_counts(collection).items())
+    per-file counts and only the files drawn are read. ``readable``: only documents of these
+    document collections (top-level folders; ``""`` the shared one); None: all."""
+    from ingest.pipeline import collection_of
+
+    counts = sorted(
+        (path, n)
+        for path, n in state.live_counts(collection).items()
+        if readable is None or collection_of(path) in readable
+    )
     total = sum(n for _path, n in counts)
     if total == 0 or limit <= 0:
         return []

@@ -30,13 +30,13 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from appliance.errors import IngestError, ParseError
-from appliance.hashing import file_sha256
 from appliance.protocols import (
     Chunk,
     Embedder,
@@ -51,6 +51,7 @@ from appliance.settings import ChunkingSettings, IngestSettings
 from ingest.chunking import chunk_sections
 from ingest.identity import file_name_terms, identity_line
 from ingest.retrieval import retrieve
+from ingest.safe_open import Staging, UnsafeDocument
 from ingest.scan import FoundFile, walk
 from ingest.state import ChunkRow, FileRow, IngestState
 
@@ -183,6 +184,10 @@ class Indexer:
         self.min_free_bytes = min_free_bytes
         self.paused: str | None = None
         """Why ingestion is paused ("disk full: ..."), or None while it runs."""
+        # Each document is opened once and copied here while it is hashed; the parser reads
+        # the copy (ingest.safe_open). The folder goes with the indexer.
+        self.staging = Staging()
+        weakref.finalize(self, self.staging.close)
 
     @contextlib.contextmanager
     def writes_held(self) -> Iterator[None]:
@@ -555,9 +560,18 @@ class Indexer:
                 f"{self.settings.max_file_mb:g} MB limit)"
             )
         try:
-            sha = file_sha256(item.path)
+            sha, staged = self.staging.copy(self.docs_dir, rel, limit=limit)
+        except UnsafeDocument as exc:
+            return exc.reason
         except OSError as exc:
             return f"cannot read file: {exc.strerror}"
+        try:
+            return self._prepare_staged(item, sha, staged)
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def _prepare_staged(self, item: FoundFile, sha: str, staged: Path) -> _Prepared | str | None:
+        rel = item.rel
         row = self.state.file(self.collection, rel)
         if row is not None and row.indexed_sha256 == sha:
             self.state.touch_file(self.collection, rel, item.size, item.mtime_ns)
@@ -573,7 +587,7 @@ class Indexer:
             keys = [c.text_key for c in copies]
         else:
             try:
-                parsed = self.parser.parse(item.path)
+                parsed = self.parser.parse(staged)
             except ParseError as exc:
                 return exc.reason
             identity = identity_line(parsed)

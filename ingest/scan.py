@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ingest.safe_open import kind_problem
+
 # Editors save by writing a temporary file and renaming it over the original; office suites keep
 # lock and owner files beside an open document; browsers and copy tools write partial files.
 TEMP_PATTERNS = (
@@ -72,14 +74,24 @@ def inside(root: Path, path: Path) -> bool:
 
 
 def symlink_problem(root: Path, path: Path) -> str | None:
-    """Why the symlink ``path`` must not be followed, or None when it stays inside ``root``.
-    A loop gets its own reason: "points outside" would send the admin looking elsewhere."""
+    """Why the symlink ``path`` must not be followed, or None when it stays inside its own
+    top-level collection folder (a link at the root: at the root). A link out of its collection
+    would hand one collection's document to the readers of another. A loop gets its own
+    reason: "points outside" would send the admin looking elsewhere."""
     try:
         target = path.resolve()
     except (OSError, RuntimeError):  # RuntimeError up to 3.12, OSError (ELOOP) from 3.13
         return "symlink loop: the link never reaches a file"
-    if not target.is_relative_to(root.resolve()):
+    real_root = root.resolve()
+    if not target.is_relative_to(real_root):
         return "symlink points outside the documents folder"
+    rel = path.relative_to(root)
+    if len(rel.parts) == 1:  # at the root: the shared collection, files at the top only
+        if path.is_dir() or target.parent == real_root:
+            return None
+        return "symlink points outside the top of the documents folder (into a collection)"
+    if not target.is_relative_to(real_root / rel.parts[0]):
+        return "symlink points outside its collection folder"
     return None
 
 
@@ -110,6 +122,8 @@ def walk(root: Path, suffixes: frozenset[str]) -> Iterator[FoundFile | tuple[str
             except OSError as exc:
                 yield rel, f"cannot read file: {exc.strerror}"
                 continue
-            if not path.is_file():
+            problem = kind_problem(st.st_mode)
+            if problem is not None:  # a FIFO would hang a reader; a device never ends
+                yield rel, problem
                 continue
             yield FoundFile(rel=rel, path=path, size=st.st_size, mtime_ns=st.st_mtime_ns)

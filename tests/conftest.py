@@ -31,6 +31,16 @@ def hermetic_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return data
 
 
+@pytest.fixture(autouse=True)
+def restore_umask() -> Iterator[None]:
+    """`appliance.cli.main` tightens the process umask (as the product should); tests that
+    call it in-process must not pass that on to the tests after them."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield
+    os.umask(old)
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return load_settings(

@@ -142,3 +142,15 @@ def test_the_issue_5_and_6_scripts_import_and_parse_their_options(
         bench.main(["--help"])
     assert done.value.code == 0
     assert "--json" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_security_probe_at_small_size(
+    script: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = script("security_probe")
+    assert bench.main(["--idle", "50", "--data-dir", str(tmp_path / "probe"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["idle_connections"]["open"] == 50
+    assert result["aborted_streams"]["question_records"] == 20
+    assert all(result["verdicts"].values()), result["verdicts"]

@@ -38,6 +38,13 @@ def main() -> None:
         st.navigation([sign_in], position="hidden").run()
         return
 
+    if user.must_change_password:
+        change = st.Page(
+            partial(login.change_password, service, user), title="New password", url_path="password"
+        )
+        st.navigation([change], position="hidden").run()
+        return
+
     pages = {"": [st.Page("views/chat.py", title="Chat", url_path="chat", default=True)]}
     if user.is_admin:
         pages["Admin"] = [

@@ -35,6 +35,7 @@ class User:
     username: str
     role: str
     token: str
+    must_change_password: bool = False
 
     @property
     def is_admin(self) -> bool:
@@ -62,7 +63,7 @@ def current_user(service: ServiceClient) -> User | None:
             forget(EXPIRED)
             return None
         raise
-    return User(str(me["username"]), str(me["role"]), token)
+    return User(str(me["username"]), str(me["role"]), token, bool(me.get("must_change_password")))
 
 
 def use(api: ServiceClient) -> None:
@@ -78,8 +79,18 @@ def api() -> ServiceClient:
     return client
 
 
+def client_address() -> str:
+    """The browser's address, forwarded so the service throttles sign-ins per name and
+    address (every request reaches the service from this process, on loopback)."""
+    try:
+        return str(st.context.ip_address or "")
+    except (AttributeError, RuntimeError):  # no browser connection (AppTest)
+        return ""
+
+
 def sign_in(service: ServiceClient, username: str, password: str) -> None:
-    reply = service.call("POST", "/auth/login", {"username": username, "password": password})
+    body = {"username": username, "password": password, "client": client_address()}
+    reply = service.call("POST", "/auth/login", body)
     st.session_state.clear()
     st.session_state[AUTH] = str(reply["session"])
 

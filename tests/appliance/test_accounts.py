@@ -314,3 +314,92 @@ def test_rehash_on_login_when_parameters_change(
 
 def test_database_file_is_owner_only(accounts: Accounts, path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+# --- issue 13: sign-in under attack ------------------------------------------------------------
+
+
+class CountingHasher(PasswordHasher):
+    """A real Argon2id hasher that records how many verifications run at once."""
+
+    def __init__(self) -> None:
+        super().__init__(time_cost=1, memory_cost=8, parallelism=1)
+        import threading
+
+        self.lock = threading.Lock()
+        self.running = 0
+        self.peak = 0
+
+    def verify(self, hash: str | bytes, password: str | bytes) -> bool:
+        import time
+
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        try:
+            time.sleep(0.02)  # widen the window in which parallel checks would overlap
+            return super().verify(hash, password)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_parallel_guesses_are_all_counted_and_argon2_is_bounded(path: Path, clock: Clock) -> None:
+    """Each attempt counts as a failure before its password is checked: 30 parallel guesses
+    cannot all be tried before the first failure lands, and at most 2 hashes run at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    hasher = CountingHasher()
+    with Accounts(path, max_failures=3, lockout_base_s=60, hasher=hasher, clock=clock) as accounts:
+        accounts.add_user("root", PASSWORD, role="admin")
+
+        def guess(n: int) -> str:
+            try:
+                accounts.login("root", f"wrong password {n}", client="10.0.0.9")
+            except AuthError as exc:
+                return exc.reason
+            return "signed in"
+
+        with ThreadPoolExecutor(max_workers=30) as pool:
+            reasons = list(pool.map(guess, range(30)))
+        assert reasons.count("bad_password") == 3  # only max_failures guesses were checked
+        assert reasons.count("throttled") == 27
+        assert hasher.peak <= 2
+
+
+def test_a_guesser_locks_out_only_itself(accounts: Accounts) -> None:
+    for _ in range(3):
+        with pytest.raises(AuthError):
+            accounts.login("root", "wrong password!", client="203.0.113.7")
+    with pytest.raises(AuthError) as refused:
+        accounts.login("root", PASSWORD, client="203.0.113.7")
+    assert refused.value.reason == "throttled"
+    # The admin at their own address still signs in.
+    assert accounts.login("root", PASSWORD, client="10.0.0.5").username == "root"
+
+
+def test_first_sign_in_must_change_the_password(accounts: Accounts) -> None:
+    accounts.add_user("admin", "random initial pw", role="admin", must_change=True)
+    session = accounts.login("admin", "random initial pw", client="10.0.0.5")
+    assert session.must_change
+    assert accounts.session(session.token).must_change  # type: ignore[union-attr]
+    with pytest.raises(AuthError):
+        accounts.change_password(session.token, "not the password", "a new passphrase")
+    with pytest.raises(AccountError):
+        accounts.change_password(session.token, "random initial pw", "random initial pw")
+    assert accounts.change_password(session.token, "random initial pw", "a new passphrase")
+    assert not accounts.session(session.token).must_change  # type: ignore[union-attr]
+    assert not accounts.login("admin", "a new passphrase").must_change
+
+
+def test_old_databases_gain_the_must_change_column(path: Path, clock: Clock) -> None:
+    path.parent.mkdir(parents=True)
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            "CREATE TABLE users (username TEXT PRIMARY KEY, role TEXT NOT NULL, "
+            "disabled INTEGER NOT NULL DEFAULT 0, password_hash TEXT NOT NULL, "
+            "created REAL NOT NULL, password_changed REAL NOT NULL, last_login REAL);"
+        )
+    with Accounts(path, hasher=cheap_hasher(), clock=clock) as accounts:
+        accounts.add_user("bob", PASSWORD)
+        assert not accounts.login("bob", PASSWORD).must_change

@@ -15,8 +15,13 @@ from appliance.audit import (
     EVENT_LOGIN,
     EVENT_QUESTION,
     GENESIS,
+    Anchor,
     AuditError,
     AuditLog,
+    canonical,
+    load_key,
+    parse_anchor,
+    printable,
     read,
     record_hash,
     verify,
@@ -257,3 +262,106 @@ def test_read_filters(log_path: Path) -> None:
     assert [r["seq"] for r in read(log_path, since=since, user="alice")] == [2]
     assert [r["seq"] for r in read(log_path, event=EVENT_ADMIN)] == [4]
     assert list(read(log_path.parent / "missing.jsonl")) == []
+
+
+# --- anchors, keys, names (issue 13) ----------------------------------------------------------
+
+
+def test_a_cut_tail_fails_against_an_anchor(log_path: Path) -> None:
+    """Cutting the newest records leaves a valid chain; only an anchor kept outside shows it."""
+    write_records(log_path, 6)
+    anchor = Anchor(6, verify(log_path).last_hash)
+    log_path.write_text("".join(lines(log_path)[:3]), encoding="utf-8")
+    assert verify(log_path).ok  # the chain alone cannot tell
+    result = verify(log_path, anchor=anchor)
+    assert not result.ok
+    assert "removed" in str(result.problem)
+    # New records chained onto the cut log do not pass either.
+    with AuditLog(log_path) as log:
+        for n in range(3):
+            log.record(EVENT_LOGIN, "user0", n=n)
+    assert not verify(log_path, anchor=anchor).ok
+    assert verify(log_path, anchor=Anchor(2, json.loads(lines(log_path)[1])["hash"])).ok
+
+
+def test_anchor_forms_parse(log_path: Path) -> None:
+    write_records(log_path, 2)
+    digest = verify(log_path).last_hash
+    assert parse_anchor(digest) == digest
+    assert parse_anchor(json.dumps({"count": 2, "last_hash": digest})) == Anchor(2, digest)
+    journal = f"Nov 30 appliance-audit[12]: audit anchor count=1 last_hash={'a' * 64}\n"
+    journal += f"Nov 30 appliance-audit[12]: {Anchor(2, digest).line()}\n"
+    assert parse_anchor(journal) == Anchor(2, digest)
+    with pytest.raises(AuditError, match="not an audit anchor"):
+        parse_anchor("yesterday's log")
+
+
+def test_anchors_are_reported_every_n_records_and_at_close(log_path: Path) -> None:
+    seen: list[Anchor] = []
+    with AuditLog(log_path, anchor_every=2, on_anchor=seen.append) as log:
+        records = [log.record(EVENT_LOGIN, "user0", n=n) for n in range(5)]
+    assert [a.count for a in seen] == [2, 4, 5]
+    assert seen[-1].last_hash == records[-1]["hash"]
+
+
+def test_a_keyed_chain_cannot_be_rewritten_without_the_key(log_path: Path) -> None:
+    key = b"k" * 32
+    with AuditLog(log_path, key=key) as log:
+        for n in range(3):
+            log.record(EVENT_LOGIN, "user0", n=n)
+    assert verify(log_path, key=key).ok
+    assert verify(log_path, key=key).keyed_from == 1
+    # Someone who can write the data folder edits record 2 and re-hashes the chain from there.
+    records = [json.loads(line) for line in lines(log_path)]
+    records[1]["data"]["n"] = 99
+    prev = records[0]["hash"]
+    for record in records[1:]:
+        record["prev"] = prev
+        record.pop("mac")
+        record["hash"] = record_hash(record)
+        prev = record["hash"]
+    log_path.write_text("".join(canonical(r) + "\n" for r in records), encoding="utf-8")
+    assert verify(log_path).ok  # an unkeyed check is fooled
+    result = verify(log_path, key=key)
+    assert not result.ok
+    assert "no MAC" in str(result.problem)
+
+
+def test_wrong_key_is_refused(log_path: Path) -> None:
+    with AuditLog(log_path, key=b"k" * 32) as log:
+        log.record(EVENT_LOGIN, "user0")
+    result = verify(log_path, key=b"z" * 32)
+    assert not result.ok
+    assert "wrong MAC" in str(result.problem)
+
+
+def test_key_file_must_be_outside_the_data_folder(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    inside = data / "audit.key"
+    inside.write_bytes(b"k" * 48)
+    with pytest.raises(AuditError, match="inside the data folder"):
+        load_key(inside, data)
+    short = tmp_path / "short.key"
+    short.write_bytes(b"k" * 8)
+    with pytest.raises(AuditError, match="at least 32"):
+        load_key(short, data)
+    good = tmp_path / "audit.key"
+    good.write_bytes(b"k" * 48 + b"\n")
+    assert load_key(good, data) == b"k" * 48
+
+
+@pytest.mark.parametrize("user", ["evil\nname", "\x1b[2Jadmin", "a" * 65, "a b", "bob:x"])
+def test_user_field_takes_only_valid_names(log_path: Path, user: str) -> None:
+    with AuditLog(log_path) as log, pytest.raises(AuditError, match="invalid audit user"):
+        log.record(EVENT_LOGIN, user)
+    with AuditLog(log_path) as log:
+        assert log.record(EVENT_LOGIN, None, attempt=user)["data"]["attempt"] == user
+        assert log.record(EVENT_LOGIN, "local:root")["user"] == "local:root"
+
+
+def test_printable_escapes_control_and_format_characters() -> None:
+    assert printable("ok\nforged line") == "ok\\u000aforged line"
+    assert printable("\x1b[31mred") == "\\u001b[31mred"
+    assert printable("abc\u202edef") == "abc\\u202edef"
+    assert printable("Zoë 52,857") == "Zoë 52,857"

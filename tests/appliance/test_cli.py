@@ -101,7 +101,11 @@ def test_errors_go_to_stderr_with_exit_code(
 
 
 def appliance(*argv: str, data: Path, **kwargs) -> subprocess.Popen:  # type: ignore[no-untyped-def,type-arg]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("APPLIANCE_") and k != "INVOCATION_ID"  # not under systemd here
+    }
     env["APPLIANCE_DATA_DIR"] = str(data)
     return subprocess.Popen(
         [sys.executable, "-m", "appliance.cli", *argv],
@@ -247,3 +251,18 @@ def test_ask_and_eval_commands(
     )
     assert code != 0
     assert "recall_at_k dropped" in err
+
+
+def test_a_local_install_creates_owner_only_data(docs: Path, tmp_path: Path) -> None:
+    """Index text, state and logs hold the documents: whatever the shell's umask, nothing in
+    the data folder is readable by other accounts."""
+    data = tmp_path / "private-data"
+    proc = appliance("ingest", str(docs), "--json", data=data, preexec_fn=lambda: os.umask(0o022))
+    _out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    loose = [
+        str(p.relative_to(data))
+        for p in [data, *data.rglob("*")]
+        if not p.is_symlink() and p.stat().st_mode & 0o077
+    ]
+    assert loose == []

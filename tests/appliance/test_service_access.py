@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -248,3 +249,136 @@ def test_fine_tuning_runs_are_queued_listed_and_stopped_through_the_service(  # 
         admin.download("/admin/finetune/file", {"run": started["run"], "kind": "loss"})
     with pytest.raises(ServiceError, match="inside the data folder"):
         admin.call("POST", "/admin/finetune/evaluate", {"gguf": "/etc/passwd", "items": []})
+
+
+# --- issue 13: complete audit, sign-in records, first sign-in ----------------------------------
+
+
+def test_aborted_streams_are_audited_before_any_text(service) -> None:  # type: ignore[no-untyped-def]
+    """A client that reads the first event and goes away has been shown the evidence: the
+    question is already in the log, and the end says 'aborted'."""
+    path = service.settings.audit_path
+    before = len(list(read(path, user="lawyer", event="question")))
+    lawyer = client_for(service, "lawyer")
+    for _ in range(3):
+        conn = http.client.HTTPConnection(lawyer.host, lawyer.port, timeout=60)
+        body = {"question": "What was the Hartwell settlement amount?", "stream": True}
+        conn.request("POST", "/ask", body=json.dumps(body), headers=lawyer._headers())
+        response = conn.getresponse()
+        first = json.loads(response.readline())
+        assert first["type"] == "sources"
+        conn.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ends = list(read(path, user="lawyer", event="answer_end"))
+        if sum(r["data"]["status"] == "aborted" for r in ends) >= 3:
+            break
+        time.sleep(0.2)
+    questions = list(read(path, user="lawyer", event="question"))
+    assert len(questions) == before + 3
+    assert all(q["data"]["retrieved"] for q in questions[-3:])
+    assert sum(r["data"]["status"] == "aborted" for r in ends) >= 3
+    assert verify(path).ok
+
+
+def test_failed_sign_ins_keep_raw_names_out_of_user_and_are_rate_limited(service) -> None:  # type: ignore[no-untyped-def]
+    path = service.settings.audit_path
+    client = client_for(service)
+    hostile = "eve\n2026-01-01T00:00:00Z  admin  login\x1b[2K"
+    for n in range(8):
+        with pytest.raises(ServiceError):
+            client.call(
+                "POST",
+                "/auth/login",
+                {"username": hostile, "password": f"guess {n}", "client": "198.51.100.4"},
+            )
+    records = [
+        r for r in read(path, event="login_failed") if r["data"].get("client") == "198.51.100.4"
+    ]
+    assert 1 <= len(records) <= 3  # rate-limited per name and address
+    assert all(r["user"] is None and r["data"]["attempt"] == hostile for r in records)
+    assert verify(path).ok
+
+
+def test_a_first_sign_in_can_only_change_its_password(service) -> None:  # type: ignore[no-untyped-def]
+    from appliance.first_admin import INITIAL_PASSWORD_FILE
+
+    service.accounts.add_user("admin", "first password 1", role="admin", must_change=True)
+    initial = service.settings.data_dir / INITIAL_PASSWORD_FILE
+    initial.write_text("first password 1\n")
+    client = client_for(service)
+    session = client.call(
+        "POST", "/auth/login", {"username": "admin", "password": "first password 1"}
+    )
+    assert session["must_change_password"] is True
+    newbie = client.with_session(session["session"])
+    with pytest.raises(ServiceError) as refused:
+        newbie.call("POST", "/search", {"query": "office"})
+    assert refused.value.status == 403
+    assert newbie.call("GET", "/auth/me")["must_change_password"] is True
+    reply = newbie.call(
+        "POST", "/auth/password", {"old": "first password 1", "new": "my own passphrase"}
+    )
+    assert reply["must_change_password"] is False
+    assert not initial.exists()  # the shown-once password has served its purpose
+    assert newbie.call("POST", "/search", {"query": "office"}) is not None
+
+
+def test_history_hides_sources_after_revocation_or_deletion(service) -> None:  # type: ignore[no-untyped-def]
+    docs = service.ingestion.docs_dir
+    memo = docs / "legal" / "memo.md"
+    memo.write_text("# Memo\n\nThe Quillfeather arbitration hearing is set for 14 May.\n")
+    deadline = time.monotonic() + 60
+    lawyer = client_for(service, "lawyer")
+    while time.monotonic() < deadline:
+        hits = lawyer.call("POST", "/search", {"query": "Quillfeather arbitration hearing"})
+        if any(h["path"] == "legal/memo.md" for h in hits):
+            break
+        time.sleep(0.3)
+    final = lawyer.call(
+        "POST", "/ask", {"question": "When is the Quillfeather arbitration hearing?"}
+    )
+    conversation = final["conversation"]
+
+    def sources() -> list[dict]:  # type: ignore[type-arg]
+        messages = lawyer.call("POST", "/conversations/get", {"conversation": conversation})
+        return messages[-1]["sources"]
+
+    assert any(s["path"] == "legal/memo.md" and "Quillfeather" in s["text"] for s in sources())
+    service.accounts.revoke("legal-team", ["legal"])
+    try:
+        shown = sources()
+        assert all(s.get("unavailable") for s in shown if s["path"] != "welcome.md")
+        assert not any("Quillfeather" in s["text"] or "legal/" in s["path"] for s in shown)
+    finally:
+        service.accounts.grant("legal-team", ["legal"])
+    memo.unlink()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(s["path"] == "legal/memo.md" for s in sources()):
+        time.sleep(0.3)
+    assert not any("Quillfeather" in s["text"] for s in sources())
+
+
+def test_an_overlong_question_is_refused_clearly(service) -> None:  # type: ignore[no-untyped-def]
+    lawyer = client_for(service, "lawyer")
+    with pytest.raises(ServiceError) as refused:
+        lawyer.call("POST", "/ask", {"question": "why? " * 1000})
+    assert refused.value.status == 400
+    assert "limit is 4000" in str(refused.value)
+
+
+def test_admin_chunk_reads_obey_grants_and_are_audited(service) -> None:  # type: ignore[no-untyped-def]
+    boss = client_for(service, "boss")  # an admin granted legal only
+    rows = boss.call("POST", "/admin/chunks", {"limit": 50, "seed": 1})
+    files = {r["file"] for r in rows}
+    assert files
+    assert not any(f.startswith("hr/") for f in files)
+    reads = [
+        r
+        for r in read(service.settings.audit_path, user="boss", event="admin")
+        if r["data"].get("action") == "chunks_read"
+    ]
+    assert reads
+    assert set(reads[-1]["data"]["files"]) == files
+    everything = client_for(service).call("POST", "/admin/chunks", {"limit": 50, "seed": 1})
+    assert any(r["file"].startswith("hr/") for r in everything)  # the host's operator sees all

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from ingest.pipeline import Indexer, file_sha256
+from appliance.hashing import file_sha256
+from ingest.pipeline import Indexer
 from ingest.scan import FoundFile, walk
 
 

@@ -117,17 +117,3 @@ def test_log_file_that_cannot_be_written_falls_back_to_stderr(
         os.chmod(settings.data_dir, 0o700)
         logging.basicConfig(force=True, handlers=[logging.StreamHandler(sys.stderr)])
     assert "stderr only" in capsys.readouterr().err
-
-
-def test_journal_stream_is_recognised(tmp_path: Path) -> None:
-    """JOURNAL_STREAM names stderr's device and inode when stderr is the journal."""
-    with open(tmp_path / "stream", "w") as fh:
-        st = os.fstat(fh.fileno())
-        saved = sys.stderr
-        sys.stderr = fh
-        try:
-            assert cli._stderr_is_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
-            assert not cli._stderr_is_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"})
-            assert not cli._stderr_is_journal({})
-        finally:
-            sys.stderr = saved

@@ -89,6 +89,10 @@ def test_system_install_upgrade_uninstall(sysroot: tuple[Path, dict[str, str]]) 
     config = (etc / "config.yaml").read_text()
     assert f"data_dir: {data}" in config
     assert f"docs_dir: {docs}" in config
+    # The audit key: outside the data folder, not readable by others, used by the config.
+    assert _mode(etc / "audit.key") == 0o640
+    assert len((etc / "audit.key").read_bytes().strip()) >= 32
+    assert f"hmac_key_file: {etc}/audit.key" in config
     core = (units / "appliance-core.service").read_text()
     assert f"ExecStart={appliance} serve" in core
     assert f"ReadWritePaths={data} {docs}" in core

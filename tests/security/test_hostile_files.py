@@ -415,9 +415,11 @@ def test_hostile_folder(
     ):
         leaked = [p for p in paths if _inside(p, outside) or CANARY in p]
         assert not leaked, f"{what} outside the folder: {leaked}"
-    assert all(_inside(p, docs) for p in parsed)
-    assert any("report.pdf" in p for p in parsed)  # the recording did see the parses
-    assert any(p.endswith("memo.docx") for p in opened_by_parser())  # the hook did run
+    # The parser reads only the private copies made from the one descriptor each document
+    # was opened with (ingest.safe_open), never a path in the documents folder.
+    assert all(_inside(p, indexer.staging.folder) for p in parsed)
+    assert any(p.endswith(".pdf") for p in parsed)  # the recording did see the parses
+    assert any(p.endswith(".docx") for p in opened_by_parser())  # the hook did run
     assert not any(p.endswith("..foo.txt") for p in opened_here + opened_by_parser())
     assert not indexer.search("sierrahidden", 5, mode="sparse")
     # ...so the canary is in no search result and in no byte of the data folder, where the

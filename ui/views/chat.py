@@ -129,6 +129,9 @@ def _after_answer(api: ServiceClient, message: dict[str, Any]) -> None:
 def _source(api: ServiceClient, message_id: int | None, source: dict[str, Any]) -> None:
     path = str(source.get("path", ""))
     key = f"{message_id}-{source.get('number')}"
+    if source.get("unavailable"):  # access revoked or the document deleted since
+        st.caption(md(f"[{source.get('number', '?')}] {source.get('text', '')}"))
+        return
     with st.expander(label(source_title(source))):
         st.markdown(md(source.get("text", "")))
         caption = path if source.get("page") is None else f"{path}, page {source['page']}"
