@@ -154,6 +154,7 @@ def open_ingestion(
                 suffixes=supported_suffixes(),
                 ingest=ing,
                 chunking=settings.chunking,
+                staging=sandbox.staging,
             )
 
         target = collection_name(settings, embedder)

@@ -167,6 +167,7 @@ class Indexer:
         ingest: IngestSettings,
         chunking: ChunkingSettings,
         min_free_bytes: int = MIN_FREE_BYTES,
+        staging: Staging | None = None,
     ) -> None:
         self.docs_dir = docs_dir
         self.state = state
@@ -185,9 +186,12 @@ class Indexer:
         self.paused: str | None = None
         """Why ingestion is paused ("disk full: ..."), or None while it runs."""
         # Each document is opened once and copied here while it is hashed; the parser reads
-        # the copy (ingest.safe_open). The folder goes with the indexer.
-        self.staging = Staging()
-        weakref.finalize(self, self.staging.close)
+        # the copy (ingest.safe_open): the parser sandbox's own folder, the only one its
+        # confined worker may read. Without one, the indexer keeps a folder of its own.
+        if staging is None:
+            staging = Staging()
+            weakref.finalize(self, staging.close)
+        self.staging = staging
 
     @contextlib.contextmanager
     def writes_held(self) -> Iterator[None]:

@@ -18,10 +18,13 @@ Errors are :class:`UnsafeDocument` with a reason for ``appliance status``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from appliance.errors import IngestError
@@ -120,7 +123,20 @@ class Staging:
             raise
         return digest.hexdigest(), Path(tmp)
 
+    @contextlib.contextmanager
+    def holding(self, path: Path) -> Iterator[Path]:
+        """A copy here of a file the caller names (a test's, a tool's), for as long as needed."""
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=Path(path).suffix.lower())
+        os.close(fd)
+        try:
+            shutil.copyfile(path, tmp)
+            yield Path(tmp)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
     def close(self) -> None:
+        if not self.folder.exists():
+            return
         for path in self.folder.glob("*"):
             path.unlink(missing_ok=True)
         self.folder.rmdir()

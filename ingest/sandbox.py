@@ -29,9 +29,11 @@ import math
 import os
 import resource
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -40,6 +42,8 @@ from typing import IO, Any
 from appliance.errors import IngestError, ParseError
 from appliance.protocols import ParsedDocument, Section
 from ingest import parsers
+from ingest.confine import confine
+from ingest.safe_open import Staging
 
 START_TIMEOUT_S = 30.0
 """How long a new worker may take to import its libraries and say it is ready."""
@@ -72,6 +76,7 @@ class ParserSandbox:
         max_text_chars: int,
         *,
         log_path: Path | None = None,
+        confined: bool = True,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
@@ -88,6 +93,12 @@ class ParserSandbox:
         self._selector: selectors.BaseSelector | None = None
         self._buffer = bytearray()
         self._closed = False
+        self.confined = confined
+        self.staging = Staging()
+        """The only place the (confined) worker reads documents from: private copies."""
+        self._scratch = Path(tempfile.mkdtemp(prefix="appliance-parser-tmp-"))
+        self.confinement: dict[str, Any] | None = None
+        """What the worker's confinement applied (``ingest.confine``), once it has started."""
 
     # --- public --------------------------------------------------------------------------
 
@@ -107,6 +118,12 @@ class ParserSandbox:
         be parsed, takes longer than ``timeout_s`` or crashes the worker."""
         path = Path(path)
         parsers.parser_for(path)  # an unknown suffix fails here, without a round trip
+        if self._closed:
+            raise IngestError("the parser sandbox is closed")
+        if not path.resolve().is_relative_to(self.staging.folder.resolve()):
+            # The confined worker reads nothing else: a caller's own file goes via a copy.
+            with self.staging.holding(path) as staged:
+                return self.parse(staged)
         request = json.dumps({"path": os.fspath(path.absolute())}).encode("ascii") + b"\n"
         with self._lock:
             proc = self._ensure_worker()
@@ -137,14 +154,15 @@ class ParserSandbox:
         with self._lock:
             self._closed = True
             proc = self._proc
-            if proc is None:
-                return
-            if proc.stdin is not None:
-                with contextlib.suppress(OSError):
-                    proc.stdin.close()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=2)
-            self._discard_worker()
+            if proc is not None:
+                if proc.stdin is not None:
+                    with contextlib.suppress(OSError):
+                        proc.stdin.close()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=2)
+                self._discard_worker()
+        self.staging.close()
+        shutil.rmtree(self._scratch, ignore_errors=True)
 
     def __enter__(self) -> ParserSandbox:
         return self
@@ -165,8 +183,15 @@ class ParserSandbox:
     def _start_worker(self) -> subprocess.Popen[bytes]:
         # The package root goes first on the path so the worker runs this very code.
         root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        # An empty environment: no secrets, proxies or tokens of the service reach a parser.
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+            "TMPDIR": str(self._scratch),
+            "LANG": "C.UTF-8",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        }
         command = [
             sys.executable,
             "-m",
@@ -175,6 +200,8 @@ class ParserSandbox:
             f"--max-text-chars={self.max_text_chars}",
             f"--timeout-s={self.timeout_s}",
         ]
+        if self.confined:
+            command += [f"--read={self.staging.folder}", f"--write={self._scratch}"]
         stderr: IO[bytes] | int = subprocess.DEVNULL
         log = None
         if self._log_path is not None:
@@ -213,7 +240,22 @@ class ParserSandbox:
                 f"the parser process did not start ({how}); "
                 f"is the memory limit ({self.memory_mb} MB) too small?"
             )
+        self.confinement = json.loads(line).get("confined")
         return proc
+
+    def check(self, read: list[str], connect: list[tuple[str, int]]) -> dict[str, Any]:
+        """Ask the worker to try to open each path and connect to each address, from inside
+        its confinement (``appliance doctor`` and the tests show what a parser can reach)."""
+        request = json.dumps({"check": {"read": read, "connect": connect}}).encode() + b"\n"
+        with self._lock:
+            proc = self._ensure_worker()
+            self._send(proc, request)
+            line = self._read_line(proc, time.monotonic() + self.timeout_s)
+        if line is None:
+            raise IngestError(self._crash_reason())
+        result: dict[str, Any] = json.loads(line)["check"]
+        result["confined"] = self.confinement
+        return result
 
     def _discard_worker(self) -> None:
         """Kill and reap the worker, if any, and forget it."""
@@ -318,9 +360,33 @@ def _limit_resources(memory_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
+def _check(request: dict[str, Any]) -> dict[str, Any]:
+    """What this process can reach: each path opened for reading, each address connected."""
+    import socket
+
+    out: dict[str, Any] = {"read": {}, "connect": {}}
+    for path in request.get("read", []):
+        try:
+            with open(path, "rb") as fh:
+                fh.read(1)
+            out["read"][path] = "allowed"
+        except OSError as exc:
+            out["read"][path] = f"denied: {exc.strerror}"
+    for host, port in request.get("connect", []):
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                out["connect"][f"{host}:{port}"] = "allowed"
+        except OSError as exc:
+            out["connect"][f"{host}:{port}"] = f"denied: {exc.strerror or exc}"
+    return {"ok": True, "check": out}
+
+
 def _handle(line: bytes, memory_mb: int, max_text_chars: int) -> dict[str, Any]:
     try:
-        path = Path(json.loads(line)["path"])
+        request = json.loads(line)
+        if "check" in request:
+            return _check(request["check"])
+        path = Path(request["path"])
     except (ValueError, KeyError, TypeError) as exc:
         return {"ok": False, "reason": f"bad request to the parser process: {exc}"}
     try:
@@ -367,6 +433,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-mb", type=int, required=True)
     ap.add_argument("--max-text-chars", type=int, required=True)
     ap.add_argument("--timeout-s", type=float, required=True)
+    ap.add_argument("--read", action="append", default=[], help="confine: also readable")
+    ap.add_argument("--write", action="append", default=[], help="confine: also writable")
     args = ap.parse_args(argv)
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -374,10 +442,13 @@ def worker_main(argv: list[str] | None = None) -> int:
     replies = os.dup(sys.stdout.fileno())
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     parsers.preload_libraries()
+    confined = None
+    if args.read or args.write:  # the libraries are loaded: from here on, nothing else
+        confined = confine(read=[Path(p) for p in args.read], write=[Path(p) for p in args.write])
     # A backstop for an orphan: the parent kills a late worker long before this alarm.
     alarm_s = math.ceil(args.timeout_s) * 2 + 10
     try:
-        _write_all(replies, b'{"ready": true}\n')
+        _write_all(replies, json.dumps({"ready": True, "confined": confined}).encode() + b"\n")
         for line in sys.stdin.buffer:
             signal.alarm(alarm_s)
             reply = _encode(_handle(line, args.memory_mb, args.max_text_chars), args.memory_mb)

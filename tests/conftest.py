@@ -119,6 +119,7 @@ def make_indexer(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
             suffixes=supported_suffixes(),
             ingest=ingest or ing,
             chunking=chunking,
+            staging=sandbox.staging,
         )
         indexer.recover()
         return indexer

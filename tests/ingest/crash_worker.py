@@ -37,6 +37,7 @@ def open_indexer(data: Path, docs: Path) -> tuple[Indexer, list]:  # type: ignor
         suffixes=supported_suffixes(),
         ingest=IngestSettings(mass_delete_fraction=1.0),
         chunking=ChunkingSettings(max_tokens=48, overlap_tokens=8),
+        staging=sandbox.staging,
     )
     return indexer, [sandbox, backend, state]
 

@@ -98,11 +98,13 @@ def test_worker_is_persistent_and_cheap(sandbox: ParserSandbox, tmp_path: Path) 
 
 
 def test_timeout_kills_the_worker_and_the_next_parse_works(tmp_path: Path) -> None:
-    fifo = tmp_path / "never-ends.txt"
-    os.mkfifo(fifo)  # opening it for reading blocks until a writer comes: a parser that hangs
     ok = tmp_path / "ok.txt"
     ok.write_text("fine\n")
     with ParserSandbox(timeout_s=0.5, memory_mb=1024, max_text_chars=10_000) as sandbox:
+        # Placed where the worker reads (ingestion never stages a FIFO): opening it for reading
+        # blocks until a writer comes, a parser that hangs.
+        fifo = sandbox.staging.folder / "never-ends.txt"
+        os.mkfifo(fifo)
         sandbox.start()
         pid = sandbox.worker_pid
         assert pid is not None
@@ -140,7 +142,7 @@ def test_text_limit_is_enforced(tmp_path: Path) -> None:
 def test_worker_crash_mid_parse_is_reported_and_recovered(
     sandbox: ParserSandbox, tmp_path: Path
 ) -> None:
-    fifo = tmp_path / "stuck.txt"
+    fifo = sandbox.staging.folder / "stuck.txt"  # where the worker reads: see above
     os.mkfifo(fifo)
     ok = tmp_path / "ok.txt"
     ok.write_text("fine\n")
