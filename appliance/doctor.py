@@ -558,17 +558,56 @@ def check_audit(settings: Settings) -> Check:
     path = settings.audit_path
     if not path.exists():
         return _ok(name, f"no records yet ({path})")
-    from appliance.audit import verify
+    from appliance.audit import AuditError, load_key, verify
 
-    result = verify(path)
+    key_file = settings.audit.hmac_key_file
+    try:
+        key = load_key(key_file, settings.data_dir) if key_file is not None else None
+    except AuditError as exc:
+        return _fail(name, str(exc), "fix audit.hmac_key_file (install.sh --system makes one)")
+    result = verify(path, key=key)
     if not result.ok:
         return _fail(
             name,
             f"{path}: the hash chain is broken: {result.problem}",
             "keep a copy of the log as evidence, compare it with your backups and the last "
-            "exported anchor (appliance audit verify); do not edit it",
+            "exported anchor (appliance audit verify --anchor); do not edit it",
         )
-    return _ok(name, f"{result.records} records, hash chain intact")
+    keyed = "" if key is None else f", keyed (HMAC) from record {result.keyed_from}"
+    if key is None:
+        return _warn(
+            name,
+            f"{result.records} records, hash chain intact, no HMAC key",
+            "set audit.hmac_key_file to a root-owned key outside the data folder, so the chain "
+            "cannot be rewritten by whoever can write the data folder",
+        )
+    return _ok(name, f"{result.records} records, hash chain intact{keyed}")
+
+
+def check_parser_confinement(settings: Settings) -> Check:
+    """What the parser process can reach: start one and let it try."""
+    name = "parser-confinement"
+    from ingest.sandbox import ParserSandbox
+
+    ing = settings.ingest
+    try:
+        with ParserSandbox(ing.parse_timeout_s, ing.parse_memory_mb, 1000) as sandbox:
+            seen = sandbox.check(read=[str(settings.accounts_path)], connect=[("127.0.0.1", 9)])
+    except ApplianceError as exc:
+        return _fail(name, f"the parser process does not start: {exc}", "see appliance.log")
+    confined = seen.get("confined") or {}
+    data = next(iter(seen["read"].values()))
+    layers = [k for k in ("no_new_privs", "seccomp") if confined.get(k)]
+    if confined.get("landlock"):
+        layers.append(f"landlock ABI {confined['landlock']}")
+    detail = f"{', '.join(layers) or 'none'}; data folder: {data}"
+    if not confined.get("landlock"):
+        return _warn(
+            name,
+            f"{detail}; {confined.get('landlock_note', 'no Landlock')}",
+            "without Landlock the systemd units' sandboxing confines the service and its parser",
+        )
+    return _ok(name, detail)
 
 
 def _systemd_running() -> bool:
@@ -803,6 +842,7 @@ def run_checks(
     checks += check_network(settings, unit_dir, system)
     checks.append(check_offline_env())
     checks.append(check_audit(settings))
+    checks.append(check_parser_confinement(settings))
     checks.append(check_sbom())
     if system:
         checks += check_units(settings, unit_dir)
