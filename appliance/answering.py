@@ -29,6 +29,7 @@ from appliance.prompting import (
 )
 from appliance.protocols import Embedder, Hit, SparseEncoder, VectorStore
 from appliance.settings import AnswerSettings
+from appliance.turnstile import ModelQueue, Unqueued
 from ingest.retrieval import retrieve
 
 log = logging.getLogger(__name__)
@@ -187,9 +188,12 @@ class Answerer:
         settings: AnswerSettings,
         chat_settings: ChatSettings,
         reranker: CrossEncoderReranker | None = None,
+        queue: ModelQueue | None = None,
     ) -> None:
         self._index = index
         self.chat = chat
+        self.queue: ModelQueue = queue or Unqueued()
+        """The line in front of the model: while a question waits, its stream tells its place."""
         self.settings = settings
         self.chat_settings = chat_settings
         self.reranker = reranker
@@ -301,7 +305,8 @@ class Answerer:
         history: Sequence[Exchange] = (),
         where: Mapping[str, Sequence[str]] | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """Yield ``{"type": "token", "text"}`` events as the answer is generated, then one
+        """Yield ``{"type": "queue", "position"}`` events while the question waits for the
+        model, ``{"type": "token", "text"}`` events as the answer is generated, then one
         ``{"type": "answer", "answer": Answer}``."""
         prepared = self.prepare(question, history=history, where=where)
         answer, passages, messages, started = (
@@ -325,7 +330,9 @@ class Answerer:
             seed=self.chat_settings.seed,
         )
         first: float | None = None
-        with self.chat.stream(messages, params) as pieces:
+        # Waits for the model's turn, yielding {"type": "queue", "position": N} meanwhile.
+        pieces = yield from self.queue.wait(self.chat.stream(messages, params))
+        with pieces:
             for piece in pieces:
                 shown = guard.feed(piece)
                 if shown:

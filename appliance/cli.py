@@ -490,6 +490,9 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
             sys.stdout.write(event["text"])
             sys.stdout.flush()
             streamed = True
+        elif event["type"] == "queue" and args.stream and not args.json:
+            if event["position"]:  # 0: the model has started on this question
+                print(f"waiting: {event['position']} ahead", file=sys.stderr, flush=True)
         elif event["type"] == "answer":
             final = event
     answer = final["answer"]
