@@ -23,7 +23,7 @@ from typing import Any
 
 from ui.safe import escape
 
-HIGHLIGHT = "orange-background"
+HIGHLIGHT = "yellow-background"
 UNVERIFIED = ":red-badge[Unverified]"
 QUOTED = ":blue-badge[:material/format_quote: Quoted from the documents]"
 

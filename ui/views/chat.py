@@ -39,8 +39,8 @@ def render(api: ServiceClient) -> None:
         state[MESSAGES] = _load(api, state[CONVERSATION])
     if not state[MESSAGES]:
         st.caption("Answers come from the documents you may read, with their sources.")
-    for i, message in enumerate(state[MESSAGES]):
-        _exchange(api, message, latest=i == len(state[MESSAGES]) - 1)
+    for position, message in enumerate(state[MESSAGES], 1):
+        _exchange(api, message, position, latest=position == len(state[MESSAGES]))
     question = st.chat_input(PLACEHOLDER)
     if question and question.strip():
         _ask(api, question.strip())
@@ -75,12 +75,15 @@ def _message(answer: dict[str, Any], message_id: Any, question: str) -> dict[str
     }
 
 
-def _exchange(api: ServiceClient, message: dict[str, Any], *, latest: bool = False) -> None:
+def _exchange(
+    api: ServiceClient, message: dict[str, Any], position: int, *, latest: bool = False
+) -> None:
+    """One question and its answer; ``position`` counts from 1 in the conversation."""
     with st.chat_message("user"):
         st.markdown(md(message["question"]))
     with st.chat_message("assistant"):
-        _answer(message)
-        _after_answer(api, message, latest=latest)
+        _answer(message, position)
+        _after_answer(api, message, position, latest=latest)
 
 
 def _ask(api: ServiceClient, question: str) -> None:
@@ -135,9 +138,10 @@ def _ask(api: ServiceClient, question: str) -> None:
         if final.get("conversation"):
             state[CONVERSATION] = final["conversation"]
         state[MESSAGES].append(message)
+        position = len(state[MESSAGES])
         with box.container():
-            _answer(message)
-        _after_answer(api, message, latest=True)
+            _answer(message, position)
+        _after_answer(api, message, position, latest=True)
 
 
 SEARCHING = "Searching your documents…"
@@ -161,21 +165,22 @@ def _draft(checked: int) -> str:
     return f"Draft, not yet checked against the sources{done}…"
 
 
-def _key(message: dict[str, Any]) -> str:
-    """Names this message's widgets and anchors on the page."""
-    return str(message["id"]) if message.get("id") is not None else f"q{id(message)}"
+def _anchor(number: int, position: int) -> tuple[str, str]:
+    """The heading that marks source ``number`` of answer ``position`` on the page, and its
+    id: Streamlit gives a Markdown heading the slug of its text as id, which for this ASCII
+    text is the text lowercased, punctuation dropped, spaces turned into hyphens."""
+    return (
+        f"###### Source \\[{number}\\] of answer {position}",
+        f"source-{number}-of-answer-{position}",
+    )
 
 
-def _anchor(message: dict[str, Any], number: object) -> str:
-    return f"source-{_key(message)}-{number}"
-
-
-def _answer(message: dict[str, Any]) -> None:
+def _answer(message: dict[str, Any], position: int) -> None:
     """The answer as shown: citations link to the sources below; a quoted answer says so."""
     numbers = {s.get("number") for s in message["sources"]}
 
     def href(n: int) -> str | None:
-        return f"#{_anchor(message, n)}" if n in numbers else None
+        return f"#{_anchor(n, position)[1]}" if n in numbers else None
 
     if message.get("mode") == "quoted":
         st.markdown(evidence.QUOTED)
@@ -202,13 +207,16 @@ def _passage(source: dict[str, Any]) -> str:
     return evidence.highlight(text, evidence.spans_of(source, len(text)))
 
 
-def _after_answer(api: ServiceClient, message: dict[str, Any], *, latest: bool = False) -> None:
-    """Under an answer: the unverified sentences on request, its sources, then thumbs."""
+def _after_answer(
+    api: ServiceClient, message: dict[str, Any], position: int, *, latest: bool = False
+) -> None:
+    """Under an answer: the unverified sentences on request, its sources (those supporting
+    the latest answer open), then thumbs up or down."""
     shown = message["answer"]
     dropped = [c for c in message["unsupported_claims"] if str(c["text"]).strip() not in shown]
     if dropped and st.toggle(
         f"Show unverified ({len(dropped)})",
-        key=f"unverified-{_key(message)}",
+        key=f"unverified-{message.get('id') or position}",
         help="Sentences the model wrote that the documents do not support: left out.",
     ):
         for claim in dropped:
@@ -218,17 +226,26 @@ def _after_answer(api: ServiceClient, message: dict[str, Any], *, latest: bool =
         st.caption("Sources")
     supporting = {evidence.claim_source(c) for c in message["claims"] if c.get("supported")}
     for source in sources:
-        _source(api, message, source, expanded=latest and source.get("number") in supporting)
+        number = source.get("number")
+        _source(api, message, source, position, expanded=latest and number in supporting)
     if message.get("id") is not None:
         _feedback(api, int(message["id"]))
 
 
 def _source(
-    api: ServiceClient, message: dict[str, Any], source: dict[str, Any], *, expanded: bool
+    api: ServiceClient,
+    message: dict[str, Any],
+    source: dict[str, Any],
+    position: int,
+    *,
+    expanded: bool,
 ) -> None:
     path = str(source.get("path", ""))
     key = f"{message.get('id')}-{source.get('number')}"
     with st.expander(label(source_title(source)), expanded=expanded):
+        # The citation links' target; the browser opens a closed expander to show it.
+        if isinstance(source.get("number"), int):
+            st.markdown(_anchor(source["number"], position)[0])
         st.markdown(_passage(source))
         caption = path if source.get("page") is None else f"{path}, page {source['page']}"
         st.caption(md(caption))
