@@ -75,12 +75,16 @@ _TABLE_UNIT = re.compile(
 _DATES = [
     # March 31, 2023 / Mar. 31 2023
     re.compile(
-        r"\b" + _MONTH.format("month") + r"\s+(?P<day>[0-3]?\d)(?:st|nd|rd|th)?,?\s+(?P<year>(?:19|20)\d\d)\b",
+        r"\b"
+        + _MONTH.format("month")
+        + r"\s+(?P<day>[0-3]?\d)(?:st|nd|rd|th)?,?\s+(?P<year>(?:19|20)\d\d)\b",
         re.IGNORECASE,
     ),
     # 31 March 2023
     re.compile(
-        r"\b(?P<day>[0-3]?\d)(?:st|nd|rd|th)?\s+" + _MONTH.format("month") + r",?\s+(?P<year>(?:19|20)\d\d)\b",
+        r"\b(?P<day>[0-3]?\d)(?:st|nd|rd|th)?\s+"
+        + _MONTH.format("month")
+        + r",?\s+(?P<year>(?:19|20)\d\d)\b",
         re.IGNORECASE,
     ),
     # 2023-03-31
@@ -89,6 +93,14 @@ _DATES = [
     re.compile(r"\b(?P<mnum>[0-3]?\d)/(?P<day>[0-3]?\d)/(?P<year>(?:19|20)\d\d)\b"),
     # March 2023
     re.compile(r"\b" + _MONTH.format("month") + r",?\s+(?P<year>(?:19|20)\d\d)\b", re.IGNORECASE),
+    # March 31 / 31 March (no year)
+    re.compile(
+        r"\b" + _MONTH.format("month") + r"\s+(?P<day>[0-3]?\d)(?:st|nd|rd|th)?\b(?!\s*%)",
+        re.IGNORECASE,
+    ),
+    re.compile(
+        r"\b(?P<day>[0-3]?\d)(?:st|nd|rd|th)?\s+" + _MONTH.format("month") + r"\b", re.IGNORECASE
+    ),
 ]
 # Codes mixing letters and digits: AP-12, HR-1, ISO 27001, 10-Q, Q3, SOC 2, A320neo, RFC-9110.
 _IDENTIFIER = re.compile(
@@ -96,7 +108,9 @@ _IDENTIFIER = re.compile(
 )
 _IDENTIFIER_PREFIXES = frozenset({"ISO", "IEC", "EN", "SOC", "RFC", "NIST", "SP", "CFR", "USC"})
 _NUMBER = re.compile(
-    r"(?<![\w.])(?:" + _CURRENCY + r"\s?)?(?P<neg>[-−(])?(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
+    r"(?<![\w.])(?:"
+    + _CURRENCY
+    + r"\s?)?(?P<neg>[-\u2212(])?(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
     r"(?P<pct>\s?%|\s+(?:percent|per cent|percentage points?|pp)\b)?"
     r"(?:\s?(?P<scale>thousands?|millions?|billions?|trillions?|mn|bn|tn|mm|[kmb])\b)?",
     re.IGNORECASE,
@@ -120,8 +134,8 @@ class Figure:
     scale: float = 1.0
     """The multiplier of a scale word next to the number (1e9 for "billion")."""
     currency: str | None = None
-    date: tuple[int, int | None, int | None] | None = None
-    """(year, month, day) of a date; month and day are None when not written."""
+    date: tuple[int | None, int | None, int | None] | None = None
+    """(year, month, day) of a date; None where not written."""
     key: str = ""
     """Identifiers: the normalised code (upper case, without separators)."""
 
@@ -156,7 +170,7 @@ def _currency(raw: str | None) -> str | None:
 
 def _date_figure(match: re.Match[str]) -> Figure | None:
     groups = match.groupdict()
-    year = int(groups["year"])
+    year = int(groups["year"]) if groups.get("year") else None
     month: int | None
     if groups.get("month"):
         month = MONTHS[groups["month"].lower().rstrip(".")]
@@ -291,20 +305,27 @@ def _number_matches(figure: Figure, other: Figure, unit: float | None) -> bool:
 
 
 def _same_digits(figure: Figure, other: Figure) -> bool:
-    assert figure.value is not None and other.value is not None
+    assert figure.value is not None
+    assert other.value is not None
     significant = len(re.sub(r"[^0-9]", "", f"{figure.value:.{figure.decimals}f}").lstrip("0"))
     return significant >= 4 and figure.value == other.value and figure.decimals == other.decimals
 
 
-def _date_matches(figure: Figure, other: Figure) -> bool:
+def _date_matches(figure: Figure, other: Figure, passage: str) -> bool:
     assert figure.date is not None
+    year, month, day = figure.date
     if other.kind == "year":
-        return figure.date[1] is None and other.value == figure.date[0]
+        return month is None and day is None and other.value == year
     if other.date is None:
         return False
-    year, month, day = figure.date
     o_year, o_month, o_day = other.date
-    if year != o_year:
+    # "March 31" in a passage that names the year elsewhere ("Three Months Ended March 31,
+    # 2023 2022" headers) states "March 31, 2023"
+    if (
+        year is not None
+        and year != o_year
+        and (o_year is not None or not re.search(rf"\b{year}\b", passage))
+    ):
         return False
     if month is not None and month != o_month:
         return False
@@ -337,11 +358,13 @@ def find_figure(
             ]
         return found
     if figure.kind == "date":
-        return [FigureMatch(o.start, o.end) for o in others if _date_matches(figure, o)]
+        return [FigureMatch(o.start, o.end) for o in others if _date_matches(figure, o, passage)]
     if figure.kind == "year":
         for other in others:
             if (other.kind == "year" and other.value == figure.value) or (
-                other.date is not None and other.date[0] == figure.value
+                other.date is not None
+                and other.date[0] is not None
+                and other.date[0] == figure.value
             ):
                 found.append(FigureMatch(other.start, other.end))
         return found
@@ -360,7 +383,5 @@ def missing_figures(text: str, passages: Iterable[str]) -> tuple[list[Figure], i
     figures = extract_figures(text)
     texts = list(passages)
     extracted = [(p, extract_figures(p)) for p in texts]
-    missing = [
-        f for f in figures if not any(find_figure(f, p, figures=fs) for p, fs in extracted)
-    ]
+    missing = [f for f in figures if not any(find_figure(f, p, figures=fs) for p, fs in extracted)]
     return missing, len(figures)
