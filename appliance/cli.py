@@ -505,16 +505,25 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
                 "timings": answer["timings"],
                 "model": answer["model"],
                 "conversation": final.get("conversation"),
+                "claims": answer.get("claims", []),
+                "unsupported_claims": answer.get("unsupported_claims", []),
+                "mode": answer.get("mode", "generated"),
             }
         )
         return 0
     if streamed:
-        # what was streamed is the raw text; show the final one if citations were cleaned
+        # what was streamed is the raw, unchecked text; show the checked one when it differs
         print()
-        if answer["redacted"]:
-            print(answer["answer"])
+        if answer["redacted"] or answer.get("claims"):
+            print("\nChecked answer:\n" + answer["answer"])
     else:
         print(answer["answer"])
+    dropped = [c for c in answer.get("unsupported_claims", []) if not c.get("shown")]
+    if dropped:
+        print(
+            f"({len(dropped)} sentence(s) the documents do not support were left out)",
+            file=sys.stderr,
+        )
     if answer["sources"]:
         print("\nSources:")
         for s in answer["sources"]:
@@ -760,7 +769,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", help="answer a question from the documents, with sources")
     p.add_argument("question")
     p.add_argument(
-        "--json", action="store_true", help="print {answer, sources, abstained, timings}"
+        "--json",
+        action="store_true",
+        help="print {answer, sources, abstained, timings, model, conversation, claims, "
+        "unsupported_claims, mode}",
     )
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument("--conversation", help="continue this conversation (follow-up questions)")

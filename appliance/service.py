@@ -297,7 +297,11 @@ class CoreService:
                         message=event.get("message"),
                         model=answer["model"],
                         abstained=answer["abstained"],
-                        retrieved=answer["retrieved"],
+                        # without the chunk texts (kept for evaluation): the log names, it
+                        # does not copy
+                        retrieved=[
+                            {k: v for k, v in r.items() if k != "text"} for r in answer["retrieved"]
+                        ],
                     )
                     if self.metrics is not None:
                         self.metrics.observe_answer(answer)
