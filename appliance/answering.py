@@ -10,7 +10,8 @@ question ─► standalone query (follow-ups) ─► hybrid retrieval (+ optiona
             none is left, quotes of the passage sentences that best answer the question
 
 Events of ``Answerer.stream``, in order: ``sources``, ``queue``... (only while waiting),
-``token``..., ``claim``... (interleaved with tokens), ``answer``. The contract is in docs/answers.md.
+``token``..., ``claim``... (interleaved with tokens), ``answer``. The contract is in
+docs/answers.md.
 """
 
 from __future__ import annotations
