@@ -1,7 +1,16 @@
-"""Chat: questions in, streamed answers out, each with its sources, a download and feedback.
+"""Chat: questions in, checked answers out, each with its sources, a download and feedback.
+
+While a question is answered the page shows, in this order, what the answer stream brings:
+
+    sources event  ─► the passages found, best-matching spans highlighted (before the model)
+    queue events   ─► "Waiting for the model: N questions ahead of yours."
+    token events   ─► the draft, greyed out: not yet checked against the sources
+    answer event   ─► the answer as the service checked it: each citation a link to its
+                      source's anchor below, the supporting spans highlighted there; a quoted
+                      answer labelled as such; dropped sentences behind "Show unverified"
 
 Conversations are kept by the service per user; the sidebar lists them to resume, rename or
-delete. Everything from documents or the model is shown through :func:`ui.safe.md`.
+delete. Everything from documents or the model is escaped (:mod:`ui.safe`, :mod:`ui.evidence`).
 """
 
 from __future__ import annotations
@@ -185,6 +194,10 @@ def _answer(message: dict[str, Any], position: int) -> None:
     if message.get("mode") == "quoted":
         st.markdown(evidence.QUOTED)
         st.markdown(evidence.quoted_answer(message["answer"], message["claims"], href))
+        # with answer.unsupported: flag, the generated sentences follow the quotes, marked
+        for claim in message["unsupported_claims"]:
+            if str(claim["text"]).strip() in message["answer"]:
+                st.markdown(evidence.unverified_claim(claim))
     else:
         st.markdown(evidence.linked_answer(message["answer"], message["claims"], href))
     if message.get("waited"):
