@@ -26,7 +26,17 @@ from tests.ui.recorded import (
     evidence_only_events,
     quoted_answer_events,
 )
-from tests.ui.test_app import ACME, LEAVE, ask, assert_clean, is_literal, sign_in, texts, unescape
+from tests.ui.test_app import (
+    ACME,
+    LEAVE,
+    ask,
+    assert_clean,
+    is_literal,
+    sign_in,
+    texts,
+    unescape,
+    without_own_markup,
+)
 from ui.evidence import HIGHLIGHT
 from ui.safe import escape
 
@@ -116,14 +126,8 @@ def test_hostile_claims_and_spans_stay_text(core: Core) -> None:
     at.toggle(key="unverified-1").set_value(True).run()
     assert_clean(at)
     assert not at.get("html")
-    own = re.compile(
-        r":(?:yellow-background|gray)\[|:red-badge\[Unverified\]|"
-        r":blue-badge\[:material/format_quote: Quoted from the documents\]|"
-        r"\[\\\[\d+\\\]\]\(#source-\d+-of-answer-\d+\)|^> |^###### |(?<!\\)\]"
-    )
     for value in [m.value for m in at.markdown]:
-        stripped = "\n".join(own.sub("", line) for line in value.split("  \n"))
-        assert is_literal(stripped), value
+        assert is_literal(without_own_markup(value)), value
     shown = unescape("\n".join(m.value for m in at.markdown))
     for part in (f"Quote {hostile}", f"Invented {hostile}", f"reason {hostile}"):
         assert part in shown
