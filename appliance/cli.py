@@ -485,14 +485,17 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     body = {"question": args.question, "user": _current_user(), "conversation": args.conversation}
     final: dict[str, Any] = {}
     streamed = False
+    ahead = 0
     for event in _ask_events(settings, body):
         if event["type"] == "token" and args.stream and not args.json:
             sys.stdout.write(event["text"])
             sys.stdout.flush()
             streamed = True
         elif event["type"] == "queue" and args.stream and not args.json:
-            if event["position"]:  # 0: the model has started on this question
+            # said when it changes (the service repeats it while it waits); 0: generation starts
+            if event["position"] and event["position"] != ahead:
                 print(f"waiting: {event['position']} ahead", file=sys.stderr, flush=True)
+            ahead = event["position"]
         elif event["type"] == "answer":
             final = event
     answer = final["answer"]

@@ -8,7 +8,8 @@ each waiting question told its place.
 The llama.cpp model already serialises generation with a lock, but a question blocked on a
 lock says nothing: the person sees a spinner. Here the wait happens before the model is asked,
 in a generator, so the answer stream can report the position (the number of questions ahead,
-the one being answered included) each time it changes, and ``0`` once the turn comes.
+the one being answered included) each time it changes (and every few seconds while it does
+not), and ``0`` once the turn comes.
 
 ``ModelQueue`` is the whole interface. ``Turnstile`` is the simple implementation for one
 in-process model; ``Unqueued`` is for backends that queue or batch on their own (a model
@@ -50,9 +51,13 @@ class Turnstile:
     """One turn at a time, in arrival order. Thread-safe: each request runs in its own thread
     (the API server's), and only its own generator waits."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, heartbeat_s: float = 5.0) -> None:
         self._line: deque[object] = deque()
         self._changed = threading.Condition()
+        self._heartbeat_s = heartbeat_s
+        """A waiting request repeats its position this often: writing it to a client that went
+        away fails, which closes the stream and takes the request out of the line, instead of
+        the model later answering nobody."""
 
     @property
     def length(self) -> int:
@@ -69,8 +74,8 @@ class Turnstile:
             while True:
                 with self._changed:
                     position = self._line.index(ticket)
-                    while position == told and position > 0:
-                        self._changed.wait()
+                    if position == told and position > 0:
+                        self._changed.wait(self._heartbeat_s)
                         position = self._line.index(ticket)
                 if position == 0:
                     break
