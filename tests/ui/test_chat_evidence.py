@@ -191,3 +191,13 @@ def test_a_reloaded_conversation_renders_the_same(app: MakeApp, core: Core) -> N
     answer = [m for m in before if "27" in m]
     assert answer
     assert answer[0] in after
+
+
+def test_a_draft_that_breaks_off_stays_greyed_and_marked_unchecked(core: Core) -> None:
+    events = [e for e in quoted_answer_events() if e["type"] != "answer"]
+    at = ask(recorded(core, events), QUESTION)
+    assert "Draft, never checked against the sources:" in texts(at)
+    (draft,) = [m.value for m in at.markdown if "4.98" in unescape(m.value)]
+    assert draft.startswith(":gray[")
+    assert highlighted(QUOTE) in passages(at)  # the evidence stays
+    assert "stopped before it was complete" in at.error[0].value

@@ -132,13 +132,11 @@ def _ask(api: ServiceClient, question: str) -> None:
                 elif kind == "answer":
                     final = event
         except ServiceError as exc:
-            status.empty()
-            box.markdown(md(text))
+            _unfinished(status, box, text)
             session.show_error(exc)
             return
         if final is None:
-            status.empty()
-            box.markdown(md(text))
+            _unfinished(status, box, text)
             st.error("The answer stopped before it was complete. Please ask again.")
             return
         status.empty()
@@ -151,6 +149,16 @@ def _ask(api: ServiceClient, question: str) -> None:
         with box.container():
             _answer(message, position)
         _after_answer(api, message, position, latest=True)
+
+
+def _unfinished(status: Any, box: Any, text: str) -> None:
+    """An answer that broke off: its draft stays greyed out and says it was never checked;
+    the evidence found stays too."""
+    if text:
+        status.caption("Draft, never checked against the sources:")
+        box.markdown(evidence.provisional(text))
+    else:
+        status.empty()
 
 
 SEARCHING = "Searching your documents…"
