@@ -164,6 +164,10 @@ def test_sign_in_ask_and_admin_documents_in_chromium(ui_server: str, filing_core
             page.wait_for_function(f"location.hash === '#{anchor}'", timeout=10_000)
             page.locator(f"#{anchor}").wait_for(state="visible", timeout=10_000)
             page.get_by_role("button", name="Get the file").first.wait_for(timeout=10_000)
+            unverified = page.get_by_text("Show unverified")
+            if unverified.count():  # sentences were dropped: reveal them, marked
+                unverified.first.click()
+                page.get_by_text("Unverified", exact=True).first.wait_for(timeout=10_000)
             # Streamlit scrolls inside its own container, so a full-page shot is one viewport:
             # a taller one shows the answer and the highlighted source together.
             page.set_viewport_size({"width": 1280, "height": 1600})
