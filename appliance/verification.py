@@ -188,6 +188,9 @@ def finished_sentences(text: str) -> list[tuple[int, int]]:
 _CELL = re.compile(r"[$(]*-?\d[\d,.]*%?\)?|[—\u2013-]+|\$")
 
 
+_CELL_IN_LINE = re.compile(r"(?<!\S)[$(]*-?\d[\d,.]*%?\)?(?!\S)")
+
+
 def _is_table_line(line: str) -> bool:
     """A row of figures: it ends with a number (or a dash for an empty cell), where a wrapped
     line of prose ends with a word."""
@@ -227,13 +230,18 @@ def passage_segments(number: int, text: str, *, max_chars: int = 400) -> list[Se
             pieces.append((s, e, table))
     segments: list[Segment] = []
     caption = ""
+    heading = False  # the previous segment was caption material too: the caption goes on
     for s, e, table in pieces:
-        if not text[s:e].strip():
+        words = " ".join(text[s:e].split())
+        if not words:
             continue
-        if not table:
-            caption = " ".join(text[s:e].split())[-200:]
-        context = caption if table else ""
-        segments.append(Segment(number, len(segments), s, e, text[s:e], table, context))
+        row = table and len(_CELL_IN_LINE.findall(words)) >= 2
+        if not row:
+            caption = (f"{caption} {words}" if heading else words)[-200:]
+        heading = not row
+        segments.append(
+            Segment(number, len(segments), s, e, text[s:e], table, caption if table else "")
+        )
     return segments
 
 
