@@ -5,7 +5,6 @@ exactly what the model wrote. The real default model runs in test_answering.py."
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
