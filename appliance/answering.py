@@ -506,22 +506,36 @@ class Answerer:
         answer.sources = self._checked_sources(answer, passages, verifier, shown_claims)
 
     def _quotes(self, query: str, verifier: Verifier) -> list[Claim]:
-        """The passage sentences or table lines that best answer ``query``, verbatim."""
-        best = verifier.best_segments(query, limit=MAX_QUOTES * 2)
-        if not best:
-            return []
-        chosen = [s for s in best if s.score >= best[0].score - QUOTE_MARGIN][:MAX_QUOTES]
-        return [
-            Claim(
-                " ".join(s.segment.text.split()),
-                True,
-                s.segment.number,
-                s.segment.start,
-                s.segment.end,
-                reason="quoted",
+        """The passage sentences or table lines that best answer ``query``, verbatim: each
+        said once, and only those that state something (a sentence, or a line with figures;
+        not a heading such as "NOTE 9 — DEBT")."""
+        pool = verifier.best_segments(query, limit=MAX_QUOTES * 6)
+        chosen: list[Claim] = []
+        seen: set[str] = set()
+        for scored in pool:
+            if chosen and scored.score < pool[0].score - QUOTE_MARGIN:
+                break
+            text = " ".join(scored.segment.text.split())
+            key = text.lower()
+            informative = len(text.split()) >= 6 and (
+                text[-1] in ".!?" or any(c.isdigit() for c in text)
             )
-            for s in chosen
-        ]
+            if key in seen or not informative:
+                continue
+            seen.add(key)
+            segment = scored.segment
+            chosen.append(
+                Claim(text, True, segment.number, segment.start, segment.end, reason="quoted")
+            )
+            if len(chosen) == MAX_QUOTES:
+                break
+        if not chosen and pool:  # nothing informative: the best segment all the same
+            segment = pool[0].segment
+            text = " ".join(segment.text.split())
+            chosen.append(
+                Claim(text, True, segment.number, segment.start, segment.end, reason="quoted")
+            )
+        return chosen
 
     def _checked_sources(
         self,

@@ -159,6 +159,14 @@ def evidence_counts(gold: str, result: dict[str, Any], k: int) -> tuple[int, int
     return total - len(missing), total
 
 
+def _generated_text(result: dict[str, Any]) -> str:
+    """What the model wrote, before verification dropped or replaced anything."""
+    claims = result.get("claims") or []
+    if result.get("mode") == "quoted":
+        claims = result.get("unsupported_claims") or []
+    return " ".join(str(c.get("text", "")) for c in claims) if claims else result.get("answer", "")
+
+
 def score_question(item: GoldenItem, result: dict[str, Any], k: int) -> dict[str, Any]:
     """Per-question metrics from an answer's JSON (``Answer.as_json()``)."""
     retrieved = [r.get("path") for r in result.get("retrieved", [])][:k]
@@ -193,6 +201,8 @@ def score_question(item: GoldenItem, result: dict[str, Any], k: int) -> dict[str
         "total_s": timings.get("total_s"),
         "tokens_per_s": timings.get("tokens_per_s") if answered else None,
         "mode": result.get("mode", "generated"),
+        "generated": _generated_text(result),
+        "verify_s": timings.get("verify_s"),
         "claims_shown": len(shown),
         "claims_supported": sum(bool(c.get("supported")) for c in shown),
         "figures_shown": figures,

@@ -319,14 +319,13 @@ def _date_matches(figure: Figure, other: Figure, passage: str) -> bool:
     if other.date is None:
         return False
     o_year, o_month, o_day = other.date
-    # "March 31" in a passage that names the year elsewhere ("Three Months Ended March 31,
-    # 2023 2022" headers) states "March 31, 2023"
-    if (
-        year is not None
-        and year != o_year
-        and (o_year is not None or not re.search(rf"\b{year}\b", passage))
-    ):
-        return False
+    # "March 31" in a passage that names the year elsewhere, and a table header ("Three Months
+    # Ended March 31, 2023 2022") that dates two columns, state "March 31, 2022"
+    if year is not None and year != o_year:
+        elsewhere = o_year is None and re.search(rf"\b{year}\b", passage)
+        columns = re.match(rf"[\s\d,]{{0,20}}\b{year}\b", passage[other.end :])
+        if not (elsewhere or columns):
+            return False
     if month is not None and month != o_month:
         return False
     return day is None or day == o_day

@@ -42,6 +42,10 @@ def _wordset(words: str) -> frozenset[str]:
 
 SUPPORT_THRESHOLD = 0.70
 LEXICAL_WEIGHT = 0.4
+FIGURE_ANCHOR = 0.1
+"""Added to the support of a segment that states the sentence's figures itself: a table row
+("Total revenue 52,857 49,360") says little in words, and its figures are stronger evidence
+than any word."""
 CONTRADICTION_MARGIN = 0.1
 """A segment that agrees with the sentence is preferred over one that scores up to this much
 higher but contradicts it (a passage may negate one thing and state another)."""
@@ -108,6 +112,7 @@ class Segment:
     start: int
     end: int
     text: str
+    table: bool = False
     context: str = ""
     """For a table line: the prose above it (the table's caption or header), which says what
     its figures are; compared with a sentence together with the line."""
@@ -183,6 +188,9 @@ def finished_sentences(text: str) -> list[tuple[int, int]]:
 _CELL = re.compile(r"[$(]*-?\d[\d,.]*%?\)?|[—\u2013-]+|\$")
 
 
+_CELL_IN_LINE = re.compile(r"(?<!\S)[$(]*-?\d[\d,.]*%?\)?(?!\S)")
+
+
 def _is_table_line(line: str) -> bool:
     """A row of figures: it ends with a number (or a dash for an empty cell), where a wrapped
     line of prose ends with a word."""
@@ -222,13 +230,18 @@ def passage_segments(number: int, text: str, *, max_chars: int = 400) -> list[Se
             pieces.append((s, e, table))
     segments: list[Segment] = []
     caption = ""
+    heading = False  # the previous segment was caption material too: the caption goes on
     for s, e, table in pieces:
-        if not text[s:e].strip():
+        words = " ".join(text[s:e].split())
+        if not words:
             continue
-        if not table:
-            caption = " ".join(text[s:e].split())[-200:]
-        context = caption if table else ""
-        segments.append(Segment(number, len(segments), s, e, text[s:e], context))
+        row = table and len(_CELL_IN_LINE.findall(words)) >= 2
+        if not row:
+            caption = (f"{caption} {words}" if heading else words)[-200:]
+        heading = not row
+        segments.append(
+            Segment(number, len(segments), s, e, text[s:e], table, caption if table else "")
+        )
     return segments
 
 
@@ -337,7 +350,11 @@ class Verifier:
         return found / (2 * total)
 
     def _score(
-        self, text: str, numbers: Sequence[int], figures: Sequence[list[FigureMatch]] = ()
+        self,
+        text: str,
+        numbers: Sequence[int],
+        figures: Sequence[list[FigureMatch]] = (),
+        cells: Sequence[list[FigureMatch]] = (),
     ) -> list[_Scored]:
         """Segments of passages ``numbers``, best first, for ``text`` (whose figures were
         found at ``figures`` in the one passage given with them)."""
@@ -354,9 +371,33 @@ class Verifier:
         scored = []
         for lex, seg in shortlist:
             sim = self._similarity(text, seg.compared)
-            scored.append(_Scored(seg, lex, sim, w * lex + (1 - w) * sim))
+            anchored = (
+                sum(any(seg.start <= m.start < seg.end for m in f) for f in figures) / len(figures)
+                if figures
+                else 0.0
+            )
+            score = w * lex + (1 - w) * sim + FIGURE_ANCHOR * anchored
+            if seg.table:
+                score = max(score, self._row_support(words, seg, cells))
+            scored.append(_Scored(seg, lex, sim, score))
         scored.sort(key=lambda s: -s.score)
         return scored
+
+    def _row_support(
+        self, words: set[str], row: Segment, cells: Sequence[list[FigureMatch]]
+    ) -> float:
+        """Support of a table row, which says what it says by its label and its cells: every
+        figure of the sentence located in the row (dates and years may sit in the header)
+        and the row's label words in the sentence. 0.5 + half the label's share, so a row
+        whose whole label the sentence repeats fully supports it, and one whose label it
+        does not repeat never does."""
+        in_row = [any(row.start <= m.start < row.end for m in c) for c in cells]
+        if not in_row or not all(in_row):
+            return 0.0
+        label = content_words(_without_figures(row.text))
+        if not label:
+            return 0.0
+        return 0.5 + 0.5 * len(label & words) / len(label)
 
     def _passage_figures(self, number: int) -> list[Figure]:
         if number not in self._figures:
@@ -407,7 +448,8 @@ class Verifier:
                     score=-1.0,
                 )
             located[figure] = matches
-        scored = self._score(text, [number], list(located.values()))
+        cells = [m for f, m in located.items() if f.kind in ("amount", "percent", "number")]
+        scored = self._score(text, [number], list(located.values()), cells)
         if not scored:
             return Claim(shown, False, number, reason=f"passage [{number}] is empty", score=-1.0)
         # the best segment that does not contradict the sentence, unless a contradicting one

@@ -47,8 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         let_through = sum(r.supported(shipped.support_threshold) for r in of_label)
         report["labels"][label] = {"cases": len(of_label), "judged_supported": let_through}
     report["errors"] = [
-        {"id": r.case.id, "label": r.case.label, "score": round(r.score, 3), "reason": r.reason,
-         "claim": r.case.claim}
+        {
+            "id": r.case.id,
+            "label": r.case.label,
+            "score": round(r.score, 3),
+            "reason": r.reason,
+            "claim": r.case.claim,
+        }
         for r in rows
         if r.supported(shipped.support_threshold) != r.case.positive
     ]
@@ -65,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid:
         print("grid best (recall at precision >= 0.95): " + best.line())
     for error in report["errors"]:
-        print(f"  wrong: [{error['label']}] {error['score']:.2f} {error['claim']} ({error['reason']})")
+        print(
+            f"  wrong: [{error['label']}] {error['score']:.2f} {error['claim']} ({error['reason']})"
+        )
     return 0
 
 
