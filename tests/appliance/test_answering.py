@@ -91,3 +91,26 @@ def test_the_system_prompt_is_never_revealed(injected: Answerer) -> None:
         assert system_prompt()[:60] not in answer.answer
         recited = [w for w in answer.answer.lower().split() if w in secret_words]
         assert len(recited) < len(secret_words) * 0.6
+
+
+# The example: the default model answered "$4.98 billion or 5.7%", citing the filing
+# that says $52,857 million.
+INVENTED = "What was Microsoft's total revenue for the quarter ended March 31, 2023?"
+
+
+def test_an_invented_figure_is_not_shown(sec10q_answerer: Answerer) -> None:
+    from appliance.evaluation import figure_counts
+
+    events = list(sec10q_answerer.stream(INVENTED))
+    assert events[0]["type"] == "sources"
+    final = events[-1]["answer"]
+    assert not final.abstained
+    assert final.answer.strip()
+    invented = [c for c in final.unsupported_claims if c["reason"].startswith("figure ")]
+    assert invented, f"the model invented no figure this time: {final.claims}"
+    for claim in invented:
+        figure = claim["reason"].removeprefix("figure ").split(" not in passage")[0]
+        assert figure not in final.answer
+    assert figure_counts(final.as_json())[0] == 0  # every figure shown is in a cited source
+    streamed = [e["claim"] for e in events if e["type"] == "claim"]
+    assert streamed

@@ -146,7 +146,9 @@ def test_verification_metrics_count_what_is_shown(tmp_path: Path) -> None:
     result = evaluate(items, lambda q: results[q], k=5)
     m = result["metrics"]
     assert m["faithfulness"] == pytest.approx(2 / 3, abs=1e-4)  # 3 sentences shown, 2 supported
-    assert m["unsupported_number_rate"] == pytest.approx(1 / 3, abs=1e-4)  # 7, 7 and $9 million shown
+    assert m["unsupported_number_rate"] == pytest.approx(
+        1 / 3, abs=1e-4
+    )  # 7, 7 and $9 million shown
     assert m["quoted_rate"] == 0.0
     assert 0.0 <= m["evidence_recall"] <= 1.0
     assert "faithfulness" in html_report(result)
