@@ -4,10 +4,12 @@ unverified sentences.
 Every character that comes from a document or the model is escaped (:func:`ui.safe.escape`);
 the only markup is the UI's own, built here from constants and numbers:
 
-    :orange-background[...]   a supporting or best-matching span in a passage
-    [\\[1\\]](#source-K-1)      a citation marker, a link to source 1's anchor on this page
+    :yellow-background[...]   a supporting or best-matching span in a passage
+    [\\[1\\]](#source-1-…)     a citation marker, a link to source 1's anchor on this page
     > ...                     a quoted passage sentence
-    :red-badge[Unverified]    a sentence the documents do not support
+    :blue-badge[...]          the label of a quoted answer
+    :red-badge[Unverified]    a sentence the documents do not support, :gray[its reason]
+    :gray[...]                a draft not yet checked
 
 Spans and claims are those of the answer stream (``appliance.answering``): a source's
 ``spans`` are ``[start, end]`` character ranges into its ``text``; a claim is ``{text,
