@@ -15,6 +15,7 @@ with tokens), ``answer``. The contract is in docs/answers.md.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -38,6 +39,7 @@ from appliance.protocols import Embedder, Hit, SparseEncoder, VectorStore
 from appliance.settings import AnswerSettings
 from appliance.verification import (
     Claim,
+    Embed,
     Verifier,
     cited_numbers,
     finished_sentences,
@@ -339,7 +341,7 @@ class Answerer:
         """A claim verifier over one answer's passages, with the loaded embedding model."""
         return Verifier(
             passages,
-            self._index().embedder.embed,
+            _one_thread(self._index().embedder.embed),
             threshold=self.settings.support_threshold,
             lexical_weight=self.settings.support_lexical_weight,
         )
@@ -459,7 +461,8 @@ class Answerer:
         known: dict[str, Claim],
     ) -> None:
         """Replace the generated text by what may be shown: its supported sentences (and, with
-        ``answer.unsupported: flag``, the others, marked), or quotes when none is supported."""
+        ``answer.unsupported: flag``, the others, marked), or quotes when none, or less than
+        ``answer.quote_below`` of them, is supported."""
         text = answer.answer
         spans = sentence_spans(text)
         sentences = [text[a:b] for a, b in spans]
@@ -469,8 +472,9 @@ class Answerer:
         claims = [known[s] for s in sentences]
         flag = self.settings.unsupported == "flag"
         substantive = [c for c in claims if c.supported and c.source is not None]
+        checked = [c for c in claims if c.source is not None or not c.supported]
         answer.unsupported_claims = [c.as_json() for c in claims if not c.supported]
-        if not substantive:
+        if not substantive or len(substantive) < self.settings.quote_below * len(checked):
             quotes = self._quotes(answer.query, verifier)
             answer.mode = "quoted"
             answer.claims = [dict(q.as_json(), shown=True) for q in quotes]
@@ -591,6 +595,26 @@ class Answerer:
         if closest:
             message += " The closest documents are: " + "; ".join(closest[:3]) + "."
         return message
+
+
+def _one_thread(embed: Callable[[list[str]], list[list[float]]]) -> Embed:
+    """``embed`` run with one intra-op thread in the calling thread (torch's setting is per
+    thread). The verifier embeds a few short texts at a time, which gain nothing from more
+    threads and lose badly when the cores are busy: 5 sentences took 2.1 s with torch's 2
+    threads and 0.15 s with 1 on the 2-core machine while other work ran."""
+
+    def single(texts: list[str]) -> list[list[float]]:
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return embed(texts)
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return embed(texts)
+        finally:
+            torch.set_num_threads(before)
+
+    return single
 
 
 def ask_events(
