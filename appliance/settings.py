@@ -136,6 +136,14 @@ class AnswerSettings(_Section):
         "left out of the answer; flag: it stays, marked '[unverified] '. When nothing supported "
         "remains, the answer quotes the passages instead.",
     )
+    quote_below: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Answer with quotes of the passages instead when less than this share of "
+        "the generated sentences is supported (what is left of a mostly invented answer is a "
+        "fragment out of context); 0: only when none is.",
+    )
     support_threshold: float = Field(
         SUPPORT_THRESHOLD,
         ge=0,

@@ -49,7 +49,7 @@ than any word."""
 CONTRADICTION_MARGIN = 0.1
 """A segment that agrees with the sentence is preferred over one that scores up to this much
 higher but contradicts it (a passage may negate one thing and state another)."""
-CANDIDATE_SEGMENTS = 6
+CANDIDATE_SEGMENTS = 3
 """Segments per passage whose embedding is compared with a sentence (best lexical first)."""
 
 _CITATION = re.compile(r"\s*\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
@@ -143,9 +143,14 @@ def content_words(text: str) -> set[str]:
     return out
 
 
+_LIST_NUMBER = re.compile(r"(?:^|[.!?:]\s+|\n)\s*(?:\d{1,2}|[a-zA-Z]|[ivxIVX]{1,4})\.$")
+
+
 def _ends_sentence(text: str, match: re.Match[str]) -> bool:
     if match.group(0) == "\n":
         return True
+    if _LIST_NUMBER.search(text, 0, match.end()):
+        return False  # a list item's number ("1. Higher costs") starts a sentence, not one
     before = re.search(r"([\w.]+)\.$", text[: match.start() + 1])
     if before and match.group(0).startswith(".") and before.group(1).lower() in _ABBREVIATIONS:
         return False
@@ -312,11 +317,15 @@ class Verifier:
             n: [content_words(s.context) for s in segs] for n, segs in self.segments.items()
         }
         self._figures: dict[int, list[Figure]] = {}
+        self._collecting: list[str] | None = None
         self.embed_calls = 0
 
     # --- embeddings, each text once --------------------------------------------------------
 
     def _embed_all(self, texts: Sequence[str]) -> None:
+        if self._collecting is not None:
+            self._collecting.extend(texts)
+            return
         missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
         if missing and self._embed is not None:
             self.embed_calls += 1
@@ -324,7 +333,7 @@ class Verifier:
                 self._vectors[text] = vector
 
     def _similarity(self, a: str, b: str) -> float:
-        if self._embed is None:
+        if self._embed is None or self._collecting is not None:
             return 0.0
         return _cosine(self._vectors[a], self._vectors[b])
 
@@ -407,7 +416,23 @@ class Verifier:
     # --- the checks --------------------------------------------------------------------------
 
     def verify(self, sentence: str) -> Claim:
-        """One sentence of the answer, as written (with its citation markers)."""
+        """One sentence of the answer, as written (with its citation markers): its texts are
+        embedded in one call."""
+        return self.verify_all([sentence])[0]
+
+    def verify_all(self, sentences: Sequence[str]) -> list[Claim]:
+        """Several sentences, with every text they need embedded in one call: a first pass
+        collects the texts (figures and word overlap decide which segments are compared), the
+        second decides. Each call to the embedding model costs far more than a few texts more
+        (on a busy CPU, a second per call)."""
+        self._collecting = []
+        for sentence in sentences:
+            self._verify(sentence)
+        needed, self._collecting = self._collecting, None
+        self._embed_all(needed)
+        return [self._verify(s) for s in sentences]
+
+    def _verify(self, sentence: str) -> Claim:
         text = strip_citations(sentence)
         shown = sentence.strip()
         words = content_words(text)
@@ -480,11 +505,6 @@ class Verifier:
         return Claim(
             shown, True, number, start, end, reason=f"supported {top.score:.2f}", score=top.score
         )
-
-    def verify_all(self, sentences: Sequence[str]) -> list[Claim]:
-        """Several sentences, with their texts embedded in one call."""
-        self._embed_all([strip_citations(s) for s in sentences])
-        return [self.verify(s) for s in sentences]
 
     # --- evidence for a question ------------------------------------------------------------
 
