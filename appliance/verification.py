@@ -375,6 +375,8 @@ class Verifier:
                 key=lambda r: -r[0],
             )
             shortlist += ranked[: self.candidates]
+        if len(numbers) > 1:  # several passages: the best few of them all
+            shortlist = sorted(shortlist, key=lambda r: -r[0])[: self.candidates * 2]
         self._embed_all([text] + [s.compared for _lex, s in shortlist])
         w = self.lexical_weight
         scored = []
