@@ -29,6 +29,7 @@ from appliance.chat_models import ChatMessage, ChatModel, GenerationParams
 from appliance.chat_settings import ChatSettings
 from appliance.conversations import ConversationStore, Exchange, standalone_question
 from appliance.errors import ConfigError, missing_dependency
+from appliance.figures import extract_figures
 from appliance.prompting import (
     LeakGuard,
     Passage,
@@ -516,8 +517,8 @@ class Answerer:
 
     def _quotes(self, query: str, verifier: Verifier) -> list[Claim]:
         """The passage sentences or table lines that best answer ``query``, verbatim: each
-        said once, and only those that state something (a sentence, or a line with figures;
-        not a heading such as "NOTE 9 — DEBT")."""
+        said once, and only those that state something (a sentence, or a line with amounts;
+        not a heading such as "NOTE 9 — DEBT" or "Nine Months Ended March 31, 2023")."""
         pool = sorted(
             verifier.best_segments(query, limit=MAX_QUOTES * 6),
             key=lambda s: (
@@ -532,7 +533,8 @@ class Answerer:
             text = " ".join(scored.segment.text.split())
             key = text.lower()
             informative = len(text.split()) >= 6 and (
-                text[-1] in ".!?" or any(c.isdigit() for c in text)
+                text[-1] in ".!?"
+                or any(f.kind in ("amount", "percent", "number") for f in extract_figures(text))
             )
             if key in seen or not informative:
                 continue

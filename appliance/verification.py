@@ -50,6 +50,9 @@ CONTRADICTION_MARGIN = 0.1
 """A segment that agrees with the sentence is preferred over one that scores up to this much
 higher but contradicts it (a passage may negate one thing and state another)."""
 CANDIDATE_SEGMENTS = 3
+LIKELY_PASSAGES = 2
+"""Passages a sentence citing nothing is compared with (by word overlap, among those that
+state its figures)."""
 """Segments per passage whose embedding is compared with a sentence (best lexical first)."""
 
 _CITATION = re.compile(r"\s*\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
@@ -375,6 +378,8 @@ class Verifier:
                 key=lambda r: -r[0],
             )
             shortlist += ranked[: self.candidates]
+        if len(numbers) > 1:  # several passages: the best few of them all
+            shortlist = sorted(shortlist, key=lambda r: -r[0])[: self.candidates * 2]
         self._embed_all([text] + [s.compared for _lex, s in shortlist])
         w = self.lexical_weight
         scored = []
@@ -440,7 +445,7 @@ class Verifier:
         if not words and not figures:
             return Claim(shown, True, reason="no claim to check")
         cited = [n for n in cited_numbers(sentence) if n in self.passages]
-        numbers = cited or sorted(self.passages)
+        numbers = cited or self._likely_passages(text, figures)
         best: Claim | None = None
         for n in numbers:
             claim = self._check(shown, text, figures, n)
@@ -458,6 +463,24 @@ class Verifier:
             # the contract: ``source`` names a passage that supports the sentence
             best = Claim(best.text, False, None, None, None, best.reason, best.score)
         return best
+
+    def _likely_passages(self, text: str, figures: Sequence[Figure]) -> list[int]:
+        """For a sentence that cites nothing: the passages that state all its figures, at most
+        ``LIKELY_PASSAGES`` of them, most word overlap first (the rest would only cost
+        embeddings); every passage when none states them all (each then says why not)."""
+        words = content_words(_without_figures(text))
+        stating = [
+            n
+            for n in sorted(self.passages)
+            if all(
+                find_figure(f, self.passages[n].text, figures=self._passage_figures(n))
+                for f in figures
+            )
+        ]
+        if not stating:
+            return sorted(self.passages)
+        overlap = {n: max((len(words & w) for w in self._words[n]), default=0) for n in stating}
+        return sorted(stating, key=lambda n: (-overlap[n], n))[:LIKELY_PASSAGES]
 
     def _check(self, shown: str, text: str, figures: Sequence[Figure], number: int) -> Claim:
         passage = self.passages[number].text
