@@ -1,13 +1,24 @@
-"""Grounded answers: retrieve, merge neighbouring chunks into passages, prompt, stream, cite.
+"""Grounded answers: retrieve, merge neighbouring chunks into passages, prompt, stream, check,
+cite.
 
 question ─► standalone query (follow-ups) ─► hybrid retrieval (+ optional re-ranking)
-         ─► relevance check (abstain) ─► passages within a token budget ─► chat model
-         ─► streamed tokens (leak guard) ─► answer + structured sources
+         ─► passages within a token budget ─► "sources" event (best-matching spans) ─►
+         ─► relevance check (abstain) ─► the model's turn (queue places, appliance.turnstile)
+         ─► chat model ─► streamed tokens (leak guard)
+         ─► each finished sentence checked against the passages it cites ("claim" events)
+         ─► answer: the supported sentences (unsupported ones dropped or flagged), or, when
+            none is left, quotes of the passage sentences that best answer the question
+
+Events of ``Answerer.stream``, in order: ``sources``, ``queue``... (only while waiting),
+``token``..., ``claim``... (interleaved with tokens), ``answer``. The contract is in
+docs/answers.md.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -18,6 +29,7 @@ from appliance.chat_models import ChatMessage, ChatModel, GenerationParams
 from appliance.chat_settings import ChatSettings
 from appliance.conversations import ConversationStore, Exchange, standalone_question
 from appliance.errors import ConfigError, missing_dependency
+from appliance.figures import extract_figures
 from appliance.injection import InstructionDetector
 from appliance.prompting import (
     LeakGuard,
@@ -30,11 +42,29 @@ from appliance.prompting import (
 )
 from appliance.protocols import Embedder, Hit, SparseEncoder, VectorStore
 from appliance.settings import AnswerSettings
+from appliance.turnstile import ModelQueue, Unqueued
+from appliance.verification import (
+    Claim,
+    Embed,
+    Verifier,
+    cited_numbers,
+    finished_sentences,
+    sentence_spans,
+)
 from ingest.retrieval import retrieve
 
 log = logging.getLogger(__name__)
 
 REFUSAL = "I can't share that. Please ask a question about the documents."
+QUOTE_LABEL = "Quoted from the documents:"
+UNVERIFIED = "[unverified] "
+MAX_QUOTES = 3
+QUOTE_FIGURE_BONUS = 0.1
+"""Quotes that state figures rank higher: questions about documents like these mostly ask for
+amounts, dates and rates."""
+_FIGURE = re.compile(r"\d")
+QUOTE_MARGIN = 0.3
+"""Quotes after the best one are kept while they score at most this much less."""
 
 
 @dataclass(frozen=True)
@@ -50,10 +80,24 @@ class Source:
     start: int
     end: int
     doc_hash: str
+    spans: list[list[int]] = field(default_factory=list)
+    """``[start, end]`` ranges of ``text`` to highlight: the spans that support the answer's
+    sentences citing this source, else those that best match the question."""
 
     @classmethod
-    def of(cls, p: Passage) -> Source:
-        return cls(p.number, p.path, p.page, p.heading, p.text, p.score, p.start, p.end, p.doc_hash)
+    def of(cls, p: Passage, spans: Sequence[Sequence[int]] = ()) -> Source:
+        return cls(
+            p.number,
+            p.path,
+            p.page,
+            p.heading,
+            p.text,
+            p.score,
+            p.start,
+            p.end,
+            p.doc_hash,
+            [[int(a), int(b)] for a, b in spans],
+        )
 
 
 @dataclass
@@ -71,6 +115,13 @@ class Answer:
     model: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     redacted: bool = False
+    claims: list[dict[str, Any]] = field(default_factory=list)
+    """Every sentence of the generated answer, checked (``Claim.as_json`` plus ``shown``); in
+    quoted mode, the quotes."""
+    unsupported_claims: list[dict[str, Any]] = field(default_factory=list)
+    """The generated sentences the passages do not support."""
+    mode: str = "generated"
+    """generated: the model's supported sentences; quoted: passage sentences, verbatim."""
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -188,9 +239,12 @@ class Answerer:
         settings: AnswerSettings,
         chat_settings: ChatSettings,
         reranker: CrossEncoderReranker | None = None,
+        queue: ModelQueue | None = None,
     ) -> None:
         self._index = index
         self.chat = chat
+        self.queue: ModelQueue = queue or Unqueued()
+        """The line in front of the model: while a question waits, its stream tells its place."""
         self.settings = settings
         self.chat_settings = chat_settings
         self.reranker = reranker
@@ -285,6 +339,7 @@ class Answerer:
                 "doc_hash": h.payload.get("doc_hash"),
                 "page": h.payload.get("page"),
                 "score": h.score,
+                "text": h.payload.get("text"),
             }
             for h in hits
         ]
@@ -312,6 +367,15 @@ class Answerer:
         ]
         return Prepared(answer, passages, messages, started)
 
+    def verifier(self, passages: Sequence[Passage]) -> Verifier:
+        """A claim verifier over one answer's passages, with the loaded embedding model."""
+        return Verifier(
+            passages,
+            _one_thread(self._index().embedder.embed),
+            threshold=self.settings.support_threshold,
+            lexical_weight=self.settings.support_lexical_weight,
+        )
+
     def stream(
         self,
         question: str,
@@ -319,7 +383,10 @@ class Answerer:
         history: Sequence[Exchange] = (),
         where: Mapping[str, Sequence[str]] | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """Yield ``{"type": "token", "text"}`` events as the answer is generated, then one
+        """Yield ``{"type": "sources", "sources": [...]}`` before the model is called,
+        ``{"type": "queue", "position"}`` events while the question waits for the model, then
+        ``{"type": "token", "text"}`` events as the answer is generated, ``{"type": "claim",
+        "claim": {...}}`` as each sentence is finished and checked, and finally one
         ``{"type": "answer", "answer": Answer}``."""
         prepared = self.prepare(question, history=history, where=where)
         answer, passages, messages, started = (
@@ -329,12 +396,15 @@ class Answerer:
             prepared.started,
         )
         timings = answer.timings
-        # Evidence first: what was retrieved goes out before the model starts (the audit log
-        # records the question with it before any answer text reaches the client).
+        verifier = self.verifier(passages) if passages else None
+        checked = time.perf_counter()
+        evidence = verifier.spans_for(answer.query) if verifier else {}
+        verify_s = time.perf_counter() - checked
         yield {
             "type": "sources",
-            "sources": [asdict(Source.of(p)) for p in passages],
-            "retrieved": answer.retrieved,
+            "sources": [asdict(Source.of(p, evidence.get(p.number, []))) for p in passages],
+            # for the audit log's question record, written before any answer text is sent
+            "retrieved": [{k: v for k, v in r.items() if k != "text"} for r in answer.retrieved],
             "model": answer.model,
         }
         if not passages or answer.relevance < self.settings.min_relevance:
@@ -344,6 +414,8 @@ class Answerer:
             yield {"type": "token", "text": answer.answer}
             yield {"type": "answer", "answer": answer}
             return
+        assert verifier is not None
+        checking = self.settings.verify
         guard = LeakGuard(self.system)
         params = GenerationParams(
             max_tokens=self.chat_settings.max_tokens,
@@ -351,18 +423,41 @@ class Answerer:
             seed=self.chat_settings.seed,
         )
         first: float | None = None
-        with self.chat.stream(messages, params) as pieces:
+        claims: dict[str, Claim] = {}
+        shown_text = ""
+        done = 0
+
+        def check_finished(final: bool) -> Iterator[dict[str, Any]]:
+            """Claim events for the sentences finished since the last call."""
+            nonlocal done, verify_s
+            spans = sentence_spans(shown_text) if final else finished_sentences(shown_text)
+            for s_start, s_end in spans[done:]:
+                sentence = clean_citations(shown_text[s_start:s_end], len(passages))[0]
+                if sentence and sentence not in claims:
+                    t0 = time.perf_counter()
+                    claims[sentence] = verifier.verify(sentence)
+                    verify_s += time.perf_counter() - t0
+                    yield {"type": "claim", "claim": claims[sentence].as_json()}
+            done = max(done, len(spans))
+
+        # Waits for the model's turn, yielding {"type": "queue", "position": N} meanwhile.
+        pieces = yield from self.queue.wait(self.chat.stream(messages, params))
+        with pieces:
             for piece in pieces:
                 shown = guard.feed(piece)
                 if shown:
                     first = first or time.perf_counter()
                     yield {"type": "token", "text": shown}
+                    shown_text += shown
+                    if checking:
+                        yield from check_finished(final=False)
                 if guard.leaked:
                     break
             tail = guard.flush()
             if tail:
                 first = first or time.perf_counter()
                 yield {"type": "token", "text": tail}
+                shown_text += tail
             stats = pieces.stats
         raw = guard.text
         if guard.leaked:
@@ -378,14 +473,137 @@ class Answerer:
                 answer.abstained = True
                 answer.answer = self._abstention(passages)
                 answer.sources = []
+            elif checking:
+                if not guard.leaked:
+                    yield from check_finished(final=True)
+                t0 = time.perf_counter()
+                self._checked(answer, passages, verifier, claims)
+                verify_s += time.perf_counter() - t0
         now = time.perf_counter()
         timings["ttft_s"] = round((first or now) - started, 4)
         timings["total_s"] = round(now - started, 4)
+        timings["verify_s"] = round(verify_s, 4)
         if stats is not None:
             timings["tokens_per_s"] = round(stats.tokens_per_s, 2)
             timings["completion_tokens"] = stats.completion_tokens
             timings["prompt_tokens"] = stats.prompt_tokens
         yield {"type": "answer", "answer": answer}
+
+    def _checked(
+        self,
+        answer: Answer,
+        passages: Sequence[Passage],
+        verifier: Verifier,
+        known: dict[str, Claim],
+    ) -> None:
+        """Replace the generated text by what may be shown: its supported sentences (and, with
+        ``answer.unsupported: flag``, the others, marked), or quotes when none, or less than
+        ``answer.quote_below`` of them, is supported."""
+        text = answer.answer
+        spans = sentence_spans(text)
+        sentences = [text[a:b] for a, b in spans]
+        fresh = [s for s in sentences if s not in known]
+        for sentence, claim in zip(fresh, verifier.verify_all(fresh), strict=True):
+            known[sentence] = claim
+        claims = [known[s] for s in sentences]
+        flag = self.settings.unsupported == "flag"
+        substantive = [c for c in claims if c.supported and c.source is not None]
+        checked = [c for c in claims if c.source is not None or not c.supported]
+        answer.unsupported_claims = [c.as_json() for c in claims if not c.supported]
+        if not substantive or len(substantive) < self.settings.quote_below * len(checked):
+            quotes = self._quotes(answer.query, verifier)
+            answer.mode = "quoted"
+            answer.claims = [dict(q.as_json(), shown=True) for q in quotes]
+            lines = [f'"{q.text}" [{q.source}]' for q in quotes]
+            if flag:
+                lines += [UNVERIFIED + c.text for c in claims if not c.supported]
+            answer.answer = QUOTE_LABEL + "\n" + "\n".join(lines)
+            shown_claims = quotes
+        else:
+            pieces: list[str] = []
+            shown_claims = []
+            previous_end: int | None = None
+            for (a, b), claim in zip(spans, claims, strict=True):
+                keep = claim.supported or flag
+                if keep:
+                    gap = "" if previous_end is None else text[previous_end:a]
+                    if pieces:
+                        pieces.append("\n" if "\n" in gap else " ")
+                    pieces.append(("" if claim.supported else UNVERIFIED) + text[a:b])
+                    shown_claims.append(claim)
+                previous_end = b
+            answer.answer = "".join(pieces)
+            answer.claims = [dict(c.as_json(), shown=c in shown_claims) for c in claims]
+        answer.sources = self._checked_sources(answer, passages, verifier, shown_claims)
+
+    def _quotes(self, query: str, verifier: Verifier) -> list[Claim]:
+        """The passage sentences or table lines that best answer ``query``, verbatim: each
+        said once, and only those that state something (a sentence, or a line with amounts;
+        not a heading such as "NOTE 9 — DEBT" or "Nine Months Ended March 31, 2023")."""
+        pool = sorted(
+            verifier.best_segments(query, limit=MAX_QUOTES * 6),
+            key=lambda s: (
+                -(s.score + (QUOTE_FIGURE_BONUS if _FIGURE.search(s.segment.text) else 0))
+            ),
+        )
+        chosen: list[Claim] = []
+        seen: set[str] = set()
+        for scored in pool:
+            if chosen and scored.score < pool[0].score - QUOTE_MARGIN:
+                break
+            text = " ".join(scored.segment.text.split())
+            key = text.lower()
+            informative = len(text.split()) >= 6 and (
+                text[-1] in ".!?"
+                or any(f.kind in ("amount", "percent", "number") for f in extract_figures(text))
+            )
+            if key in seen or not informative:
+                continue
+            seen.add(key)
+            segment = scored.segment
+            chosen.append(
+                Claim(text, True, segment.number, segment.start, segment.end, reason="quoted")
+            )
+            if len(chosen) == MAX_QUOTES:
+                break
+        if not chosen and pool:  # nothing informative: the best segment all the same
+            segment = pool[0].segment
+            text = " ".join(segment.text.split())
+            chosen.append(
+                Claim(text, True, segment.number, segment.start, segment.end, reason="quoted")
+            )
+        return chosen
+
+    def _checked_sources(
+        self,
+        answer: Answer,
+        passages: Sequence[Passage],
+        verifier: Verifier,
+        shown: Sequence[Claim],
+    ) -> list[Source]:
+        """The passages the shown sentences rest on (or cite, when flagged), each with the
+        spans that support them; passage numbers stay those of the citation markers."""
+        by_number = {p.number: p for p in passages}
+        spans: dict[int, list[list[int]]] = {}
+        for claim in shown:
+            numbers = (
+                [claim.source]
+                if claim.source is not None
+                else [n for n in cited_numbers(claim.text) if n in by_number]
+            )
+            for n in numbers:
+                found = spans.setdefault(n, [])
+                span = [claim.start, claim.end]
+                if claim.supported and None not in span and span not in found:
+                    found.append([int(claim.start or 0), int(claim.end or 0)])
+        if not spans:
+            return answer.sources
+        fallback = verifier.spans_for(answer.query)
+        return [
+            Source.of(by_number[n], sorted(v) or fallback.get(n, []))
+            for n, v in spans.items()
+            if n in by_number
+        ]
 
     def answer(
         self,
@@ -419,6 +637,26 @@ class Answerer:
         if closest:
             message += " The closest documents are: " + "; ".join(closest[:3]) + "."
         return message
+
+
+def _one_thread(embed: Callable[[list[str]], list[list[float]]]) -> Embed:
+    """``embed`` run with one intra-op thread in the calling thread (torch's setting is per
+    thread). The verifier embeds a few short texts at a time, which gain nothing from more
+    threads and lose badly when the cores are busy: 5 sentences took 2.1 s with torch's 2
+    threads and 0.15 s with 1 on the 2-core machine while other work ran."""
+
+    def single(texts: list[str]) -> list[list[float]]:
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return embed(texts)
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return embed(texts)
+        finally:
+            torch.set_num_threads(before)
+
+    return single
 
 
 def ask_events(

@@ -470,11 +470,17 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     body = {"question": args.question, "user": _current_user(), "conversation": args.conversation}
     final: dict[str, Any] = {}
     streamed = False
+    ahead = 0
     for event in _ask_events(settings, body):
         if event["type"] == "token" and args.stream and not args.json:
             sys.stdout.write(event["text"])
             sys.stdout.flush()
             streamed = True
+        elif event["type"] == "queue" and args.stream and not args.json:
+            # said when it changes (the service repeats it while it waits); 0: generation starts
+            if event["position"] and event["position"] != ahead:
+                print(f"waiting: {event['position']} ahead", file=sys.stderr, flush=True)
+            ahead = event["position"]
         elif event["type"] == "answer":
             final = event
     answer = final["answer"]
@@ -487,16 +493,25 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
                 "timings": answer["timings"],
                 "model": answer["model"],
                 "conversation": final.get("conversation"),
+                "claims": answer.get("claims", []),
+                "unsupported_claims": answer.get("unsupported_claims", []),
+                "mode": answer.get("mode", "generated"),
             }
         )
         return 0
     if streamed:
-        # what was streamed is the raw text; show the final one if citations were cleaned
+        # what was streamed is the raw, unchecked text; show the checked one when it differs
         print()
-        if answer["redacted"]:
-            print(answer["answer"])
+        if answer["redacted"] or answer.get("claims"):
+            print("\nChecked answer:\n" + answer["answer"])
     else:
         print(answer["answer"])
+    dropped = [c for c in answer.get("unsupported_claims", []) if not c.get("shown")]
+    if dropped:
+        print(
+            f"({len(dropped)} sentence(s) the documents do not support were left out)",
+            file=sys.stderr,
+        )
     if answer["sources"]:
         print("\nSources:")
         for s in answer["sources"]:
@@ -780,7 +795,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", help="answer a question from the documents, with sources")
     p.add_argument("question")
     p.add_argument(
-        "--json", action="store_true", help="print {answer, sources, abstained, timings}"
+        "--json",
+        action="store_true",
+        help="print {answer, sources, abstained, timings, model, conversation, claims, "
+        "unsupported_claims, mode}",
     )
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument("--conversation", help="continue this conversation (follow-up questions)")

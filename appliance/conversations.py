@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import threading
 import time
 import uuid
@@ -66,6 +67,10 @@ CREATE INDEX IF NOT EXISTS conversations_by_user ON conversations (user, updated
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation, id);
 """
 
+VERIFICATION = ("claims", "unsupported_claims", "mode")
+"""Fields of a checked answer kept with its message (as one JSON column, ``verification``,
+added to databases made before answers were checked; their old messages have ``{}``)."""
+
 
 class ConversationStore:
     """Conversation history per user, in ``DATA/conversations.sqlite3``."""
@@ -73,6 +78,15 @@ class ConversationStore:
     def __init__(self, path: Path) -> None:
         self._db = sqlite.connect(path, _SCHEMA)
         self._lock = threading.Lock()
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(messages)")}
+        if "verification" not in columns:
+            try:
+                self._db.execute(
+                    "ALTER TABLE messages ADD COLUMN verification TEXT NOT NULL DEFAULT '{}'"
+                )
+            except sqlite3.OperationalError as exc:  # another process added it just now
+                if "duplicate column" not in str(exc):
+                    raise
 
     def close(self) -> None:
         with self._lock:
@@ -111,7 +125,7 @@ class ConversationStore:
             now = time.time()
             cursor = self._db.execute(
                 "INSERT INTO messages (conversation, question, answer, sources, abstained, model, "
-                "created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "created, verification) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     conversation,
                     answer["question"],
@@ -120,6 +134,7 @@ class ConversationStore:
                     int(bool(answer.get("abstained"))),
                     str(answer.get("model", "")),
                     now,
+                    json.dumps({k: answer[k] for k in VERIFICATION if k in answer}),
                 ),
             )
             self._db.execute(
@@ -132,8 +147,8 @@ class ConversationStore:
             if not self._owned(user, conversation):
                 raise KeyError(f"no conversation {conversation} for user {user}")
             rows = self._db.execute(
-                "SELECT id, question, answer, sources, abstained, model, created FROM messages "
-                "WHERE conversation = ? ORDER BY id",
+                "SELECT id, question, answer, sources, abstained, model, created, verification "
+                "FROM messages WHERE conversation = ? ORDER BY id",
                 (conversation,),
             ).fetchall()
         return [
@@ -145,6 +160,7 @@ class ConversationStore:
                 "abstained": bool(r[4]),
                 "model": r[5],
                 "created": r[6],
+                **json.loads(r[7]),
             }
             for r in rows
         ]

@@ -15,6 +15,14 @@ Metrics, per question and as means over the set:
                          at least one source)
     abstention_rate      answers that say the documents do not cover the question
     ttft_p50_s           median time to first token; tokens_per_s: mean decoding rate
+    faithfulness         supported sentences shown / sentences shown, over the set (the claim
+                         verifier's judgement; 1.0 when nothing was shown)
+    unsupported_number_rate
+                         figures in shown answers that no cited source states / figures shown
+    evidence_recall      figures of the gold answers found in the top-k retrieved chunks /
+                         figures of the gold answers (file names and SOURCE lines left out)
+    quoted_rate          answers given as quotes of the passages (nothing generated was
+                         supported)
 """
 
 from __future__ import annotations
@@ -32,8 +40,16 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from appliance.errors import ApplianceError
+from appliance.figures import missing_figures
 
-HEADLINE = ("recall_at_k", "mrr", "answer_f1", "answer_containment", "citation_precision")
+HEADLINE = (
+    "recall_at_k",
+    "mrr",
+    "answer_f1",
+    "answer_containment",
+    "citation_precision",
+    "faithfulness",
+)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
 
@@ -109,6 +125,48 @@ def matches(path: str | None, evidence: Sequence[str]) -> bool:
     return any(path == e or name == PurePosixPath(e).name for e in evidence)
 
 
+_SOURCE_NOTE = re.compile(r"\(SOURCE[^)]*\)|^SOURCE\(?S?\)?:.*$", re.IGNORECASE | re.MULTILINE)
+_FILE_NAME = re.compile(r"[^\s,;:()]*\.(?:pdf|docx?|txt|md|html?|xlsx?|csv|pptx?)\b", re.IGNORECASE)
+_CITATION = re.compile(r"\[\d{1,3}(?:\s*,\s*\d{1,3})*\]")
+_QUOTE_LABEL = "Quoted from the documents:"
+
+
+def gold_figure_text(gold: str) -> str:
+    """A gold answer without what names documents rather than states facts ("(SOURCE: 2023
+    Q1 AAPL.pdf)"), whose years and codes would count as figures."""
+    return _FILE_NAME.sub(" ", _SOURCE_NOTE.sub(" ", gold))
+
+
+def shown_claims(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The checked sentences a person was shown (answers from before verification have none)."""
+    return [c for c in result.get("claims") or [] if c.get("shown", c.get("supported"))]
+
+
+def figure_counts(result: dict[str, Any]) -> tuple[int, int]:
+    """(figures in the shown answer that no cited source states, figures shown)."""
+    if result.get("abstained"):
+        return 0, 0
+    text = _CITATION.sub(" ", str(result.get("answer", "")).replace(_QUOTE_LABEL, " "))
+    sources = [str(s.get("text", "")) for s in result.get("sources", [])]
+    missing, total = missing_figures(text, sources)
+    return len(missing), total
+
+
+def evidence_counts(gold: str, result: dict[str, Any], k: int) -> tuple[int, int]:
+    """(figures of the gold answer found in the top-k retrieved chunks, gold figures)."""
+    texts = [str(r["text"]) for r in result.get("retrieved", [])[:k] if r.get("text")]
+    missing, total = missing_figures(gold_figure_text(gold), texts)
+    return total - len(missing), total
+
+
+def _generated_text(result: dict[str, Any]) -> str:
+    """What the model wrote, before verification dropped or replaced anything."""
+    claims = result.get("claims") or []
+    if result.get("mode") == "quoted":
+        claims = result.get("unsupported_claims") or []
+    return " ".join(str(c.get("text", "")) for c in claims) if claims else result.get("answer", "")
+
+
 def score_question(item: GoldenItem, result: dict[str, Any], k: int) -> dict[str, Any]:
     """Per-question metrics from an answer's JSON (``Answer.as_json()``)."""
     retrieved = [r.get("path") for r in result.get("retrieved", [])][:k]
@@ -117,6 +175,9 @@ def score_question(item: GoldenItem, result: dict[str, Any], k: int) -> dict[str
     cited_ok = [matches(s.get("path"), item.evidence) for s in sources]
     timings = result.get("timings", {})
     answered = not result.get("abstained")
+    shown = shown_claims(result) if answered else []
+    unsupported_figures, figures = figure_counts(result)
+    gold_found, gold_figures = evidence_counts(item.answer, result, k)
     return {
         "id": item.id,
         "question": item.question,
@@ -139,6 +200,15 @@ def score_question(item: GoldenItem, result: dict[str, Any], k: int) -> dict[str
         "ttft_s": timings.get("ttft_s") if answered else None,
         "total_s": timings.get("total_s"),
         "tokens_per_s": timings.get("tokens_per_s") if answered else None,
+        "mode": result.get("mode", "generated"),
+        "generated": _generated_text(result),
+        "verify_s": timings.get("verify_s"),
+        "claims_shown": len(shown),
+        "claims_supported": sum(bool(c.get("supported")) for c in shown),
+        "figures_shown": figures,
+        "figures_unsupported": unsupported_figures,
+        "gold_figures": gold_figures,
+        "gold_figures_found": gold_found,
     }
 
 
@@ -158,8 +228,18 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
         "abstention_rate": _mean(float(r["abstained"]) for r in rows),
         "ttft_p50_s": round(statistics.median(ttfts), 4) if ttfts else 0.0,
         "tokens_per_s": _mean(r["tokens_per_s"] for r in rows),
+        "faithfulness": _ratio(rows, "claims_supported", "claims_shown", empty=1.0),
+        "unsupported_number_rate": _ratio(rows, "figures_unsupported", "figures_shown"),
+        "evidence_recall": _ratio(rows, "gold_figures_found", "gold_figures"),
+        "quoted_rate": _mean(float(r["mode"] == "quoted") for r in rows),
         "questions": len(rows),
     }
+
+
+def _ratio(rows: Sequence[dict[str, Any]], part: str, whole: str, empty: float = 0.0) -> float:
+    """A ratio over the whole set (each figure or sentence counts once, whichever answer)."""
+    total = sum(int(r.get(whole) or 0) for r in rows)
+    return round(sum(int(r.get(part) or 0) for r in rows) / total, 4) if total else empty
 
 
 def evaluate(
@@ -245,7 +325,11 @@ def html_report(result: dict[str, Any], title: str = "Evaluation report") -> str
             f"<td>{e(', '.join(q['evidence_doc']))}</td><td>{sources}</td>"
             f"<td class=n>{num(q['recall_at_k'])}</td><td class=n>{num(q['mrr'])}</td>"
             f"<td class=n>{num(q['answer_f1'])}</td><td class=n>{num(q['citation_precision'])}</td>"
-            f"<td>{'yes' if q['abstained'] else ''}</td><td class=n>{num(q['ttft_s'])}</td></tr>"
+            f"<td>{'yes' if q['abstained'] else ''}</td><td>{e(str(q.get('mode', '')))}</td>"
+            f"<td class=n>{q.get('claims_supported', '')}/{q.get('claims_shown', '')}</td>"
+            f"<td class=n>{q.get('figures_unsupported', '')}/{q.get('figures_shown', '')}</td>"
+            f"<td class=n>{q.get('gold_figures_found', '')}/{q.get('gold_figures', '')}</td>"
+            f"<td class=n>{num(q['ttft_s'])}</td></tr>"
         )
     return (
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{e(title)}</title>"
@@ -253,7 +337,9 @@ def html_report(result: dict[str, Any], title: str = "Evaluation report") -> str
         f"<p>{metrics['questions']} questions, k = {result.get('k')}, "
         f"{result.get('seconds', 0)} s.</p><table>{summary}</table>"
         "<table><tr><th>id</th><th>question</th><th>evidence</th><th>cited</th><th>recall@k</th>"
-        "<th>MRR</th><th>F1</th><th>citation precision</th><th>abstained</th><th>TTFT s</th></tr>"
+        "<th>MRR</th><th>F1</th><th>citation precision</th><th>abstained</th><th>mode</th>"
+        "<th>supported / shown sentences</th><th>unsupported / shown figures</th>"
+        "<th>gold figures retrieved</th><th>TTFT s</th></tr>"
         + "".join(rows)
         + "</table></body></html>"
     )

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.chat_settings import ChatSettings
 from appliance.errors import ConfigError
+from appliance.verification import LEXICAL_WEIGHT, SUPPORT_THRESHOLD
 
 ENV_PREFIX = "APPLIANCE_"
 
@@ -122,6 +123,40 @@ class AnswerSettings(_Section):
     )
     history_turns: int = Field(
         3, ge=0, le=20, description="Previous exchanges used to rewrite a follow-up question."
+    )
+    verify: bool = Field(
+        True,
+        description="Check every sentence of a generated answer against the passages it cites "
+        "(figures, wording, negation) before it is shown. Off: the generated text is shown "
+        "unchecked (for measurements only).",
+    )
+    unsupported: Literal["drop", "flag"] = Field(
+        "drop",
+        description="What happens to a sentence the cited passages do not support: drop: it is "
+        "left out of the answer; flag: it stays, marked '[unverified] '. When nothing supported "
+        "remains, the answer quotes the passages instead.",
+    )
+    quote_below: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Answer with quotes of the passages instead when less than this share of "
+        "the generated sentences is supported (what is left of a mostly invented answer is a "
+        "fragment out of context); 0: only when none is.",
+    )
+    support_threshold: float = Field(
+        SUPPORT_THRESHOLD,
+        ge=0,
+        le=1,
+        description="Least wording support (lexical weight x word overlap + the rest x "
+        "embedding similarity) for a sentence to count as supported; calibrated with "
+        "benchmarks/claim_calibration.py.",
+    )
+    support_lexical_weight: float = Field(
+        LEXICAL_WEIGHT,
+        ge=0,
+        le=1,
+        description="Weight of word overlap against embedding similarity in wording support.",
     )
     document_marking: Literal["none", "quote", "datamark"] = Field(
         "none",

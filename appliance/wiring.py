@@ -250,6 +250,7 @@ def build_answerer(settings: Settings, ingestion: Ingestion) -> Any:
     """The answering engine over the ingestion's searchable collection, with the configured
     chat model; the model is closed with the ingestion."""
     from appliance.answering import Answerer, CrossEncoderReranker
+    from appliance.turnstile import Turnstile
 
     chat = build_active_chat_model(settings)
     ingestion._stack.callback(chat.close)
@@ -260,6 +261,9 @@ def build_answerer(settings: Settings, ingestion: Ingestion) -> Any:
         settings=settings.answer,
         chat_settings=settings.chat,
         reranker=CrossEncoderReranker(path) if path else None,
+        # The in-process model answers one question at a time: waiting questions are told
+        # their place. Model servers queue or batch on their own.
+        queue=Turnstile() if settings.chat.backend == "llamacpp" else None,
     )
 
 

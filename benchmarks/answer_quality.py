@@ -7,9 +7,15 @@
    hybrid retrieval;
 3. answer metrics of the evaluation harness on a subset of questions, per retrieval mode;
 4. the relevance of in-corpus and out-of-corpus questions, which calibrates the abstention
-   threshold (answer.min_relevance).
+   threshold (answer.min_relevance);
+5. claim verification (issue 10) on the first questions: faithfulness (supported sentences /
+   sentences), figures no passage states, and answer containment, before verification (what
+   the model wrote, against every passage of its prompt) and after (what is shown, against the
+   sources it cites); and the time verification adds, as a ratio to the rest of the answer
+   time of the same answers (goal: at most 0.05).
 
     .venv/bin/python benchmarks/answer_quality.py [--data-dir DIR] [--answers N] [--json]
+    .venv/bin/python benchmarks/answer_quality.py --only-verification --verify-questions 20
 """
 
 from __future__ import annotations
@@ -124,7 +130,100 @@ def retrieval_metrics(answerer: Any, items: list[Any], k: int) -> dict[str, floa
     }
 
 
+def verification_report(answerer: Any, items: list[Any]) -> dict[str, Any]:
+    """Part 5: before and after verification, and its time, from the same answers."""
+    from appliance.evaluation import containment, figure_counts
+    from appliance.figures import missing_figures
+
+    generated = supported = shown = shown_supported = 0
+    figures_before = missing_before = figures_after = missing_after = 0
+    contain_before: list[float] = []
+    contain_after: list[float] = []
+    verify_s = rest_s = 0.0
+    quoted = answered = 0
+    for item in items:
+        passages: list[str] = []
+        final: dict[str, Any] = {}
+        for event in answerer.stream(item.question):
+            if event["type"] == "sources":
+                passages = [s["text"] for s in event["sources"]]
+            elif event["type"] == "answer":
+                final = event["answer"].as_json()
+        if final["abstained"]:
+            continue
+        answered += 1
+        quoted += final["mode"] == "quoted"
+        written = final["claims"] if final["mode"] == "generated" else final["unsupported_claims"]
+        text = " ".join(c["text"] for c in written)
+        generated += len(written)
+        supported += sum(c["supported"] for c in written)
+        missing, total = missing_figures(text, passages)
+        figures_before += total
+        missing_before += len(missing)
+        visible = [c for c in final["claims"] if c.get("shown")]
+        shown += len(visible)
+        shown_supported += sum(c["supported"] for c in visible)
+        gone, total = figure_counts(final)
+        figures_after += total
+        missing_after += gone
+        if item.answer:
+            contain_before.append(containment(text, item.answer))
+            contain_after.append(containment(final["answer"], item.answer))
+        timings = final["timings"]
+        verify_s += timings.get("verify_s", 0.0)
+        rest_s += timings["total_s"] - timings.get("verify_s", 0.0)
+    return {
+        "questions": len(items),
+        "answered": answered,
+        "quoted": quoted,
+        "faithfulness_before": round(supported / generated, 4) if generated else 1.0,
+        "faithfulness_after": round(shown_supported / shown, 4) if shown else 1.0,
+        "unsupported_number_rate_before": round(missing_before / figures_before, 4)
+        if figures_before
+        else 0.0,
+        "unsupported_number_rate_after": round(missing_after / figures_after, 4)
+        if figures_after
+        else 0.0,
+        "figures_before": figures_before,
+        "figures_after": figures_after,
+        "containment_before": round(statistics.fmean(contain_before), 4) if contain_before else 0,
+        "containment_after": round(statistics.fmean(contain_after), 4) if contain_after else 0,
+        "verify_s": round(verify_s, 3),
+        "answer_s_without_verification": round(rest_s, 3),
+        "overhead_ratio": round(verify_s / rest_s, 4) if rest_s else 0.0,
+    }
+
+
+def print_verification(v: dict[str, Any]) -> None:
+    print(
+        f"claim verification ({v['answered']} of {v['questions']} questions answered, "
+        f"{v['quoted']} as quotes):"
+    )
+    print(
+        f"  faithfulness             before {v['faithfulness_before']:.3f}  "
+        f"after {v['faithfulness_after']:.3f}"
+    )
+    print(
+        f"  unsupported number rate  before {v['unsupported_number_rate_before']:.3f} "
+        f"({v['figures_before']} figures)  after {v['unsupported_number_rate_after']:.3f} "
+        f"({v['figures_after']} figures)"
+    )
+    print(
+        f"  answer containment       before {v['containment_before']:.3f}  "
+        f"after {v['containment_after']:.3f}"
+    )
+    print(
+        f"  time: verification {v['verify_s']:.2f} s against "
+        f"{v['answer_s_without_verification']:.1f} s for the rest of the same answers: "
+        f"overhead ratio {v['overhead_ratio']:.4f}"
+    )
+
+
 def print_report(report: dict[str, Any], k: int) -> None:
+    if "verification" in report:
+        print_verification(report["verification"])
+    if "overhead" not in report:
+        return
     o = report["overhead"]
     print(f"answer path vs llama-cpp-python alone, same prompt ({o['questions']} questions):")
     print(
@@ -170,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         "--answers", type=int, default=15, help="questions answered per mode (part 3)"
     )
     parser.add_argument("--modes", default="dense,sparse,hybrid")
+    parser.add_argument(
+        "--verify-questions", type=int, default=10, help="questions of part 5 (0: skip it)"
+    )
+    parser.add_argument(
+        "--only-verification", action="store_true", help="run part 5 alone (it takes minutes)"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -193,6 +298,16 @@ def main(argv: list[str] | None = None) -> int:
         with open_ingestion(settings, _common.SEC10Q_DOCS, role="benchmark") as ingestion:
             ingestion.indexer.reconcile()
             answerer = build_answerer(settings, ingestion)
+            if args.verify_questions:
+                report["verification"] = verification_report(
+                    answerer, items[: args.verify_questions]
+                )
+            if args.only_verification:
+                if args.json:
+                    _common.print_json(report)
+                else:
+                    print_report(report, settings.answer.top_k)
+                return 0
 
             # 1. overhead against llama-cpp-python alone
             chat = answerer.chat

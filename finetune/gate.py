@@ -8,7 +8,10 @@ Two sets, when present:
 
 Both models are the GGUF files that would be served (quantized), not the training-time
 weights: the gate measures what users would get. A candidate is rejected when any headline
-metric of either set drops by more than ``max_drop`` points (0.01 = 1 point).
+metric of either set drops by more than ``max_drop`` points (0.01 = 1 point); on the golden set
+the headline metrics include ``faithfulness`` (the share of shown sentences the claim verifier
+finds supported), so a candidate that invents more than it used to is rejected even when its
+answers overlap the gold ones as much.
 """
 
 from __future__ import annotations
@@ -132,7 +135,8 @@ def run_gate(
                 progress(f"golden set: {side}")
             results[side] = golden_evaluator(path, golden)
         report.sets["golden"] = results
-        baseline = {k: results["reference"]["metrics"][k] for k in HEADLINE}
+        reference_metrics = results["reference"]["metrics"]
+        baseline = {k: reference_metrics[k] for k in HEADLINE if k in reference_metrics}
         report.failures += [
             f"golden: {f}" for f in gate(results["candidate"]["metrics"], baseline, max_drop)
         ]

@@ -129,6 +129,8 @@ def test_a_missing_corpus_is_a_clear_error(
         "reliability_churn",
         "prompt_injection",
         "load_test",
+        "answer_quality",
+        "claim_calibration",
     ],
 )
 def test_the_issue_5_and_6_scripts_import_and_parse_their_options(

@@ -21,8 +21,14 @@ def md(text: object) -> str:
     """``text`` as Markdown that renders literally; line breaks are kept."""
     lines = _LINE_BREAK.split(str(text))
     # A leading indent would turn a line into a code block; a trailing double space is a break.
-    escaped = [_PUNCTUATION.sub(r"\\\1", line.strip()) for line in lines]
+    escaped = [escape(line.strip()) for line in lines]
     return "  \n".join(escaped)
+
+
+def escape(fragment: str) -> str:
+    """A piece of one line as literal Markdown, spaces kept (for building a line from pieces;
+    the caller strips the line's ends and handles line breaks, as :func:`md` does)."""
+    return _PUNCTUATION.sub(r"\\\1", " ".join(_LINE_BREAK.split(fragment)))
 
 
 def label(text: object, limit: int = 120) -> str:

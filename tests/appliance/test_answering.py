@@ -91,3 +91,27 @@ def test_the_system_prompt_is_never_revealed(injected: Answerer) -> None:
         assert system_prompt()[:60] not in answer.answer
         recited = [w for w in answer.answer.lower().split() if w in secret_words]
         assert len(recited) < len(secret_words) * 0.6
+
+
+# The example: the default model answered "$4.98 billion or 5.7%", citing the filing
+# that says $52,857 million.
+INVENTED = "What was Microsoft's total revenue for the quarter ended March 31, 2023?"
+
+
+def test_an_invented_figure_is_not_shown(sec10q_answerer: Answerer) -> None:
+    from appliance.evaluation import figure_counts
+    from appliance.figures import missing_figures
+
+    events = list(sec10q_answerer.stream(INVENTED))
+    assert events[0]["type"] == "sources"
+    passages = [s["text"] for s in events[0]["sources"]]
+    final = events[-1]["answer"]
+    assert not final.abstained
+    assert final.answer.strip()
+    written = " ".join(c["text"] for c in final.unsupported_claims)
+    invented = missing_figures(written, passages)[0]  # in no passage of the prompt
+    assert invented, f"the model invented no figure this time: {final.unsupported_claims}"
+    for figure in invented:
+        assert figure.text not in final.answer
+    assert figure_counts(final.as_json())[0] == 0  # every figure shown is in a cited source
+    assert [e for e in events if e["type"] == "claim"]

@@ -101,3 +101,70 @@ def test_bad_golden_files(tmp_path: Path) -> None:
         load_golden(bad)
     with pytest.raises(ApplianceError, match="cannot read"):
         load_golden(tmp_path / "missing.jsonl")
+
+
+def checked(answer: str, claims: list[dict], sources: list[str], mode: str = "generated") -> dict:
+    return {
+        "answer": answer,
+        "abstained": False,
+        "mode": mode,
+        "claims": claims,
+        "unsupported_claims": [c for c in claims if not c["supported"]],
+        "sources": [{"path": "policy.md", "text": t} for t in sources],
+        "retrieved": [{"path": "policy.md", "text": t} for t in sources],
+        "timings": {},
+    }
+
+
+def claim(text: str, supported: bool, shown: bool) -> dict:
+    return {"text": text, "supported": supported, "shown": shown, "reason": ""}
+
+
+def test_verification_metrics_count_what_is_shown(tmp_path: Path) -> None:
+    items = load_golden(golden(tmp_path))
+    passage = "Audit logs are kept for 7 years under policy AP-12 (in millions: 52,857)."
+    results = {
+        # one sentence dropped, one shown: faithful; its figure is in the passage
+        items[0].question: checked(
+            "Logs are kept for 7 years [1].",
+            [
+                claim("Logs are kept for 7 years [1].", True, True),
+                claim("They cost $9 million [1].", False, False),
+            ],
+            [passage],
+        ),
+        # flagged: an unsupported sentence shown, with a figure no source states
+        items[1].question: checked(
+            "Logs are kept for 7 years [1]. [unverified] They cost $9 million [1].",
+            [
+                claim("Logs are kept for 7 years [1].", True, True),
+                claim("They cost $9 million [1].", False, True),
+            ],
+            [passage],
+        ),
+    }
+    result = evaluate(items, lambda q: results[q], k=5)
+    m = result["metrics"]
+    assert m["faithfulness"] == pytest.approx(2 / 3, abs=1e-4)  # 3 sentences shown, 2 supported
+    assert m["unsupported_number_rate"] == pytest.approx(
+        1 / 3, abs=1e-4
+    )  # 7, 7 and $9 million shown
+    assert m["quoted_rate"] == 0.0
+    assert 0.0 <= m["evidence_recall"] <= 1.0
+    assert "faithfulness" in html_report(result)
+    assert gate(m, {"faithfulness": 0.68}, max_drop=2.0) == []
+    assert gate(m, {"faithfulness": 0.70}, max_drop=2.0) == [
+        "faithfulness dropped 3.3 points (0.700 -> 0.667)"
+    ]
+
+
+def test_evidence_recall_reads_the_gold_figures_not_the_file_names() -> None:
+    from appliance.evaluation import evidence_counts
+
+    gold = (
+        "Net sales were $82,959 million for the quarter ended June 25, 2022. "
+        "(SOURCE: 2022 Q3 AAPL.pdf)\n\nSOURCE(S): 2022 Q3 AAPL.pdf"
+    )
+    result = {"retrieved": [{"text": "Total net sales (in millions) 82,959 June 25, 2022"}]}
+    assert evidence_counts(gold, result, 5) == (2, 2)
+    assert evidence_counts(gold, {"retrieved": [{"text": "nothing"}]}, 5) == (0, 2)

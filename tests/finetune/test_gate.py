@@ -134,3 +134,23 @@ def test_nothing_to_evaluate_is_a_rejection() -> None:
         heldout=[],
     )
     assert not report.passed
+
+
+def test_a_drop_in_faithfulness_rejects_a_candidate() -> None:
+    item = GoldenItem("q1", "What is the retention?", "seven years", ("policy.md",))
+    faithfulness = {Path("/models/reference.gguf"): 0.97, Path("/models/candidate.gguf"): 0.94}
+
+    def golden(path: Path, items: object) -> dict:
+        base = {"recall_at_k": 1.0, "mrr": 1.0, "answer_f1": 0.6, "answer_containment": 0.5}
+        metrics = base | {"citation_precision": 1.0, "faithfulness": faithfulness[path]}
+        return {"metrics": metrics, "questions": [{"question": item.question}]}
+
+    report = run_gate(
+        reference=("base", Path("/models/reference.gguf")),
+        candidate=("v1", Path("/models/candidate.gguf")),
+        load=models({}, {}),
+        heldout=[],
+        golden=[item],
+        golden_evaluator=golden,
+    )
+    assert report.failures == ["golden: faithfulness dropped 3.0 points (0.970 -> 0.940)"]

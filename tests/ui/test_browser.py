@@ -1,7 +1,10 @@
 """End to end in a real browser: the Streamlit server started the way the CLI starts it, headless
-Chromium signing in, asking about a shared-corpus filing, and the admin Documents page.
+Chromium signing in, asking about a shared-corpus filing while the model is busy, and the admin
+Documents page.
 
-Writes the screenshots ``docs/screenshots/chat.png`` and ``docs/screenshots/admin-documents.png``.
+Writes the screenshots ``docs/screenshots/chat-waiting.png`` (evidence first, the place in the
+queue), ``docs/screenshots/chat.png`` (the checked answer, its citation opened on the
+highlighted span) and ``docs/screenshots/admin-documents.png``.
 """
 
 from __future__ import annotations
@@ -114,13 +117,14 @@ def ui_server(filing_core: Core, tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
-def test_sign_in_ask_and_admin_documents_in_chromium(ui_server: str) -> None:
+def test_sign_in_ask_and_admin_documents_in_chromium(ui_server: str, filing_core: Core) -> None:
     from playwright.sync_api import sync_playwright
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     requested: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        busy = None
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.on("request", lambda request: requested.append(request.url))
@@ -133,15 +137,44 @@ def test_sign_in_ask_and_admin_documents_in_chromium(ui_server: str) -> None:
 
             ask = page.get_by_placeholder(PLACEHOLDER)
             ask.wait_for(timeout=30_000)
+            # Someone else's question has the model (held here mid-answer): the page's question
+            # shows its evidence at once and its place in the queue, before any answer.
+            busy = filing_core.service.answerer.stream(QUESTION)
+            assert next(e for e in busy if e["type"] == "token")
             ask.fill(QUESTION)
             ask.press("Enter")
-            citation = page.get_by_text(FILING).first
-            citation.wait_for(timeout=180_000)
-            answer = page.locator('[data-testid="stChatMessage"]').nth(1)
-            assert answer.inner_text().strip(), "the answer is empty"
-            citation.click()  # open the source: the cited passage shows in the screenshot
+            page.get_by_text("1 question ahead").wait_for(timeout=60_000)
+            page.get_by_text(FILING).first.wait_for(timeout=10_000)
+            waiting = page.locator('[data-testid="stChatMessage"]').nth(1)
+            assert page.get_by_text("Draft, not yet checked").count() == 0
+            page.screenshot(path=str(SCREENSHOTS / "chat-waiting.png"), full_page=True)
+            list(busy)  # the other answer completes: the page's question gets the model
+            busy = None
+
+            page.get_by_text("Waited for the model behind 1 question.").wait_for(timeout=180_000)
+            answer = waiting.inner_text().strip()
+            assert answer, "the answer is empty"
+            # A citation is a link to its source's anchor, in the source panel that the
+            # answer's supporting span is highlighted in.
+            citation = waiting.locator('a[href^="#source-"]').first
+            citation.wait_for(timeout=10_000)
+            anchor = str(citation.get_attribute("href"))[1:]
+            assert page.locator(f"#{anchor}").count() == 1
+            citation.click()
+            page.wait_for_function(f"location.hash === '#{anchor}'", timeout=10_000)
+            page.locator(f"#{anchor}").wait_for(state="visible", timeout=10_000)
             page.get_by_role("button", name="Get the file").first.wait_for(timeout=10_000)
+            unverified = page.get_by_text("Show unverified")
+            if unverified.count():  # sentences were dropped: reveal them, marked
+                unverified.first.click()
+                page.get_by_text("Unverified", exact=True).first.wait_for(timeout=10_000)
+            # Streamlit scrolls inside its own container, so a full-page shot is one viewport:
+            # a taller one shows the answer and the highlighted source together.
+            page.set_viewport_size({"width": 1280, "height": 1600})
+            waiting.evaluate("e => e.scrollIntoView({block: 'start'})")
+            page.wait_for_timeout(500)
             page.screenshot(path=str(SCREENSHOTS / "chat.png"), full_page=True)
+            page.set_viewport_size({"width": 1280, "height": 1000})
 
             page.get_by_role("link", name="Documents").click()
             page.get_by_role("heading", name="Files").wait_for(timeout=30_000)
@@ -149,8 +182,11 @@ def test_sign_in_ask_and_admin_documents_in_chromium(ui_server: str) -> None:
             page.wait_for_timeout(1000)  # the data grid draws on a canvas after it mounts
             page.screenshot(path=str(SCREENSHOTS / "admin-documents.png"), full_page=True)
         finally:
+            if busy is not None:
+                busy.close()
             browser.close()
 
+    assert (SCREENSHOTS / "chat-waiting.png").stat().st_size > 10_000
     assert (SCREENSHOTS / "chat.png").stat().st_size > 10_000
     assert (SCREENSHOTS / "admin-documents.png").stat().st_size > 10_000
     outside = sorted(

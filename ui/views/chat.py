@@ -1,7 +1,16 @@
-"""Chat: questions in, streamed answers out, each with its sources, a download and feedback.
+"""Chat: questions in, checked answers out, each with its sources, a download and feedback.
+
+While a question is answered the page shows, in this order, what the answer stream brings:
+
+    sources event  ─► the passages found, best-matching spans highlighted (before the model)
+    queue events   ─► "Waiting for the model: N questions ahead of yours."
+    token events   ─► the draft, greyed out: not yet checked against the sources
+    answer event   ─► the answer as the service checked it: each citation a link to its
+                      source's anchor below, the supporting spans highlighted there; a quoted
+                      answer labelled as such; dropped sentences behind "Show unverified"
 
 Conversations are kept by the service per user; the sidebar lists them to resume, rename or
-delete. Everything from documents or the model is shown through :func:`ui.safe.md`.
+delete. Everything from documents or the model is escaped (:mod:`ui.safe`, :mod:`ui.evidence`).
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import streamlit as st
 
 from appliance.api import ServiceClient
 from appliance.errors import ServiceError
-from ui import session
+from ui import evidence, session
 from ui.formatting import file_name, source_title
 from ui.safe import label, md
 
@@ -39,8 +48,8 @@ def render(api: ServiceClient) -> None:
         state[MESSAGES] = _load(api, state[CONVERSATION])
     if not state[MESSAGES]:
         st.caption("Answers come from the documents you may read, with their sources.")
-    for message in state[MESSAGES]:
-        _exchange(api, message)
+    for position, message in enumerate(state[MESSAGES], 1):
+        _exchange(api, message, position, latest=position == len(state[MESSAGES]))
     question = st.chat_input(PLACEHOLDER)
     if question and question.strip():
         _ask(api, question.strip())
@@ -56,84 +65,212 @@ def _load(api: ServiceClient, conversation: str | None) -> list[dict[str, Any]]:
         session.show_error(exc)
         st.session_state[CONVERSATION] = None
         return []
-    return [
-        {
-            "id": m.get("id"),
-            "question": m.get("question", ""),
-            "answer": m.get("answer", ""),
-            "sources": m.get("sources") or [],
-            "abstained": bool(m.get("abstained")),
-        }
-        for m in messages
-    ]
+    return [_message(m, m.get("id"), str(m.get("question", ""))) for m in messages]
 
 
-def _exchange(api: ServiceClient, message: dict[str, Any]) -> None:
+def _message(answer: dict[str, Any], message_id: Any, question: str) -> dict[str, Any]:
+    """What the page keeps of an exchange. Messages from before answers were verified lack
+    claims and mode: they show as plain answers."""
+    return {
+        "id": message_id,
+        "question": question,
+        "answer": str(answer.get("answer", "")),
+        "sources": [s for s in answer.get("sources") or [] if isinstance(s, dict)],
+        "abstained": bool(answer.get("abstained")),
+        "claims": evidence.claims_of(answer),
+        "unsupported_claims": evidence.claims_of(answer, "unsupported_claims"),
+        "mode": answer.get("mode") if answer.get("mode") in ("generated", "quoted") else None,
+        "waited": int(answer.get("waited") or 0),
+    }
+
+
+def _exchange(
+    api: ServiceClient, message: dict[str, Any], position: int, *, latest: bool = False
+) -> None:
+    """One question and its answer; ``position`` counts from 1 in the conversation."""
     with st.chat_message("user"):
         st.markdown(md(message["question"]))
     with st.chat_message("assistant"):
-        st.markdown(md(message["answer"]))
-        _after_answer(api, message)
+        _answer(message, position)
+        _after_answer(api, message, position, latest=latest)
 
 
 def _ask(api: ServiceClient, question: str) -> None:
+    """Ask, and show the answer as it comes: the evidence first (the sources event arrives
+    before the model starts), the place in the queue while the model is busy, the draft as
+    it is generated (greyed out: not yet checked), then the verified answer."""
     state = st.session_state
     with st.chat_message("user"):
         st.markdown(md(question))
     with st.chat_message("assistant"):
+        status = st.empty()
+        status.caption(SEARCHING)
         box = st.empty()
-        box.caption("Searching your documents…")
-        text, final = "", None
+        live = st.empty()  # the evidence until the answer is in; then the answer's own panel
+        text, final, found, waited, checked = "", None, 0, 0, 0
         body = {"question": question, "stream": True, "conversation": state[CONVERSATION]}
         try:
             for event in api.stream("/ask", body):
-                if event.get("type") == "token":
+                kind = event.get("type")
+                if kind == "sources":
+                    sources = [s for s in event.get("sources") or [] if isinstance(s, dict)]
+                    found = len(sources)
+                    status.caption(_found(found))
+                    with live.container():
+                        _evidence(sources)
+                elif kind == "queue":
+                    position = int(event.get("position") or 0)
+                    waited = max(waited, position)
+                    status.caption(_found(found) + " " + _queue(position))
+                elif kind == "token":
                     text += str(event.get("text", ""))
-                    box.markdown(md(text) + CURSOR)
-                elif event.get("type") == "answer":
+                    status.caption(_draft(checked))
+                    box.markdown(evidence.provisional(text) + CURSOR)
+                elif kind == "claim":
+                    checked += 1
+                    status.caption(_draft(checked))
+                elif kind == "answer":
                     final = event
         except ServiceError as exc:
-            box.markdown(md(text))
+            _unfinished(status, box, text)
             session.show_error(exc)
             return
         if final is None:
-            box.markdown(md(text))
+            _unfinished(status, box, text)
             st.error("The answer stopped before it was complete. Please ask again.")
             return
-        answer = final["answer"]
-        box.markdown(md(answer.get("answer", text)))
-        message = {
-            "id": final.get("message"),
-            "question": question,
-            "answer": answer.get("answer", text),
-            "sources": answer.get("sources") or [],
-            "abstained": bool(answer.get("abstained")),
-        }
+        status.empty()
+        live.empty()
+        message = _message(final["answer"] | {"waited": waited}, final.get("message"), question)
         if final.get("conversation"):
             state[CONVERSATION] = final["conversation"]
         state[MESSAGES].append(message)
-        _after_answer(api, message)
+        position = len(state[MESSAGES])
+        with box.container():
+            _answer(message, position)
+        _after_answer(api, message, position, latest=True)
 
 
-def _after_answer(api: ServiceClient, message: dict[str, Any]) -> None:
-    """Under an answer: its sources, then thumbs up or down."""
+def _unfinished(status: Any, box: Any, text: str) -> None:
+    """An answer that broke off: its draft stays greyed out and says it was never checked;
+    the evidence found stays too."""
+    if text:
+        status.caption("Draft, never checked against the sources:")
+        box.markdown(evidence.provisional(text))
+    else:
+        status.empty()
+
+
+SEARCHING = "Searching your documents…"
+
+
+def _found(count: int) -> str:
+    if not count:
+        return SEARCHING
+    return f"Found {count} passage{'s' if count != 1 else ''}, shown below."
+
+
+def _queue(position: int) -> str:
+    if position <= 0:
+        return "The model is starting on your question…"
+    ahead = "1 question" if position == 1 else f"{position} questions"
+    return f"Waiting for the model: {ahead} ahead of yours."
+
+
+def _draft(checked: int) -> str:
+    done = f" ({checked} sentence{'s' if checked != 1 else ''} checked)" if checked else ""
+    return f"Draft, not yet checked against the sources{done}…"
+
+
+def _anchor(number: int, position: int) -> tuple[str, str]:
+    """The heading that marks source ``number`` of answer ``position`` on the page, and its
+    id: Streamlit gives a Markdown heading the slug of its text as id, which for this ASCII
+    text is the text lowercased, punctuation dropped, spaces turned into hyphens."""
+    return (
+        f"###### Source \\[{number}\\] of answer {position}",
+        f"source-{number}-of-answer-{position}",
+    )
+
+
+def _answer(message: dict[str, Any], position: int) -> None:
+    """The answer as shown: citations link to the sources below; a quoted answer says so."""
+    numbers = {s.get("number") for s in message["sources"]}
+
+    def href(n: int) -> str | None:
+        return f"#{_anchor(n, position)[1]}" if n in numbers else None
+
+    if message.get("mode") == "quoted":
+        st.markdown(evidence.QUOTED)
+        st.markdown(evidence.quoted_answer(message["answer"], message["claims"], href))
+        # with answer.unsupported: flag, the generated sentences follow the quotes, marked
+        for claim in message["unsupported_claims"]:
+            if str(claim["text"]).strip() in message["answer"]:
+                st.markdown(evidence.unverified_claim(claim))
+    else:
+        st.markdown(evidence.linked_answer(message["answer"], message["claims"], href))
+    if message.get("waited"):
+        ahead = "1 question" if message["waited"] == 1 else f"{message['waited']} questions"
+        st.caption(f"Waited for the model behind {ahead}.")
+
+
+def _evidence(sources: list[dict[str, Any]]) -> None:
+    """The sources as soon as they are found, the best-matching spans highlighted (no widgets:
+    the answer's own panel replaces this one in the same run)."""
+    if sources:
+        st.caption("Sources")
+    for i, source in enumerate(sources):
+        with st.expander(label(source_title(source)), expanded=i == 0):
+            st.markdown(_passage(source))
+
+
+def _passage(source: dict[str, Any]) -> str:
+    text = str(source.get("text", ""))
+    return evidence.highlight(text, evidence.spans_of(source, len(text)))
+
+
+def _after_answer(
+    api: ServiceClient, message: dict[str, Any], position: int, *, latest: bool = False
+) -> None:
+    """Under an answer: the unverified sentences on request, its sources (those supporting
+    the latest answer open), then thumbs up or down."""
+    shown = message["answer"]
+    dropped = [c for c in message["unsupported_claims"] if str(c["text"]).strip() not in shown]
+    if dropped and st.toggle(
+        f"Show unverified ({len(dropped)})",
+        key=f"unverified-{message.get('id') or position}",
+        help="Sentences the model wrote that the documents do not support: left out.",
+    ):
+        for claim in dropped:
+            st.markdown(evidence.unverified_claim(claim))
     sources = message["sources"]
     if sources:
         st.caption("Sources")
+    supporting = {evidence.claim_source(c) for c in message["claims"] if c.get("supported")}
     for source in sources:
-        _source(api, message.get("id"), source)
+        number = source.get("number")
+        _source(api, message, source, position, expanded=latest and number in supporting)
     if message.get("id") is not None:
         _feedback(api, int(message["id"]))
 
 
-def _source(api: ServiceClient, message_id: int | None, source: dict[str, Any]) -> None:
+def _source(
+    api: ServiceClient,
+    message: dict[str, Any],
+    source: dict[str, Any],
+    position: int,
+    *,
+    expanded: bool,
+) -> None:
     path = str(source.get("path", ""))
-    key = f"{message_id}-{source.get('number')}"
+    key = f"{message.get('id')}-{source.get('number')}"
     if source.get("unavailable"):  # access revoked or the document deleted since
         st.caption(md(f"[{source.get('number', '?')}] {source.get('text', '')}"))
         return
-    with st.expander(label(source_title(source))):
-        st.markdown(md(source.get("text", "")))
+    with st.expander(label(source_title(source)), expanded=expanded):
+        # The citation links' target; the browser opens a closed expander to show it.
+        if isinstance(source.get("number"), int):
+            st.markdown(_anchor(source["number"], position)[0])
+        st.markdown(_passage(source))
         caption = path if source.get("page") is None else f"{path}, page {source['page']}"
         st.caption(md(caption))
         files: dict[str, tuple[str, str, bytes]] = st.session_state[FILES]
