@@ -557,7 +557,7 @@ class Indexer:
         rel = item.rel
         if display_path(rel) != rel:
             return "file name is not valid UTF-8"
-        limit = self.settings.max_file_mb * 1024 * 1024
+        limit = int(self.settings.max_file_mb * 1024 * 1024)
         if item.size > limit:
             return (
                 f"file too large ({item.size / 1048576:.1f} MB > "
