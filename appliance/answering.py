@@ -49,10 +49,23 @@ class Source:
     start: int
     end: int
     doc_hash: str
+    ocr_confidence: float | None = None
+    """Set where the passage was read from a scan by OCR (the UI says so when citing it)."""
 
     @classmethod
     def of(cls, p: Passage) -> Source:
-        return cls(p.number, p.path, p.page, p.heading, p.text, p.score, p.start, p.end, p.doc_hash)
+        return cls(
+            p.number,
+            p.path,
+            p.page,
+            p.heading,
+            p.text,
+            p.score,
+            p.start,
+            p.end,
+            p.doc_hash,
+            p.ocr_confidence,
+        )
 
 
 @dataclass
@@ -161,11 +174,19 @@ def merge_passages(hits: Sequence[Hit]) -> list[Passage]:
                         end=end,
                         doc_hash=doc_hash,
                         chunk_ids=tuple(h.id for h in run),
+                        ocr_confidence=_ocr_confidence(run),
                     ),
                 )
             )
     merged.sort(key=lambda m: m[0])
     return [replace(p, number=i) for i, (_rank, p) in enumerate(merged, 1)]
+
+
+def _ocr_confidence(run: Sequence[Hit]) -> float | None:
+    """The lowest OCR confidence of a run's chunks; None when none was OCR'd."""
+    values = [h.payload.get("ocr_confidence") for h in run]
+    known = [float(v) for v in values if v is not None]
+    return min(known) if known else None
 
 
 def _overlap(answer: str, passage: str) -> float:

@@ -192,3 +192,19 @@ def image_frames(path: os.PathLike[str] | str) -> Iterator[tuple[int, int, Image
         raise ParseError(f"image too large to OCR: {exc}") from None
     except OSError as exc:
         raise ParseError(f"not a readable image: {' '.join(str(exc).split())[:160]}") from None
+
+
+def character_accuracy(truth: str, read: str) -> float:
+    """1 - (edit distance / length of the truth), whitespace runs counted as one space: how
+    the OCR tests and benchmark score a page whose text is known."""
+    a = " ".join(truth.split())
+    b = " ".join(read.split())
+    if not a:
+        return 1.0 if not b else 0.0
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return max(0.0, 1 - previous[-1] / len(a))

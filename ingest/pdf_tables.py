@@ -27,12 +27,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ingest.tables import header_text, row_line, units_in
+
 _NUMBER = re.compile(r"\(?[-−–]?[$€£]?\s?\d[\d,]*(?:\.\d+)?\)?%?|[—–-]{1,2}|\$|%|\)")
 _ROW_END = re.compile(r"(?:\s+\(?\$?\s?[\d][\d,]*(?:\.\d+)?\)?%?|\s+[—–]){2,}\s*$")
 _SPACED_CLOSE = re.compile(r"\s+\)")
 _DOLLAR_EDGE = re.compile(r"^\$\s*|\s*\$$")
 _YEAR = re.compile(r"(?:19|20)\d\d")
-_UNITS = re.compile(r"\bin (thousands|millions|billions)\b", re.IGNORECASE)
 _MIN_ROWS = 2
 _MAX_HEADER_LINES = 6
 _MAX_CAPTION_LINES = 4
@@ -258,9 +259,9 @@ def _table(lines: list[_Line], start: int, end: int) -> Table | None:
         if line.is_row:
             break
         text = line.text.strip()
-        found = _UNITS.search(text)
+        found = units_in(text)
         if found and units is None:
-            units = f"in {found.group(1).lower()}"
+            units = found
             if len(text) < 120:
                 caption_lines.insert(0, text)
             continue
@@ -268,9 +269,7 @@ def _table(lines: list[_Line], start: int, end: int) -> Table | None:
             break
         caption_lines.insert(0, text)
     if units is None:
-        found = _UNITS.search(" ".join(headers))
-        units = f"in {found.group(1).lower()}" if found else None
-    suffix = f" ({units})" if units else ""
+        units = units_in(*headers)
     rows: list[str] = []
     group, group_x = "", 0.0
     for line in body:
@@ -285,34 +284,11 @@ def _table(lines: list[_Line], start: int, end: int) -> Table | None:
             label = f"{group} {label}"
         elif label_cells:
             group = ""
-        parts = [label] if label else []
-        said: set[str] = set()
-        for cell in line.values():
-            name = headers[_column_of(cell, columns)]
-            value = cell.text.strip()
-            if not name:
-                parts.append(value)
-                continue
-            # A spanning header ("Three Months Ended") is said once, at its first column.
-            shared = max((s for s in said if name.startswith(s + " ")), key=len, default="")
-            words = name[len(shared) + 1 :] if shared else name
-            said.update(_prefixes(name))
-            parts.append(f"{words}: {value}")
-        rows.append(" | ".join(parts) + suffix)
-    caption = " ".join(caption_lines)
-    head = [caption] if caption else []
-    named = [n for n in headers if n]
-    if named:
-        head.append(" | ".join(named) + suffix)
-    elif suffix and not caption:
-        head.append(suffix.strip())
+        cells = [(headers[_column_of(c, columns)], c.text.strip()) for c in line.values()]
+        rows.append(row_line(label, cells, units))
     top = lines[h].top if h < start else body[0].top
-    return Table(header="\n".join(head), rows=rows, top=top, bottom=body[-1].bottom)
-
-
-def _prefixes(name: str) -> set[str]:
-    words = name.split()
-    return {" ".join(words[:i]) for i in range(2, len(words))}
+    header = header_text(" ".join(caption_lines), headers, units)
+    return Table(header=header, rows=rows, top=top, bottom=body[-1].bottom)
 
 
 def find_tables(textpage: Any) -> list[Table]:

@@ -1,0 +1,103 @@
+"""How a table is written into the text that is chunked and embedded: one line per row that
+names what each figure is, under a header of caption, column names and units.
+
+    header  CONDENSED CONSOLIDATED STATEMENTS OF OPERATIONS (Unaudited) (In millions)
+            Three Months Ended July 1, 2023 | Three Months Ended June 25, 2022 (in millions)
+    row     Total net sales | Three Months Ended July 1, 2023: 81,797 | June 25, 2022: 82,959 (in millions)
+
+A figure torn from its row and column means nothing to the model or the claim verifier; a row
+written like this keeps its meaning in any chunk. A header that spans columns ("Three Months
+Ended") is said once per row, where it starts. The chunker repeats the header at the top of
+every chunk of a table and never splits a row (see :mod:`ingest.chunking`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from appliance.protocols import Section
+
+_UNITS = re.compile(r"\bin (thousands|millions|billions)\b", re.IGNORECASE)
+
+
+def units_in(*texts: str) -> str | None:
+    """"in millions" (or thousands, billions) where one of the texts states a table unit."""
+    for text in texts:
+        found = _UNITS.search(text)
+        if found:
+            return f"in {found.group(1).lower()}"
+    return None
+
+
+def _prefixes(name: str) -> set[str]:
+    words = name.split()
+    return {" ".join(words[:i]) for i in range(2, len(words))}
+
+
+def row_line(label: str, cells: Sequence[tuple[str, str]], units: str | None) -> str:
+    """``label | header: value | ... (units)``; a value without a header is written alone and
+    the part of a header already said in this row ("Three Months Ended") is not repeated."""
+    parts = [label] if label else []
+    said: set[str] = set()
+    for name, value in cells:
+        if not value:
+            continue
+        if not name:
+            parts.append(value)
+            continue
+        shared = max((s for s in said if name.startswith(s + " ")), key=len, default="")
+        parts.append(f"{name[len(shared) + 1 :] if shared else name}: {value}")
+        said |= _prefixes(name)
+    return " | ".join(parts) + (f" ({units})" if units else "")
+
+
+def header_text(caption: str, column_names: Sequence[str], units: str | None) -> str:
+    """The caption on one line and the column names on the next (either may be absent)."""
+    lines = [caption] if caption else []
+    names = [n for n in column_names if n]
+    if names:
+        lines.append(" | ".join(names) + (f" ({units})" if units else ""))
+    elif units and units not in caption.lower():
+        lines.append(f"({units})")
+    return "\n".join(lines)
+
+
+def table_section(
+    header: str, rows: Sequence[str], page: int | None, heading: str | None
+) -> Section | None:
+    """A table as a section (None when it has no rows): its header, then a row per line."""
+    body = [" ".join(r.split()) for r in rows if r.strip()]
+    if not body:
+        return None
+    text = "\n".join([header, *body]) if header else "\n".join(body)
+    return Section(text=text, page=page, heading=heading, header=header)
+
+
+def grid_table(
+    grid: Sequence[Sequence[str]], caption: str, header_rows: int, page: int | None = None,
+    heading: str | None = None,
+) -> Section | None:
+    """A table given as a grid of cell texts (DOCX, HTML): the first ``header_rows`` rows name
+    the columns, the first cell of every other row is its label."""
+    grid = [[" ".join(c.split()) for c in row] for row in grid]
+    grid = [row for row in grid if any(row)]
+    if not grid:
+        return None
+    header_rows = min(header_rows, len(grid) - 1) if len(grid) > 1 else 0
+    width = max(len(row) for row in grid)
+    names: list[str] = []
+    for col in range(width):
+        parts: list[str] = []
+        for row in grid[:header_rows]:
+            cell = row[col] if col < len(row) else ""
+            if cell and (not parts or parts[-1] != cell):
+                parts.append(cell)
+        names.append(" ".join(parts))
+    units = units_in(caption, *names)
+    rows = []
+    for row in grid[header_rows:]:
+        label, values = row[0], row[1:]
+        cells = [(names[i + 1] if i + 1 < len(names) else "", v) for i, v in enumerate(values)]
+        rows.append(row_line(label, cells, units))
+    return table_section(header_text(caption, names[1:], units), rows, page, heading)
