@@ -127,7 +127,9 @@ class OcrSettings(_Section):
     def _language_names(cls, value: list[str]) -> list[str]:
         for lang in value:
             if not re.fullmatch(r"[A-Za-z0-9_]+", lang):
-                raise ValueError(f"a Tesseract language is a name like eng or chi_sim; got {lang!r}")
+                raise ValueError(
+                    f"a Tesseract language is a name like eng or chi_sim; got {lang!r}"
+                )
         return value
 
 

@@ -94,7 +94,9 @@ def open_engine(options: OcrOptions) -> OcrEngine:
 
 # --- Tesseract -------------------------------------------------------------------------------
 
-_TESSERACT_FIX = "install it: install.sh --system, or apt-get install tesseract-ocr tesseract-ocr-eng"
+_TESSERACT_FIX = (
+    "install it: install.sh --system, or apt-get install tesseract-ocr tesseract-ocr-eng"
+)
 
 
 @dataclass
@@ -112,8 +114,9 @@ class TesseractEngine:
                 "OCR needs the Python package pytesseract: pip install 'pytesseract==0.3.13'"
             ) from None
         if shutil.which(pytesseract.pytesseract.tesseract_cmd) is None:
-            raise ParseError(f"OCR needs the tesseract program, which is not installed; "
-                             f"{_TESSERACT_FIX}")
+            raise ParseError(
+                f"OCR needs the tesseract program, which is not installed; {_TESSERACT_FIX}"
+            )
         installed = set(pytesseract.get_languages(config=""))
         missing = [lang for lang in self.options.languages if lang not in installed]
         if missing:

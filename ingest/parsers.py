@@ -27,7 +27,7 @@ import re
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -50,7 +50,7 @@ class ParseOptions:
     """How the parsers read what is not plain text (built from ``settings.ocr`` and
     ``settings.ingest.tables``)."""
 
-    ocr: OcrOptions = OcrOptions()
+    ocr: OcrOptions = field(default_factory=OcrOptions)
     tables: bool = True
     progress: ProgressFn | None = None
 
@@ -815,11 +815,7 @@ def _html_table_section(table: Tag, before: str) -> Section | None:
     """A <table> as rows under its column headers: the rows of <thead>, else the leading rows
     made only of <th>, name the columns; <caption> (or the line before) is the caption. A
     cell with colspan is repeated in each column it spans."""
-    rows = [
-        tr
-        for tr in table.find_all("tr")
-        if tr.find_parent("table") is table
-    ]
+    rows = [tr for tr in table.find_all("tr") if tr.find_parent("table") is table]
     grid: list[list[str]] = []
     header_rows = 0
     for tr in rows:

@@ -29,8 +29,12 @@ from typing import Any
 
 from ingest.tables import header_text, row_line, units_in
 
-_NUMBER = re.compile(r"\(?[-−–]?[$€£]?\s?\d[\d,]*(?:\.\d+)?\)?%?|[—–-]{1,2}|\$|%|\)")
-_ROW_END = re.compile(r"(?:\s+\(?\$?\s?[\d][\d,]*(?:\.\d+)?\)?%?|\s+[—–]){2,}\s*$")
+# minus sign, en dash and em dash spelled out: a dash alone is how filings write a nil figure
+_DASHES = "\u2212\u2013\u2014"
+_NUMBER = re.compile(
+    rf"\(?[-{_DASHES}]?[$€£]?\s?\d[\d,]*(?:\.\d+)?\)?%?|[-{_DASHES}]{{1,2}}|\$|%|\)"
+)
+_ROW_END = re.compile(rf"(?:\s+\(?\$?\s?\d[\d,]*(?:\.\d+)?\)?%?|\s+[{_DASHES}]){{2,}}\s*$")
 _SPACED_CLOSE = re.compile(r"\s+\)")
 _DOLLAR_EDGE = re.compile(r"^\$\s*|\s*\$$")
 _YEAR = re.compile(r"(?:19|20)\d\d")
@@ -148,11 +152,11 @@ def _lines(words: list[tuple[str, float, float, float, float]]) -> list[_Line]:
     for word in ordered:
         centre = (word[2] + word[4]) / 2
         if rows:
-            line = rows[-1]
-            bottom = min(w[2] for w in line)
-            top = max(w[4] for w in line)
+            current = rows[-1]
+            bottom = min(w[2] for w in current)
+            top = max(w[4] for w in current)
             if bottom <= centre <= top:
-                line.append(word)
+                current.append(word)
                 continue
         rows.append([word])
     lines: list[_Line] = []

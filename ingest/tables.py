@@ -3,7 +3,8 @@ names what each figure is, under a header of caption, column names and units.
 
     header  CONDENSED CONSOLIDATED STATEMENTS OF OPERATIONS (Unaudited) (In millions)
             Three Months Ended July 1, 2023 | Three Months Ended June 25, 2022 (in millions)
-    row     Total net sales | Three Months Ended July 1, 2023: 81,797 | June 25, 2022: 82,959 (in millions)
+    row     Total net sales | Three Months Ended July 1, 2023: 81,797 |
+            June 25, 2022: 82,959 (in millions)          (one line)
 
 A figure torn from its row and column means nothing to the model or the claim verifier; a row
 written like this keeps its meaning in any chunk. A header that spans columns ("Three Months
@@ -22,7 +23,7 @@ _UNITS = re.compile(r"\bin (thousands|millions|billions)\b", re.IGNORECASE)
 
 
 def units_in(*texts: str) -> str | None:
-    """"in millions" (or thousands, billions) where one of the texts states a table unit."""
+    """ "in millions" (or thousands, billions) where one of the texts states a table unit."""
     for text in texts:
         found = _UNITS.search(text)
         if found:
@@ -75,7 +76,10 @@ def table_section(
 
 
 def grid_table(
-    grid: Sequence[Sequence[str]], caption: str, header_rows: int, page: int | None = None,
+    grid: Sequence[Sequence[str]],
+    caption: str,
+    header_rows: int,
+    page: int | None = None,
     heading: str | None = None,
 ) -> Section | None:
     """A table given as a grid of cell texts (DOCX, HTML): the first ``header_rows`` rows name

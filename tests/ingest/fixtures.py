@@ -210,7 +210,9 @@ TABLE_ROWS = (
 )
 
 
-def make_table_pdf(path: Path, rows: Sequence[tuple[str, str | None, str | None, int]] = TABLE_ROWS) -> Path:
+def make_table_pdf(
+    path: Path, rows: Sequence[tuple[str, str | None, str | None, int]] = TABLE_ROWS
+) -> Path:
     """A page of prose, then a statement table like a 10-Q's, then more prose."""
     from reportlab.pdfgen import canvas
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import shutil
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from appliance.errors import ParseError
+from appliance.offline import OfflineViolation
 from ingest.ocr import OcrOptions, character_accuracy
 from ingest.parsers import ParseOptions, parse_file
 from ingest.sandbox import ParserSandbox, _progress_of
@@ -83,7 +86,7 @@ def test_a_multi_page_tiff_gives_a_section_per_page_and_reports_progress(tmp_pat
 @needs_tesseract
 def test_ocr_is_offline_and_fits_the_sandbox_limits(tmp_path: Path) -> None:
     # The network guard of conftest is on: reaching out anywhere would fail this test.
-    with pytest.raises(OSError):
+    with pytest.raises(OfflineViolation, match="the appliance is offline"):
         socket.create_connection(("192.0.2.1", 80), timeout=1)
     scan = make_scanned_pdf(tmp_path / "scan.pdf", (SCAN_LINES, SCAN_LINES[:2]))
     with ParserSandbox(timeout_s=60, memory_mb=2048, max_text_chars=1_000_000) as sandbox:
@@ -137,7 +140,9 @@ def test_the_scanned_protocol_is_indexed_and_found(tmp_path: Path, make_indexer)
         pytest.skip(f"the shared corpus is absent ({SCANNED_PROTOCOL})")
     docs = tmp_path / "docs"
     docs.mkdir()
-    shutil.copy(SCANNED_PROTOCOL, docs / SCANNED_PROTOCOL.name)  # links leaving the folder are refused
+    shutil.copy(
+        SCANNED_PROTOCOL, docs / SCANNED_PROTOCOL.name
+    )  # links leaving the folder are refused
     make_pdf(docs / "retention.pdf")
     indexer = make_indexer(docs)
     report = indexer.reconcile()
@@ -145,3 +150,51 @@ def test_the_scanned_protocol_is_indexed_and_found(tmp_path: Path, make_indexer)
     hits = indexer.search("Which yoga breathing practice is taught in week 1 of the protocol?")
     assert hits[0]["path"] == SCANNED_PROTOCOL.name
     assert hits[0]["ocr_confidence"] is not None
+
+
+@needs_tesseract
+def test_status_shows_pages_done_while_a_scan_is_read(tmp_path: Path, make_indexer) -> None:  # type: ignore[no-untyped-def]
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    make_scanned_pdf(docs / "long scan.pdf", (SCAN_LINES, SCAN_LINES, SCAN_LINES))
+    indexer = make_indexer(docs)
+    seen: list[dict[str, object]] = []
+    worker = threading.Thread(target=indexer.reconcile)
+    worker.start()
+    while worker.is_alive():
+        parsing = indexer.status()["parsing"]
+        if parsing is not None and parsing not in seen:
+            seen.append(parsing)
+        time.sleep(0.05)
+    worker.join()
+    assert seen, "no progress was reported while three pages were OCR'd"
+    assert all(p["path"] == "long scan.pdf" and p["pages"] == 3 for p in seen)
+    assert {p["pages_done"] for p in seen} <= {1, 2, 3}
+    assert indexer.status()["parsing"] is None
+    assert indexer.status()["documents"] == 1
+
+
+def test_a_state_from_before_ocr_gets_the_confidence_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    from ingest.state import IngestState
+
+    path = tmp_path / "ingest.sqlite3"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE chunks (collection TEXT NOT NULL, point_id TEXT NOT NULL, "
+        "path TEXT NOT NULL, sha256 TEXT NOT NULL, idx INTEGER NOT NULL, status TEXT NOT NULL, "
+        "text_key TEXT NOT NULL, text TEXT NOT NULL, start INTEGER NOT NULL, "
+        "end_ INTEGER NOT NULL, page INTEGER, heading TEXT, PRIMARY KEY (collection, point_id))"
+    )
+    old.execute(
+        "INSERT INTO chunks VALUES ('c', 'p1', 'a.pdf', 'h', 0, 'live', 'k', 't', 0, 1, 1, NULL)"
+    )
+    old.commit()
+    old.close()
+    state = IngestState(path)
+    try:
+        (row,) = state.live_chunks_of_path("c", "a.pdf")
+        assert row.chunk.ocr_confidence is None
+    finally:
+        state.close()

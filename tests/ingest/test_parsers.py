@@ -14,6 +14,7 @@ from appliance.protocols import ParsedDocument, Section
 from ingest import parsers
 from ingest.ocr import OcrOptions
 from ingest.parsers import (
+    DEFAULT_OPTIONS,
     ParseOptions,
     parse_file,
     parser_for,
@@ -29,7 +30,6 @@ from tests.ingest.fixtures import (
     make_pdf,
     make_zip_bomb,
 )
-
 
 NO_TABLES = ParseOptions(tables=False)  # tables as plain " | " lines, as before tables were kept
 
@@ -51,7 +51,7 @@ def registry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(parsers, "_PARSERS", dict(parsers._PARSERS))
 
 
-def fake_parser(path: Path, options: ParseOptions = ParseOptions()) -> ParsedDocument:
+def fake_parser(path: Path, options: ParseOptions = DEFAULT_OPTIONS) -> ParsedDocument:
     return ParsedDocument(sections=[Section(text=path.read_text())])
 
 

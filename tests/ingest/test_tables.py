@@ -9,7 +9,7 @@ from pathlib import Path
 
 from appliance.protocols import Section
 from ingest.chunking import chunk_sections, extracted_text
-from ingest.parsers import ParseOptions, parse_file
+from ingest.parsers import DEFAULT_OPTIONS, ParseOptions, parse_file
 from ingest.pdf_tables import looks_tabular
 from ingest.tables import grid_table, row_line
 from tests.ingest.fixtures import make_pdf, make_table_pdf
@@ -24,7 +24,7 @@ def word_spans(text: str) -> list[tuple[int, int]]:
     return [m.span() for m in re.finditer(r"\w+|[^\w\s]", text)]
 
 
-def tables_of(path: Path, options: ParseOptions = ParseOptions()) -> list[Section]:
+def tables_of(path: Path, options: ParseOptions = DEFAULT_OPTIONS) -> list[Section]:
     return [s for s in parse_file(path, options).sections if s.header is not None]
 
 
@@ -35,8 +35,10 @@ def test_pdf_rows_keep_headers_caption_and_units(tmp_path: Path) -> None:
     sections = parse_file(make_table_pdf(tmp_path / "10q.pdf")).sections
     assert [s.page for s in sections] == [1, 1, 1]
     before, table, after = sections
-    assert before.header is None and "results of operations" in before.text
-    assert after.header is None and "lower Mac sales" in after.text
+    assert before.header is None
+    assert "results of operations" in before.text
+    assert after.header is None
+    assert "lower Mac sales" in after.text
     assert table.header == (
         "CONDENSED CONSOLIDATED STATEMENTS OF OPERATIONS (Unaudited) (In millions)\n"
         "Three Months Ended July 1, 2023 | Three Months Ended June 25, 2022 (in millions)"
@@ -76,8 +78,11 @@ def test_docx_rows_keep_headers_caption_and_units(tmp_path: Path) -> None:
     document = docx.Document()
     document.add_paragraph("Net sales by category (in millions):")
     table = document.add_table(rows=3, cols=3)
-    grid = [("", "July 1, 2023", "June 25, 2022"), ("iPhone", "39,669", "40,665"),
-            ("Mac", "6,840", "7,382")]
+    grid = [
+        ("", "July 1, 2023", "June 25, 2022"),
+        ("iPhone", "39,669", "40,665"),
+        ("Mac", "6,840", "7,382"),
+    ]
     for row, values in zip(table.rows, grid, strict=True):
         for cell, value in zip(row.cells, values, strict=True):
             cell.text = value
@@ -120,7 +125,10 @@ def test_html_rows_keep_headers_caption_units_and_spans(tmp_path: Path) -> None:
 
 
 def test_row_line_says_a_spanning_header_once() -> None:
-    cells = [("Three Months Ended July 1, 2023", "81,797"), ("Three Months Ended June 25, 2022", "")]
+    cells = [
+        ("Three Months Ended July 1, 2023", "81,797"),
+        ("Three Months Ended June 25, 2022", ""),
+    ]
     assert row_line("Total", cells, None) == "Total | Three Months Ended July 1, 2023: 81,797"
     assert grid_table([["a", "b"]], "", header_rows=1) is not None  # a lone row is a row
 
@@ -131,7 +139,9 @@ def test_row_line_says_a_spanning_header_once() -> None:
 def big_table() -> Section:
     header = "Statement of Operations (in millions)\nQ3 2023 | Q3 2022 (in millions)"
     rows = [
-        row_line(f"Line item {i}", [("Q3 2023", f"{i},100"), ("Q3 2022", f"{i},200")], "in millions")
+        row_line(
+            f"Line item {i}", [("Q3 2023", f"{i},100"), ("Q3 2022", f"{i},200")], "in millions"
+        )
         for i in range(40)
     ]
     return Section(text="\n".join([header, *rows]), page=4, header=header)
