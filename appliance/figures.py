@@ -75,16 +75,12 @@ _TABLE_UNIT = re.compile(
 _DATES = [
     # March 31, 2023 / Mar. 31 2023
     re.compile(
-        r"\b"
-        + _MONTH.format("month")
-        + r"\s+(?P<day>[0-3]?\d)(?:st|nd|rd|th)?,?\s+(?P<year>(?:19|20)\d\d)\b",
+        r"\b" + _MONTH.format("month") + r"\s+(?P<day>[0-3]?\d)(?:st|nd|rd|th)?,?\s+(?P<year>(?:19|20)\d\d)\b",
         re.IGNORECASE,
     ),
     # 31 March 2023
     re.compile(
-        r"\b(?P<day>[0-3]?\d)(?:st|nd|rd|th)?\s+"
-        + _MONTH.format("month")
-        + r",?\s+(?P<year>(?:19|20)\d\d)\b",
+        r"\b(?P<day>[0-3]?\d)(?:st|nd|rd|th)?\s+" + _MONTH.format("month") + r",?\s+(?P<year>(?:19|20)\d\d)\b",
         re.IGNORECASE,
     ),
     # 2023-03-31
@@ -100,9 +96,7 @@ _IDENTIFIER = re.compile(
 )
 _IDENTIFIER_PREFIXES = frozenset({"ISO", "IEC", "EN", "SOC", "RFC", "NIST", "SP", "CFR", "USC"})
 _NUMBER = re.compile(
-    r"(?<![\w.])(?:"
-    + _CURRENCY
-    + r"\s?)?(?P<neg>[-−(])?(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
+    r"(?<![\w.])(?:" + _CURRENCY + r"\s?)?(?P<neg>[-−(])?(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
     r"(?P<pct>\s?%|\s+(?:percent|per cent|percentage points?|pp)\b)?"
     r"(?:\s?(?P<scale>thousands?|millions?|billions?|trillions?|mn|bn|tn|mm|[kmb])\b)?",
     re.IGNORECASE,
@@ -297,8 +291,7 @@ def _number_matches(figure: Figure, other: Figure, unit: float | None) -> bool:
 
 
 def _same_digits(figure: Figure, other: Figure) -> bool:
-    assert figure.value is not None
-    assert other.value is not None
+    assert figure.value is not None and other.value is not None
     significant = len(re.sub(r"[^0-9]", "", f"{figure.value:.{figure.decimals}f}").lstrip("0"))
     return significant >= 4 and figure.value == other.value and figure.decimals == other.decimals
 
@@ -367,5 +360,7 @@ def missing_figures(text: str, passages: Iterable[str]) -> tuple[list[Figure], i
     figures = extract_figures(text)
     texts = list(passages)
     extracted = [(p, extract_figures(p)) for p in texts]
-    missing = [f for f in figures if not any(find_figure(f, p, figures=fs) for p, fs in extracted)]
+    missing = [
+        f for f in figures if not any(find_figure(f, p, figures=fs) for p, fs in extracted)
+    ]
     return missing, len(figures)
