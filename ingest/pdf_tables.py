@@ -34,13 +34,17 @@ _DASHES = "\u2212\u2013\u2014"
 _NUMBER = re.compile(
     rf"\(?[-{_DASHES}]?[$€£]?\s?\d[\d,]*(?:\.\d+)?\)?%?|[-{_DASHES}]{{1,2}}|\$|%|\)"
 )
-_ROW_END = re.compile(rf"(?:\s+\(?\$?\s?\d[\d,]*(?:\.\d+)?\)?%?|\s+[{_DASHES}]){{2,}}\s*$")
-_SPACED_CLOSE = re.compile(r"\s+\)")
+_ROW_END = re.compile(
+    rf"(?:\s+\(?\$?\s?\d[\d,]*(?:\.\d+)?\)?\s?%?|\s+[{_DASHES}]){{2,}}\s*$"
+)
+_SPACED_CLOSE = re.compile(r"\s+([)%])")
 _DOLLAR_EDGE = re.compile(r"^\$\s*|\s*\$$")
 _YEAR = re.compile(r"(?:19|20)\d\d")
 _MIN_ROWS = 2
 _MAX_HEADER_LINES = 6
-_MAX_CAPTION_LINES = 4
+_MAX_CAPTION_LINES = 3
+_MAX_CAPTION_CHARS = 160
+_MAX_HEADER_CELL = 60
 
 
 def looks_tabular(page_text: str, min_lines: int = 3) -> bool:
@@ -182,7 +186,7 @@ def _merge_signs(line: _Line) -> None:
     cells: list[_Cell] = []
     pending: _Cell | None = None
     for cell in line.cells:
-        text = _SPACED_CLOSE.sub(")", cell.text.strip())
+        text = _SPACED_CLOSE.sub(r"\1", cell.text.strip())
         bare = _DOLLAR_EDGE.sub("", text)
         if bare and bare != text and _NUMBER.fullmatch(bare):
             text = bare  # "(3,844) $" or "$ 3,172": the sign says nothing a row needs
@@ -255,6 +259,8 @@ def _table(lines: list[_Line], start: int, end: int) -> Table | None:
             break
         if any(c.numeric and not _YEAR.fullmatch(c.text.strip()) for c in line.cells):
             break  # figures that did not make a row: not a header
+        if any(len(c.text) > _MAX_HEADER_CELL for c in line.cells):
+            break  # prose above the table
         h -= 1
     headers = _headers(lines[h:start], columns)
     caption_lines: list[str] = []
@@ -266,10 +272,14 @@ def _table(lines: list[_Line], start: int, end: int) -> Table | None:
         found = units_in(text)
         if found and units is None:
             units = found
-            if len(text) < 120:
+            # "(In millions, except number of shares ...)" says only the unit: the header
+            # carries that as "(in millions)"
+            if len(text) < 120 and not text.startswith("("):
                 caption_lines.insert(0, text)
             continue
-        if len(text) > 150 or text.endswith("."):
+        if len(text) > _MAX_CAPTION_CHARS or text.endswith("."):
+            break
+        if sum(len(c) + 1 for c in caption_lines) + len(text) > _MAX_CAPTION_CHARS:
             break
         caption_lines.insert(0, text)
     if units is None:

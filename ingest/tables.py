@@ -1,8 +1,7 @@
 """How a table is written into the text that is chunked and embedded: one line per row that
 names what each figure is, under a header of caption, column names and units.
 
-    header  CONDENSED CONSOLIDATED STATEMENTS OF OPERATIONS (Unaudited) (In millions)
-            Three Months Ended July 1, 2023 | Three Months Ended June 25, 2022 (in millions)
+    header  CONDENSED CONSOLIDATED STATEMENTS OF OPERATIONS (Unaudited) (in millions)
     row     Total net sales | Three Months Ended July 1, 2023: 81,797 |
             June 25, 2022: 82,959 (in millions)          (one line)
 
@@ -54,14 +53,14 @@ def row_line(label: str, cells: Sequence[tuple[str, str]], units: str | None) ->
 
 
 def header_text(caption: str, column_names: Sequence[str], units: str | None) -> str:
-    """The caption on one line and the column names on the next (either may be absent)."""
-    lines = [caption] if caption else []
+    """What every chunk of a table repeats: its caption and units, or, without a caption, its
+    column names and units. Short on purpose: every row names its own columns already, and a
+    long header would crowd the rows out of a chunk (and dilute its embedding)."""
     names = [n for n in column_names if n]
-    if names:
-        lines.append(" | ".join(names) + (f" ({units})" if units else ""))
-    elif units and units not in caption.lower():
-        lines.append(f"({units})")
-    return "\n".join(lines)
+    text = caption or " | ".join(names)
+    if units and units not in text.lower():
+        text = f"{text} ({units})" if text else f"({units})"
+    return text
 
 
 def table_section(
