@@ -92,6 +92,12 @@ class IngestSettings(_Section):
         description="Write tables (PDF, DOCX, HTML) as rows that keep their column headers, "
         "caption and units; a row never splits across chunks.",
     )
+    table_rows: Literal["labelled", "compact"] = Field(
+        "labelled",
+        description="labelled: each figure says its column ('Total | Q3 2023: 81,797'); "
+        "compact: figures in column order under a column line repeated in every chunk "
+        "('Total | 81,797'), about twice the rows per chunk.",
+    )
 
 
 class OcrSettings(_Section):

@@ -77,6 +77,7 @@ def parse_options(settings: Settings) -> Any:
             max_pages=ocr.max_pages,
         ),
         tables=settings.ingest.tables,
+        table_style=settings.ingest.table_rows,
     )
 
 

@@ -31,7 +31,7 @@ query-side change reruns in seconds while an identity or chunking change builds 
 ``--max-tokens``/``--overlap-tokens`` try other chunk sizes. Run from the repository root:
 
     .venv/bin/python benchmarks/retrieval_quality.py [--distractors] [--data-dir DIR]
-        [--tables on|off] [--json]
+        [--tables labelled|compact|off] [--json]
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def build_key(settings: Any, embedder: Any) -> str:
     for module in ("identity", "chunking", "pipeline", "parsers", "pdf_tables", "tables"):
         digest.update(_code_fingerprint(REPO / "ingest" / f"{module}.py").encode())
     digest.update(settings.chunking.model_dump_json().encode())
-    digest.update(f"tables={settings.ingest.tables}".encode())
+    digest.update(f"tables={settings.ingest.tables},{settings.ingest.table_rows}".encode())
     digest.update(embedder.model_id.encode())
     return digest.hexdigest()[:12]
 
@@ -240,7 +240,7 @@ def corpus_files(distractors: bool) -> list[tuple[Path, str]]:
 
 
 def benchmark_settings(
-    root: Path, chunking: Mapping[str, int] | None = None, *, tables: bool = True
+    root: Path, chunking: Mapping[str, int] | None = None, *, tables: str = "labelled"
 ) -> Any:
     """Default settings (no YAML, no environment) with the data and documents under ``root``."""
     from appliance.settings import load_settings
@@ -252,7 +252,8 @@ def benchmark_settings(
             "ingest": {
                 "docs_dir": str(root / "docs"),
                 "reconcile_interval_s": 0,
-                "tables": tables,
+                "tables": tables != "off",
+                **({"table_rows": tables} if tables in ("labelled", "compact") else {}),
             },
             "chunking": dict(chunking or {}),
         },
@@ -266,7 +267,7 @@ def built_index(
     *,
     embedder: Any = None,
     chunking: Mapping[str, int] | None = None,
-    tables: bool = True,
+    tables: str = "labelled",
 ) -> Iterator[tuple[Any, Any]]:
     """An ``Ingestion`` over a copy of ``files`` in ``root/docs``, its data in ``root/data``,
     indexed up to date (an existing index there is reused and brought up to date), and the
@@ -300,7 +301,7 @@ def run(
     *,
     distractors: bool,
     chunking: Mapping[str, int] | None = None,
-    tables: bool = True,
+    tables: str = "labelled",
 ) -> dict[str, Any]:
     """Build (or reuse) the indexes under ``data_dir`` and score every mode."""
     from ingest.embedders import SentenceTransformerEmbedder
@@ -346,7 +347,7 @@ def print_table(results: dict[str, Any]) -> None:
     print(
         f"chunks of {chunking['max_tokens']} tokens, {chunking['overlap_tokens']} overlapping; "
         f"a hit is a chunk of a gold document among the top {results['k']}; "
-        f"tables {'kept as rows' if results.get('tables', True) else 'as page text'}"
+        f"tables: {results.get('tables')}"
     )
     for name, variant in results.items():
         if not isinstance(variant, dict) or "modes" not in variant:
@@ -402,9 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tables",
-        choices=("on", "off"),
-        default="on",
-        help="off: tables as plain page text (the comparison before table handling)",
+        choices=("labelled", "compact", "off"),
+        default="labelled",
+        help="how tables are written (the settings ingest.table_rows; off: ingest.tables "
+        "false, tables as plain page text, the comparison before table handling)",
     )
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     parser.add_argument("-v", "--verbose", action="store_true", help="log indexing progress")
@@ -440,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if value is not None
     }
-    tables = args.tables == "on"
+    tables = args.tables
     if args.data_dir is not None:
         args.data_dir.mkdir(parents=True, exist_ok=True)
         results = run(args.data_dir, distractors=args.distractors, chunking=chunking, tables=tables)

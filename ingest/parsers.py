@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from appliance.errors import ParseError
 from appliance.protocols import ParsedDocument, Section
 from ingest.ocr import MAX_PAGE_PIXELS, OcrEngine, OcrOptions, image_frames, open_engine
-from ingest.tables import grid_table, table_section
+from ingest.tables import TableStyle, grid_table, table_section
 
 if TYPE_CHECKING:
     from bs4 import Tag
@@ -52,6 +52,7 @@ class ParseOptions:
 
     ocr: OcrOptions = field(default_factory=OcrOptions)
     tables: bool = True
+    table_style: TableStyle = "labelled"
     progress: ProgressFn | None = None
 
 
@@ -428,7 +429,7 @@ def _pdf_page_sections(
 
     if not options.tables or not looks_tabular(text):
         return [Section(text=text, page=number, heading=heading)]
-    tables = find_tables(textpage)
+    tables = find_tables(textpage, options.table_style)
     if not tables:
         return [Section(text=text, page=number, heading=heading)]
     width, height = page.get_size()
@@ -600,7 +601,7 @@ def _caption(before: str) -> str:
     return ""
 
 
-def _docx_table_section(table: DocxTable, before: str) -> Section | None:
+def _docx_table_section(table: DocxTable, before: str, style: TableStyle) -> Section | None:
     """A table as rows under its column headers: the first row names the columns (python-docx
     repeats a merged cell in each column it spans); the paragraph before it is its caption
     when short."""
@@ -613,7 +614,7 @@ def _docx_table_section(table: DocxTable, before: str) -> Section | None:
                 parts.extend(_docx_table_lines(item) if hasattr(item, "rows") else [item.text])
             cells.append(_one_line(" ".join(parts)))
         grid.append(cells)
-    return grid_table(grid, _caption(before), header_rows=1)
+    return grid_table(grid, _caption(before), header_rows=1, style=style)
 
 
 def parse_docx(path: Path, options: ParseOptions = DEFAULT_OPTIONS) -> ParsedDocument:
@@ -635,7 +636,7 @@ def parse_docx(path: Path, options: ParseOptions = DEFAULT_OPTIONS) -> ParsedDoc
     for block in _docx_blocks(document):
         if hasattr(block, "rows"):
             if options.tables:
-                outline.table(_docx_table_section(block, outline.last_line()))
+                outline.table(_docx_table_section(block, outline.last_line(), options.table_style))
             else:
                 for line in _docx_table_lines(block):
                     outline.line(line)
@@ -811,7 +812,7 @@ def _html_container(soup: Any) -> Tag:
     return body
 
 
-def _html_table_section(table: Tag, before: str) -> Section | None:
+def _html_table_section(table: Tag, before: str, style: TableStyle) -> Section | None:
     """A <table> as rows under its column headers: the rows of <thead>, else the leading rows
     made only of <th>, name the columns; <caption> (or the line before) is the caption. A
     cell with colspan is repeated in each column it spans."""
@@ -834,10 +835,12 @@ def _html_table_section(table: Tag, before: str) -> Section | None:
         grid.append(cells)
     caption_tag = table.find("caption")
     caption = _one_line(caption_tag.get_text(" ")) if caption_tag is not None else ""
-    return grid_table(grid, caption or _caption(before), header_rows=header_rows)
+    return grid_table(grid, caption or _caption(before), header_rows=header_rows, style=style)
 
 
-def _html_walk(root: Tag, outline: _Outline, *, tables: bool = True) -> None:
+def _html_walk(
+    root: Tag, outline: _Outline, *, tables: bool = True, style: TableStyle = "labelled"
+) -> None:
     """Feed ``root``'s text to ``outline``: a line per block element, a " | " line per table
     row, <pre> kept as is, whitespace elsewhere collapsed. Iterative: deep nesting is fine."""
     from bs4 import NavigableString, Tag
@@ -869,7 +872,7 @@ def _html_walk(root: Tag, outline: _Outline, *, tables: bool = True) -> None:
             outline.heading(int(name[1]), node.get_text(" "))
         elif name == "table" and tables:
             end_line()
-            outline.table(_html_table_section(node, outline.last_line()))
+            outline.table(_html_table_section(node, outline.last_line(), style))
         elif name == "tr":
             end_line()
             cells = [
@@ -911,7 +914,7 @@ def parse_html(path: Path, options: ParseOptions = DEFAULT_OPTIONS) -> ParsedDoc
         if not tag.decomposed:
             tag.decompose()
     outline = _Outline()
-    _html_walk(_html_container(soup), outline, tables=options.tables)
+    _html_walk(_html_container(soup), outline, tables=options.tables, style=options.table_style)
     return _document(outline.finish(), title or None, None)
 
 

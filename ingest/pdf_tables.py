@@ -27,16 +27,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ingest.tables import header_text, row_line, units_in
+from ingest.tables import TableStyle, header_text, row_line, units_in
 
 # minus sign, en dash and em dash spelled out: a dash alone is how filings write a nil figure
 _DASHES = "\u2212\u2013\u2014"
 _NUMBER = re.compile(
     rf"\(?[-{_DASHES}]?[$€£]?\s?\d[\d,]*(?:\.\d+)?\)?%?|[-{_DASHES}]{{1,2}}|\$|%|\)"
 )
-_ROW_END = re.compile(
-    rf"(?:\s+\(?\$?\s?\d[\d,]*(?:\.\d+)?\)?\s?%?|\s+[{_DASHES}]){{2,}}\s*$"
-)
+_ROW_END = re.compile(rf"(?:\s+\(?\$?\s?\d[\d,]*(?:\.\d+)?\)?\s?%?|\s+[{_DASHES}]){{2,}}\s*$")
 _SPACED_CLOSE = re.compile(r"\s+([)%])")
 _DOLLAR_EDGE = re.compile(r"^\$\s*|\s*\$$")
 _YEAR = re.compile(r"(?:19|20)\d\d")
@@ -239,7 +237,7 @@ def _headers(lines: list[_Line], columns: list[tuple[float, float]]) -> list[str
     return [" ".join(n) for n in names]
 
 
-def _table(lines: list[_Line], start: int, end: int) -> Table | None:
+def _table(lines: list[_Line], start: int, end: int, style: TableStyle) -> Table | None:
     """The table whose rows are ``lines[start:end]``, with headers and caption from above."""
     body = lines[start:end]
     data = [line for line in body if line.is_row]
@@ -298,14 +296,22 @@ def _table(lines: list[_Line], start: int, end: int) -> Table | None:
             label = f"{group} {label}"
         elif label_cells:
             group = ""
-        cells = [(headers[_column_of(c, columns)], c.text.strip()) for c in line.values()]
-        rows.append(row_line(label, cells, units))
+        values: dict[int, str] = {}
+        for cell in line.values():
+            column = _column_of(cell, columns)
+            values[column] = (
+                f"{values[column]} {cell.text.strip()}".strip()
+                if column in values
+                else cell.text.strip()
+            )
+        cells = [(headers[i], values.get(i, "")) for i in range(len(columns))]
+        rows.append(row_line(label, cells, units, style))
     top = lines[h].top if h < start else body[0].top
-    header = header_text(" ".join(caption_lines), headers, units)
+    header = header_text(" ".join(caption_lines), headers, units, style)
     return Table(header=header, rows=rows, top=top, bottom=body[-1].bottom)
 
 
-def find_tables(textpage: Any) -> list[Table]:
+def find_tables(textpage: Any, style: TableStyle = "labelled") -> list[Table]:
     """The tables on one page (a pypdfium2 ``PdfTextPage``), top to bottom."""
     lines = _lines(_words(textpage))
     tables: list[Table] = []
@@ -332,7 +338,7 @@ def find_tables(textpage: Any) -> list[Table]:
             if len(above.cells) != 1 or not (label.endswith(":") or len(label.split()) <= 2):
                 break
             start -= 1
-        table = _table(lines, start, last_row + 1)
+        table = _table(lines, start, last_row + 1, style)
         if table is not None:
             tables.append(table)
         i = last_row + 1

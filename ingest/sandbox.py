@@ -337,6 +337,7 @@ def _options_json(options: ParseOptions) -> str:
     return json.dumps(
         {
             "tables": options.tables,
+            "table_style": options.table_style,
             "ocr": {
                 "engine": ocr.engine,
                 "languages": list(ocr.languages),
@@ -352,7 +353,12 @@ def _options_from_json(text: str, progress: parsers.ProgressFn) -> ParseOptions:
     data = json.loads(text)
     ocr = dict(data["ocr"])
     ocr["languages"] = tuple(ocr["languages"])
-    return ParseOptions(ocr=OcrOptions(**ocr), tables=bool(data["tables"]), progress=progress)
+    return ParseOptions(
+        ocr=OcrOptions(**ocr),
+        tables=bool(data["tables"]),
+        table_style=data["table_style"],
+        progress=progress,
+    )
 
 
 def _is_ready(line: bytes) -> bool:

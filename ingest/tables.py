@@ -15,8 +15,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Literal
 
 from appliance.protocols import Section
+
+TableStyle = Literal["labelled", "compact"]
+"""labelled: every figure says its column (``Total | Q3 2023: 81,797 | Q3 2022: 82,959``);
+compact: figures in column order under a header line that names the columns once per chunk
+(``Total | 81,797 | 82,959``), which fits about twice the rows in a chunk."""
 
 _UNITS = re.compile(r"\bin (thousands|millions|billions)\b", re.IGNORECASE)
 
@@ -35,9 +41,18 @@ def _prefixes(name: str) -> set[str]:
     return {" ".join(words[:i]) for i in range(2, len(words))}
 
 
-def row_line(label: str, cells: Sequence[tuple[str, str]], units: str | None) -> str:
-    """``label | header: value | ... (units)``; a value without a header is written alone and
-    the part of a header already said in this row ("Three Months Ended") is not repeated."""
+def row_line(
+    label: str,
+    cells: Sequence[tuple[str, str]],
+    units: str | None,
+    style: TableStyle = "labelled",
+) -> str:
+    """One row: ``cells`` are (column name, value) in column order, a value empty where the
+    row has none. labelled: ``label | header: value | ... (units)``, a value without a header
+    written alone, and the part of a header already said in this row ("Three Months Ended")
+    not repeated. compact: ``label | value | ...`` with "-" for an empty value."""
+    if style == "compact":
+        return " | ".join([label, *(value or "-" for _, value in cells)])
     parts = [label] if label else []
     said: set[str] = set()
     for name, value in cells:
@@ -52,11 +67,25 @@ def row_line(label: str, cells: Sequence[tuple[str, str]], units: str | None) ->
     return " | ".join(parts) + (f" ({units})" if units else "")
 
 
-def header_text(caption: str, column_names: Sequence[str], units: str | None) -> str:
-    """What every chunk of a table repeats: its caption and units, or, without a caption, its
-    column names and units. Short on purpose: every row names its own columns already, and a
-    long header would crowd the rows out of a chunk (and dilute its embedding)."""
+def header_text(
+    caption: str,
+    column_names: Sequence[str],
+    units: str | None,
+    style: TableStyle = "labelled",
+) -> str:
+    """What every chunk of a table repeats. labelled: its caption and units, or, without a
+    caption, its column names and units; short on purpose, since every row names its own
+    columns and a long header would crowd the rows out of a chunk. compact: the caption and
+    units, then the column names in order (the rows' figures follow that order)."""
     names = [n for n in column_names if n]
+    if style == "compact":
+        first = caption
+        if units and units not in first.lower():
+            first = f"{first} ({units})" if first else f"({units})"
+        lines = [first] if first else []
+        if names:
+            lines.append(" | ".join(["", *(n or "-" for n in column_names)]).strip())
+        return "\n".join(lines)
     text = caption or " | ".join(names)
     if units and units not in text.lower():
         text = f"{text} ({units})" if text else f"({units})"
@@ -80,6 +109,7 @@ def grid_table(
     header_rows: int,
     page: int | None = None,
     heading: str | None = None,
+    style: TableStyle = "labelled",
 ) -> Section | None:
     """A table given as a grid of cell texts (DOCX, HTML): the first ``header_rows`` rows name
     the columns, the first cell of every other row is its label."""
@@ -100,7 +130,6 @@ def grid_table(
     units = units_in(caption, *names)
     rows = []
     for row in grid[header_rows:]:
-        label, values = row[0], row[1:]
-        cells = [(names[i + 1] if i + 1 < len(names) else "", v) for i, v in enumerate(values)]
-        rows.append(row_line(label, cells, units))
-    return table_section(header_text(caption, names[1:], units), rows, page, heading)
+        values = list(row[1:]) + [""] * (width - len(row))
+        rows.append(row_line(row[0], list(zip(names[1:], values, strict=False)), units, style))
+    return table_section(header_text(caption, names[1:], units, style), rows, page, heading)
