@@ -423,31 +423,19 @@ class _PageOcr:
 def _pdf_page_sections(
     page: Any, textpage: Any, text: str, number: int, heading: str | None, options: ParseOptions
 ) -> list[Section]:
-    """A page's text, with each table found on it as a section of its own between the text
-    above and below it (only pages that look tabular pay for the search)."""
+    """A page's text, then each table found on it as a section of rows (only pages that look
+    tabular pay for the search). The page text stays whole: measured on the 10-Q filings,
+    cutting the tables out of it separated each table from the sentence that introduces it
+    and lost more evidence than the rows won (see README, Benchmarks)."""
     from ingest.pdf_tables import find_tables, looks_tabular
 
+    sections = [Section(text=text, page=number, heading=heading)]
     if not options.tables or not looks_tabular(text):
-        return [Section(text=text, page=number, heading=heading)]
-    tables = find_tables(textpage, options.table_style)
-    if not tables:
-        return [Section(text=text, page=number, heading=heading)]
-    width, height = page.get_size()
-    sections: list[Section] = []
-    above = height + 1
-    for table in tables:
-        band = clean_text(
-            textpage.get_text_bounded(0, table.top + 0.5, width, above).translate(_PDF_HYPHENS)
-        )
-        if band.strip():
-            sections.append(Section(text=band, page=number, heading=heading))
+        return sections
+    for table in find_tables(textpage, options.table_style):
         section = table_section(table.header, table.rows, number, heading)
         if section is not None:
             sections.append(section)
-        above = table.bottom - 0.5
-    band = clean_text(textpage.get_text_bounded(0, 0, width, above).translate(_PDF_HYPHENS))
-    if band.strip():
-        sections.append(Section(text=band, page=number, heading=heading))
     return sections
 
 

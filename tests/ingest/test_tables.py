@@ -182,3 +182,24 @@ def test_without_a_caption_the_column_names_head_the_table(tmp_path: Path) -> No
     path.write_text(page, encoding="utf-8")
     (section,) = tables_of(path)
     assert section.text == "Years kept\nInvoices | Years kept: 7"
+
+
+def test_compact_rows_follow_a_column_line_in_every_chunk(tmp_path: Path) -> None:
+    sections = parse_file(
+        make_table_pdf(tmp_path / "10q.pdf"), ParseOptions(table_style="compact")
+    ).sections
+    (table,) = [s for s in sections if s.header is not None]
+    assert table.header == (
+        "CONDENSED CONSOLIDATED STATEMENTS OF OPERATIONS (Unaudited) (in millions)\n"
+        "| Three Months Ended July 1, 2023 | Three Months Ended June 25, 2022"
+    )
+    assert table.text.split("\n")[2:] == [
+        "Net sales: Products | 60,584 | 63,355",
+        "Net sales: Services | 21,213 | 19,604",
+        "Net sales: Total net sales | 81,797 | 82,959",
+        "Operating income | 22,998 | 23,076",
+    ]
+    grid = [["", "2023", "2022"], ["Invoices", "7", ""]]
+    section = grid_table(grid, "Kept (in thousands)", header_rows=1, style="compact")
+    assert section is not None
+    assert section.text == "Kept (in thousands)\n| 2023 | 2022\nInvoices | 7 | -"
