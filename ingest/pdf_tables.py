@@ -34,7 +34,8 @@ _DASHES = "\u2212\u2013\u2014"
 _NUMBER = re.compile(
     rf"\(?[-{_DASHES}]?[$€£]?\s?\d[\d,]*(?:\.\d+)?\)?%?|[-{_DASHES}]{{1,2}}|\$|%|\)"
 )
-_ROW_END = re.compile(rf"(?:\s+\(?\$?\s?\d[\d,]*(?:\.\d+)?\)?\s?%?|\s+[{_DASHES}]){{2,}}\s*$")
+_TOKEN_FIGURE = re.compile(rf"\(?\$?\d[\d,]*(?:\.\d+)?\)?%?|[{_DASHES}]")
+_FIGURE_ENDS = frozenset("0123456789)%" + _DASHES)
 _SPACED_CLOSE = re.compile(r"\s+([)%])")
 _DOLLAR_EDGE = re.compile(r"^\$\s*|\s*\$$")
 _YEAR = re.compile(r"(?:19|20)\d\d")
@@ -46,13 +47,26 @@ _MAX_HEADER_CELL = 60
 
 
 def looks_tabular(page_text: str, min_lines: int = 3) -> bool:
-    """Whether the page text has at least ``min_lines`` lines ending in two or more numbers."""
+    """Whether the page text has at least ``min_lines`` lines ending in two or more figures
+    ("Total net sales $ 81,797 $ 82,959"). Token by token from each line's end, no
+    backtracking regular expression: this runs on every page of every PDF."""
     count = 0
     for line in page_text.split("\n"):
-        if _ROW_END.search(line):
-            count += 1
-            if count >= min_lines:
-                return True
+        line = line.rstrip()
+        if not line or line[-1] not in _FIGURE_ENDS:
+            continue
+        figures = 0
+        for token in reversed(line.split()):
+            if token in ("$", "%"):
+                continue
+            if not _TOKEN_FIGURE.fullmatch(token):
+                break
+            figures += 1
+            if figures >= 2:
+                count += 1
+                if count >= min_lines:
+                    return True
+                break
     return False
 
 
