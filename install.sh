@@ -129,6 +129,21 @@ write_sbom() {
   fi
 }
 
+# --- OCR: Debian's Tesseract --------------------------------------------------------------------
+# Scanned pages and image files are read by the tesseract program, a system package: pip cannot
+# install it. Without it (a local install without root) scans fail with this fix as their reason
+# and everything else works. INSTALL_OCR_LANGS adds language packs ("eng deu"), matching the
+# setting ocr.languages.
+install_ocr() {
+  local langs=${INSTALL_OCR_LANGS:-eng} packages=(tesseract-ocr) lang
+  for lang in $langs; do packages+=("tesseract-ocr-${lang//_/-}"); done
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
+  elif ! command -v tesseract >/dev/null 2>&1; then
+    echo "note: OCR of scanned documents needs Tesseract: sudo apt-get install ${packages[*]}" >&2
+  fi
+}
+
 # --- the local install (./.venv) ----------------------------------------------------------------
 install_local() {
   check_python
@@ -145,6 +160,8 @@ install_local() {
       echo "note: install Debian's chromium (sudo apt-get install chromium) for the browser test" >&2
     fi
   fi
+
+  install_ocr
 
   .venv/bin/appliance --version
   echo "installed: .venv/bin/appliance (documents: ./documents, data: ./data)"
@@ -327,6 +344,7 @@ start_units() {
 install_system() {
   require_root --system
   create_users
+  install_ocr
   install_venv
   install_folders
   install_units

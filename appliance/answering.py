@@ -83,6 +83,8 @@ class Source:
     spans: list[list[int]] = field(default_factory=list)
     """``[start, end]`` ranges of ``text`` to highlight: the spans that support the answer's
     sentences citing this source, else those that best match the question."""
+    ocr_confidence: float | None = None
+    """Set where the passage was read from a scan by OCR (the UI says so when citing it)."""
 
     @classmethod
     def of(cls, p: Passage, spans: Sequence[Sequence[int]] = ()) -> Source:
@@ -97,6 +99,7 @@ class Source:
             p.end,
             p.doc_hash,
             [[int(a), int(b)] for a, b in spans],
+            p.ocr_confidence,
         )
 
 
@@ -213,11 +216,19 @@ def merge_passages(hits: Sequence[Hit]) -> list[Passage]:
                         end=end,
                         doc_hash=doc_hash,
                         chunk_ids=tuple(h.id for h in run),
+                        ocr_confidence=_ocr_confidence(run),
                     ),
                 )
             )
     merged.sort(key=lambda m: m[0])
     return [replace(p, number=i) for i, (_rank, p) in enumerate(merged, 1)]
+
+
+def _ocr_confidence(run: Sequence[Hit]) -> float | None:
+    """The lowest OCR confidence of a run's chunks; None when none was OCR'd."""
+    values = [h.payload.get("ocr_confidence") for h in run]
+    known = [float(v) for v in values if v is not None]
+    return min(known) if known else None
 
 
 def _overlap(answer: str, passage: str) -> float:

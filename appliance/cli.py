@@ -322,6 +322,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             f"held deletions: {status['held_deletions']} "
             "(confirm with: appliance ingest FOLDER --confirm-deletions)"
         )
+    parsing = status.get("parsing")
+    if parsing:
+        done, pages = parsing["pages_done"], parsing["pages"]
+        print(f"OCR in progress: {parsing['path']}: page {done} of {pages}")
     for item in status.get("in_progress", []):
         print(f"in progress: {item}")
     for item in status.get("stuck", []):

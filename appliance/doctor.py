@@ -206,6 +206,31 @@ def check_embedding_model(settings: Settings) -> Check:
     return _ok(name, str(folder))
 
 
+def check_ocr(settings: Settings) -> Check:
+    """Tesseract and the configured language packs, for scanned pages and image files. A
+    warning only: text documents are read without it."""
+    name, ocr = "ocr", settings.ocr
+    if ocr.engine == "off":
+        return _ok(name, "off (ocr.engine): scanned pages and images are not read")
+    packs = " ".join(f"tesseract-ocr-{lang.replace('_', '-')}" for lang in ocr.languages)
+    hint = f"sudo ./install.sh --system, or sudo apt-get install tesseract-ocr {packs}"
+    try:
+        import pytesseract
+    except ImportError:
+        return _warn(name, "the Python package pytesseract is missing", "pip install -e .")
+    if shutil.which(pytesseract.pytesseract.tesseract_cmd) is None:
+        return _warn(name, "tesseract is not installed: scans and images cannot be read", hint)
+    try:
+        installed = set(pytesseract.get_languages(config=""))
+        version = pytesseract.get_tesseract_version()
+    except (OSError, pytesseract.TesseractError) as exc:
+        return _warn(name, f"tesseract does not run: {exc}", hint)
+    missing = [lang for lang in ocr.languages if lang not in installed]
+    if missing:
+        return _warn(name, f"language pack(s) {', '.join(missing)} not installed", hint)
+    return _ok(name, f"tesseract {version}, languages {'+'.join(ocr.languages)}")
+
+
 def _registry_check(settings: Settings) -> Check | None:
     """The registry's active model and its hash, when a registry exists."""
     name = "model-registry"
@@ -836,6 +861,7 @@ def run_checks(
     checks += [check_data_dir(settings), check_docs_dir(settings), check_disk(settings)]
     checks.append(check_embedding_model(settings))
     checks += check_chat_model(settings)
+    checks.append(check_ocr(settings))
     client = ServiceClient.find(settings.data_dir) if settings.data_dir.is_dir() else None
     checks.append(check_index(settings, client))
     checks += check_ports(settings, client)

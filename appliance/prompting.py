@@ -67,6 +67,8 @@ class Passage:
     end: int
     doc_hash: str
     chunk_ids: tuple[str, ...]
+    ocr_confidence: float | None = None
+    """Set where the text was read by OCR: the lowest confidence of its chunks."""
 
     @property
     def location(self) -> str:

@@ -15,11 +15,19 @@ from typing import Any, Literal, Protocol
 @dataclass(frozen=True)
 class Section:
     """A run of extracted text under one page or heading. ``heading`` is the heading path
-    ("Part I > Item 2"), ``page`` is 1-based; either may be None where the format has none."""
+    ("Part I > Item 2"), ``page`` is 1-based; either may be None where the format has none.
+
+    ``ocr_confidence`` is set (0..1, the OCR engine's mean word confidence) when the text was
+    recognised from an image rather than read from a text layer. ``header`` marks a table: the
+    text's first lines up to and including ``header`` (its caption and column headers) are
+    repeated at the top of every chunk cut from it, and every other line is one row that a
+    chunk never splits."""
 
     text: str
     page: int | None = None
     heading: str | None = None
+    ocr_confidence: float | None = None
+    header: str | None = None
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,9 @@ class ParsedDocument:
 @dataclass(frozen=True)
 class Chunk:
     """One piece of a document as indexed. ``start``/``end`` are character offsets in the
-    extracted text (the sections joined by blank lines)."""
+    extracted text (the sections joined by blank lines); a table chunk's text is its section's
+    header followed by ``extracted[start:end]`` (the rows). ``ocr_confidence`` as in
+    :class:`Section`."""
 
     index: int
     text: str
@@ -43,6 +53,7 @@ class Chunk:
     end: int
     page: int | None
     heading: str | None
+    ocr_confidence: float | None = None
 
 
 # --- vectors ---------------------------------------------------------------------------------

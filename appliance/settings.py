@@ -8,12 +8,13 @@ Precedence, lowest first: defaults < YAML file (``--config`` or ``APPLIANCE_CONF
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from appliance.chat_settings import ChatSettings
 from appliance.errors import ConfigError
@@ -87,6 +88,56 @@ class IngestSettings(_Section):
     stuck_after_s: float = Field(
         900, gt=0, description="A file in one state longer than this is reported as stuck."
     )
+    tables: bool = Field(
+        True,
+        description="Write tables (PDF, DOCX, HTML) as rows that keep their column headers, "
+        "caption and units; a row never splits across chunks.",
+    )
+    table_rows: Literal["labelled", "compact"] = Field(
+        "labelled",
+        description="labelled: each figure says its column ('Total | Q3 2023: 81,797'); "
+        "compact: figures in column order under a column line repeated in every chunk "
+        "('Total | 81,797'), about twice the rows per chunk.",
+    )
+
+
+class OcrSettings(_Section):
+    engine: Literal["tesseract", "off"] = Field(
+        "tesseract",
+        description="Reads scanned PDF pages and image files. tesseract: the system's "
+        "tesseract-ocr (install.sh --system installs it); off: such pages are not read.",
+    )
+    languages: list[str] = Field(
+        ["eng"],
+        min_length=1,
+        description="Tesseract language packs to read with, e.g. [eng, deu] (each needs its "
+        "tesseract-ocr-LANG package). In the environment: eng+deu.",
+    )
+    dpi: int = Field(300, ge=72, le=600, description="Resolution scanned PDF pages are read at.")
+    min_text_chars: int = Field(
+        20,
+        ge=0,
+        description="A PDF page whose text layer has fewer letters and digits is OCR'd.",
+    )
+    max_pages: int = Field(
+        500, ge=1, description="A file with more pages to OCR than this is rejected."
+    )
+
+    @field_validator("languages", mode="before")
+    @classmethod
+    def _tesseract_notation(cls, value: Any) -> Any:
+        # Tesseract's own "eng+deu", the form an environment variable can carry.
+        return value.split("+") if isinstance(value, str) else value
+
+    @field_validator("languages")
+    @classmethod
+    def _language_names(cls, value: list[str]) -> list[str]:
+        for lang in value:
+            if not re.fullmatch(r"[A-Za-z0-9_]+", lang):
+                raise ValueError(
+                    f"a Tesseract language is a name like eng or chi_sim; got {lang!r}"
+                )
+        return value
 
 
 class AnswerSettings(_Section):
@@ -253,6 +304,7 @@ class Settings(_Section):
     chunking: ChunkingSettings = ChunkingSettings()
     store: StoreSettings = StoreSettings()
     ingest: IngestSettings = IngestSettings()
+    ocr: OcrSettings = OcrSettings()
     service: ServiceSettings = ServiceSettings()
     chat: ChatSettings = ChatSettings()
     answer: AnswerSettings = AnswerSettings()

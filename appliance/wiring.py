@@ -62,6 +62,25 @@ def build_backend(settings: Settings) -> StoreBackend:
     return EdgeBackend(settings.index_dir)
 
 
+def parse_options(settings: Settings) -> Any:
+    """The parsers' options (``ingest.parsers.ParseOptions``) from the OCR and table settings."""
+    from ingest.ocr import OcrOptions
+    from ingest.parsers import ParseOptions
+
+    ocr = settings.ocr
+    return ParseOptions(
+        ocr=OcrOptions(
+            engine=ocr.engine,
+            languages=tuple(ocr.languages),
+            dpi=ocr.dpi,
+            min_text_chars=ocr.min_text_chars,
+            max_pages=ocr.max_pages,
+        ),
+        tables=settings.ingest.tables,
+        table_style=settings.ingest.table_rows,
+    )
+
+
 def collection_name(settings: Settings, embedder: Embedder) -> str:
     """One collection per embedding model: a new model never mixes vectors with the old one."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", embedder.model_id).strip("-")[:40]
@@ -138,6 +157,7 @@ def open_ingestion(
             timeout_s=ing.parse_timeout_s,
             memory_mb=ing.parse_memory_mb,
             max_text_chars=ing.max_text_chars,
+            options=parse_options(settings),
         )
         stack.callback(sandbox.close)
         sparse = Bm25Encoder()

@@ -27,8 +27,14 @@ runs before, between and after them to show the drift, and ``--rounds N`` repeat
 median is reported). The same ratio per CPU second (this process's threads plus the parser
 process) is printed too: it is less sensitive to other processes taking the CPU away.
 
+Table handling (``ingest.tables``) costs parse time on pages that look tabular, and only there.
+``--tables-ratio`` (the default) parses every chosen PDF in this process with table handling on
+and off, alternately, and prints the ratio of the parse times: for the PDFs where no table was
+found ("text PDFs", whose ingestion must not get slower) and for all. OCR is off for it: a scan
+costs the same either way. ``--tables off`` runs the ingestion itself without table handling.
+
     .venv/bin/python benchmarks/ingest_throughput.py [--corpus sec10q|all] [--limit N]
-        [--match TEXT] [--rounds N] [--per-file] [--json]
+        [--match TEXT] [--rounds N] [--per-file] [--tables on|off] [--no-tables-ratio] [--json]
 """
 
 from __future__ import annotations
@@ -218,6 +224,46 @@ def ingest_once(
     return out
 
 
+def table_parse_ratio(files: Sequence[Path], repeats: int = 3) -> dict[str, Any]:
+    """Parse time with table handling / without, per PDF (best of ``repeats``, alternating so
+    that drift hits both), summed over text PDFs (no table found) and over all."""
+    from appliance.errors import ParseError
+    from ingest.ocr import OcrOptions
+    from ingest.parsers import ParseOptions, parse_file
+
+    on = ParseOptions(ocr=OcrOptions(engine="off"), tables=True)
+    off = ParseOptions(ocr=OcrOptions(engine="off"), tables=False)
+    sums = {"text_on": 0.0, "text_off": 0.0, "all_on": 0.0, "all_off": 0.0}
+    counts = {"text": 0, "with_tables": 0, "skipped": 0, "tables": 0, "pages": 0}
+    for path in files:
+        best = {"on": float("inf"), "off": float("inf")}
+        try:
+            for _ in range(repeats):
+                for name, options in (("on", on), ("off", off)):
+                    start = time.perf_counter()
+                    doc = parse_file(path, options)
+                    best[name] = min(best[name], time.perf_counter() - start)
+        except ParseError:  # a scan: nothing to compare without OCR
+            counts["skipped"] += 1
+            continue
+        tables = sum(1 for section in parse_file(path, on).sections if section.header is not None)
+        counts["tables"] += tables
+        counts["pages"] += doc.pages or 0
+        kind = "text" if tables == 0 else "with_tables"
+        counts[kind] += 1
+        sums["all_on"] += best["on"]
+        sums["all_off"] += best["off"]
+        if kind == "text":
+            sums["text_on"] += best["on"]
+            sums["text_off"] += best["off"]
+    return {
+        **counts,
+        "seconds": {k: round(v, 3) for k, v in sums.items()},
+        "text_ratio": ratio(sums["text_on"], sums["text_off"]) if counts["text"] else None,
+        "all_ratio": ratio(sums["all_on"], sums["all_off"]) if sums["all_off"] else None,
+    }
+
+
 def stage_breakdown(stages: dict[str, Stage], wall: float) -> dict[str, dict[str, float]]:
     """Busy seconds per stage on each thread; ``other`` on the main thread is the rest of its
     wall time (waiting for the parse thread, hashing, bookkeeping)."""
@@ -247,7 +293,11 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     def settings_for(data: Path) -> Any:
         overrides: dict[str, Any] = {
             "data_dir": str(data),
-            "ingest": {"docs_dir": str(EVAL), "reconcile_interval_s": 0},
+            "ingest": {
+                "docs_dir": str(EVAL),
+                "reconcile_interval_s": 0,
+                "tables": args.tables == "on",
+            },
         }
         if args.batch_size:
             overrides["embedding"] = {"batch_size": args.batch_size}
@@ -300,9 +350,12 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             one["breakdown_s"] = ingested["breakdown_s"]
         rounds.append(one)
 
+    tables = table_parse_ratio(files) if args.tables_ratio else None
     return {
         "corpus": args.corpus,
         "documents": len(files),
+        "tables": args.tables,
+        "table_parse": tables,
         "model": embedder.model_id,
         "model_folder": str(folder),
         "batch_size": batch,
@@ -362,6 +415,25 @@ def print_report(result: dict[str, Any]) -> None:
         f"  => ingestion chunks/s / raw encode chunks/s = {many}{result['ratio']:.3f} "
         f"({verdict} the goal of {result['goal']}); per CPU second: {result['cpu_ratio']:.3f}"
     )
+    t = result.get("table_parse")
+    if t:
+        secs = t["seconds"]
+        print(
+            f"  table handling (ingestion ran with tables {result['tables']}): "
+            f"{t['tables']} tables in {t['with_tables']} of "
+            f"{t['with_tables'] + t['text']} PDFs ({t['pages']} pages, {t['skipped']} scans "
+            "skipped); parse time on / off, best of 3:"
+        )
+        if t["text_ratio"] is not None:
+            print(
+                f"    text PDFs (no table found): {secs['text_on']:.2f} s / "
+                f"{secs['text_off']:.2f} s = {t['text_ratio']:.3f}"
+            )
+        if t["all_ratio"] is not None:
+            print(
+                f"    all PDFs: {secs['all_on']:.2f} s / {secs['all_off']:.2f} s = "
+                f"{t['all_ratio']:.3f}"
+            )
     print(f"  {load_note(m)}")
 
 
@@ -405,6 +477,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir",
         type=Path,
         help="an empty folder for the indexes and states, kept (default: a temporary folder)",
+    )
+    parser.add_argument(
+        "--tables",
+        choices=("on", "off"),
+        default="on",
+        help="table handling during the ingestion (the setting ingest.tables)",
+    )
+    parser.add_argument(
+        "--no-tables-ratio",
+        dest="tables_ratio",
+        action="store_false",
+        help="skip the parse-time ratio of table handling on / off",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("-v", "--verbose", action="store_true", help="log the pipeline's progress")

@@ -7,7 +7,16 @@ come back against the question's ``evidence_doc``:
 
 - recall@5: a gold document is among the top-5 chunks' documents;
 - top-1: the first chunk's document is a gold document;
-- MRR: the mean of 1 / rank of the first chunk from a gold document (0 when none is in the top 5).
+- MRR: the mean of 1 / rank of the first chunk from a gold document (0 when none is in the top 5);
+- evidence_recall: the share of questions (among those whose gold answer states figures) for
+  which every amount, percentage and number of the gold answer appears in the top-5 chunks'
+  text, normalised by ``appliance.figures`` (thousands separators, "$52.9 billion" against
+  "52,857" in a passage that says "in millions", rounding); figure_recall: the share of those
+  figures found. This is what table handling is for: a figure is findable only where the chunk
+  keeps its row, its column and its unit.
+
+``--tables off`` builds the index with tables written as plain page text (the setting
+``ingest.tables``), for the comparison before and after table handling.
 
 Two columns per mode: "retrieve" is what the appliance answers with (``Indexer.search``, that
 is ``ingest.retrieval.retrieve``: a wider candidate list re-ranked by document); "store only"
@@ -21,7 +30,8 @@ parsing, identity, chunking and the pipeline, the chunk settings and the model),
 query-side change reruns in seconds while an identity or chunking change builds afresh.
 ``--max-tokens``/``--overlap-tokens`` try other chunk sizes. Run from the repository root:
 
-    .venv/bin/python benchmarks/retrieval_quality.py [--distractors] [--data-dir DIR] [--json]
+    .venv/bin/python benchmarks/retrieval_quality.py [--distractors] [--data-dir DIR]
+        [--tables labelled|compact|off] [--json]
 """
 
 from __future__ import annotations
@@ -61,6 +71,7 @@ class Question:
     id: str
     question: str
     gold: frozenset[str]
+    answer: str = ""
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,9 @@ class Scores:
     recall_at_5: float
     top1: float
     mrr: float
+    evidence_recall: float = 0.0
+    figure_recall: float = 0.0
+    questions_with_figures: int = 0
 
 
 def load_questions(path: Path) -> list[Question]:
@@ -78,7 +92,12 @@ def load_questions(path: Path) -> list[Question]:
         if line.strip():
             record = json.loads(line)
             out.append(
-                Question(record["id"], record["question"], frozenset(record["evidence_doc"]))
+                Question(
+                    record["id"],
+                    record["question"],
+                    frozenset(record["evidence_doc"]),
+                    record.get("answer", ""),
+                )
             )
     return out
 
@@ -88,8 +107,29 @@ def document_name(path: str) -> str:
     return path.rsplit("/", 1)[-1]
 
 
-def score(mode: str, ranked: Sequence[Sequence[str]], questions: Sequence[Question]) -> Scores:
-    """Scores of ranked document paths (one list per question, best chunk first)."""
+NUMERIC_KINDS = ("amount", "percent", "number")
+
+
+def figures_found(answer: str, passages: Sequence[str]) -> tuple[int, int]:
+    """(figures of ``answer`` that some passage states, figures of ``answer``): amounts,
+    percentages and numbers only (dates, years and identifiers such as "Q3" are in nearly
+    every chunk of a filing and say nothing about evidence)."""
+    from appliance.figures import extract_figures, find_figure
+
+    figures = [f for f in extract_figures(answer) if f.kind in NUMERIC_KINDS]
+    extracted = [(p, extract_figures(p)) for p in passages]
+    found = sum(1 for f in figures if any(find_figure(f, p, figures=fs) for p, fs in extracted))
+    return found, len(figures)
+
+
+def score(
+    mode: str,
+    ranked: Sequence[Sequence[str]],
+    questions: Sequence[Question],
+    texts: Sequence[Sequence[str]] | None = None,
+) -> Scores:
+    """Scores of ranked document paths (one list per question, best chunk first) and, given
+    the chunks' texts, of the evidence they hold."""
     recall = top1 = rr = 0.0
     for docs, q in zip(ranked, questions, strict=True):
         names = [document_name(d) for d in docs[:K]]
@@ -97,15 +137,34 @@ def score(mode: str, ranked: Sequence[Sequence[str]], questions: Sequence[Questi
         top1 += bool(names) and names[0] in q.gold
         rr += next((1 / rank for rank, n in enumerate(names, 1) if n in q.gold), 0.0)
     n = len(questions) or 1
-    return Scores(mode, len(questions), recall / n, top1 / n, rr / n)
+    complete = found = stated = with_figures = 0
+    for passages, q in zip(texts or [], questions, strict=False):
+        hit, total = figures_found(q.answer, passages[:K])
+        if total:
+            with_figures += 1
+            complete += hit == total
+            found += hit
+            stated += total
+    return Scores(
+        mode,
+        len(questions),
+        recall / n,
+        top1 / n,
+        rr / n,
+        evidence_recall=complete / (with_figures or 1),
+        figure_recall=found / (stated or 1),
+        questions_with_figures=with_figures,
+    )
 
 
 def evaluate(searcher: Any, questions: Sequence[Question], mode: str) -> Scores:
     """Ask every question of an ``Indexer`` (``search(query, k, mode=...)``) and score it."""
-    ranked = [
-        [str(h["path"]) for h in searcher.search(q.question, K, mode=mode)] for q in questions
-    ]
-    return score(mode, ranked, questions)
+    ranked, texts = [], []
+    for q in questions:
+        hits = searcher.search(q.question, K, mode=mode)
+        ranked.append([str(h["path"]) for h in hits])
+        texts.append([str(h["text"]) for h in hits])
+    return score(mode, ranked, questions, texts)
 
 
 def evaluate_store(searcher: Any, questions: Sequence[Question], mode: str) -> Scores:
@@ -144,9 +203,10 @@ def build_key(settings: Any, embedder: Any) -> str:
     chunk texts, the chunking settings and the model. A cached index is reused only for the
     same key (reconciling alone would keep stale identity lines of unchanged files)."""
     digest = hashlib.sha256()
-    for module in ("identity", "chunking", "pipeline", "parsers"):
+    for module in ("identity", "chunking", "pipeline", "parsers", "pdf_tables", "tables"):
         digest.update(_code_fingerprint(REPO / "ingest" / f"{module}.py").encode())
     digest.update(settings.chunking.model_dump_json().encode())
+    digest.update(f"tables={settings.ingest.tables},{settings.ingest.table_rows}".encode())
     digest.update(embedder.model_id.encode())
     return digest.hexdigest()[:12]
 
@@ -179,7 +239,9 @@ def corpus_files(distractors: bool) -> list[tuple[Path, str]]:
     return files
 
 
-def benchmark_settings(root: Path, chunking: Mapping[str, int] | None = None) -> Any:
+def benchmark_settings(
+    root: Path, chunking: Mapping[str, int] | None = None, *, tables: str = "labelled"
+) -> Any:
     """Default settings (no YAML, no environment) with the data and documents under ``root``."""
     from appliance.settings import load_settings
 
@@ -187,7 +249,12 @@ def benchmark_settings(root: Path, chunking: Mapping[str, int] | None = None) ->
         env={},
         overrides={
             "data_dir": str(root / "data"),
-            "ingest": {"docs_dir": str(root / "docs"), "reconcile_interval_s": 0},
+            "ingest": {
+                "docs_dir": str(root / "docs"),
+                "reconcile_interval_s": 0,
+                "tables": tables != "off",
+                **({"table_rows": tables} if tables in ("labelled", "compact") else {}),
+            },
             "chunking": dict(chunking or {}),
         },
     )
@@ -200,6 +267,7 @@ def built_index(
     *,
     embedder: Any = None,
     chunking: Mapping[str, int] | None = None,
+    tables: str = "labelled",
 ) -> Iterator[tuple[Any, Any]]:
     """An ``Ingestion`` over a copy of ``files`` in ``root/docs``, its data in ``root/data``,
     indexed up to date (an existing index there is reused and brought up to date), and the
@@ -207,7 +275,7 @@ def built_index(
     ``chunking`` overrides chunking settings (``max_tokens``, ``overlap_tokens``)."""
     from appliance.wiring import open_ingestion
 
-    settings = benchmark_settings(root, chunking)
+    settings = benchmark_settings(root, chunking, tables=tables)
     docs = settings.ingest.docs_dir
     docs.mkdir(parents=True, exist_ok=True)
     _sync_copy(files, docs)
@@ -229,26 +297,34 @@ def built_index(
 
 
 def run(
-    data_dir: Path, *, distractors: bool, chunking: Mapping[str, int] | None = None
+    data_dir: Path,
+    *,
+    distractors: bool,
+    chunking: Mapping[str, int] | None = None,
+    tables: str = "labelled",
 ) -> dict[str, Any]:
     """Build (or reuse) the indexes under ``data_dir`` and score every mode."""
     from ingest.embedders import SentenceTransformerEmbedder
 
     questions = load_questions(SEC10Q / "qa.jsonl")
     embedder = SentenceTransformerEmbedder()
-    settings = benchmark_settings(data_dir, chunking)
+    settings = benchmark_settings(data_dir, chunking, tables=tables)
     key = build_key(settings, embedder)
     variants = {"sec10q": False, **({"sec10q+distractors": True} if distractors else {})}
     results: dict[str, Any] = {
         "questions": len(questions),
         "k": K,
         "chunking": settings.chunking.model_dump(),
+        "tables": tables,
         "naive_hybrid": NAIVE_HYBRID,
     }
     for name, with_distractors in variants.items():
         files = corpus_files(with_distractors)
         root = data_dir / f"{name}-{key}"
-        with built_index(root, files, embedder=embedder, chunking=chunking) as (ing, report):
+        with built_index(root, files, embedder=embedder, chunking=chunking, tables=tables) as (
+            ing,
+            report,
+        ):
             chunks = ing.indexer.store.count()
             start = time.monotonic()
             scores = [evaluate(ing.searcher, questions, mode) for mode in MODES]
@@ -270,7 +346,8 @@ def print_table(results: dict[str, Any]) -> None:
     chunking = results["chunking"]
     print(
         f"chunks of {chunking['max_tokens']} tokens, {chunking['overlap_tokens']} overlapping; "
-        f"a hit is a chunk of a gold document among the top {results['k']}"
+        f"a hit is a chunk of a gold document among the top {results['k']}; "
+        f"tables: {results.get('tables')}"
     )
     for name, variant in results.items():
         if not isinstance(variant, dict) or "modes" not in variant:
@@ -290,6 +367,15 @@ def print_table(results: dict[str, Any]) -> None:
             print(
                 f"  {mode:<8} {s['recall_at_5']:>9.3f} {s['top1']:>7.3f} {s['mrr']:>7.3f}   "
                 f"{b['recall_at_5']:>9.3f} {b['top1']:>7.3f} {b['mrr']:>7.3f}"
+            )
+        print(
+            f"  evidence (retrieve, {variant['modes']['hybrid']['questions_with_figures']} "
+            "questions whose gold answer states figures):"
+        )
+        for mode, s in variant["modes"].items():
+            print(
+                f"  {mode:<8} evidence_recall {s['evidence_recall']:.3f}   "
+                f"figure_recall {s['figure_recall']:.3f}"
             )
         print(
             f"  naive hybrid (no identity, store only): recall@5 {naive['recall@5']:.2f}, "
@@ -314,6 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--overlap-tokens", type=int, help="chunk overlap in model tokens (default: the settings')"
+    )
+    parser.add_argument(
+        "--tables",
+        choices=("labelled", "compact", "off"),
+        default="labelled",
+        help="how tables are written (the settings ingest.table_rows; off: ingest.tables "
+        "false, tables as plain page text, the comparison before table handling)",
     )
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     parser.add_argument("-v", "--verbose", action="store_true", help="log indexing progress")
@@ -349,12 +442,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if value is not None
     }
+    tables = args.tables
     if args.data_dir is not None:
         args.data_dir.mkdir(parents=True, exist_ok=True)
-        results = run(args.data_dir, distractors=args.distractors, chunking=chunking)
+        results = run(args.data_dir, distractors=args.distractors, chunking=chunking, tables=tables)
     else:
         with tempfile.TemporaryDirectory(prefix="retrieval-quality-") as tmp:
-            results = run(Path(tmp), distractors=args.distractors, chunking=chunking)
+            results = run(Path(tmp), distractors=args.distractors, chunking=chunking, tables=tables)
     if args.json:
         sys.stdout.write(json.dumps(results) + "\n")
     else:

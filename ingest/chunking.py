@@ -3,10 +3,15 @@
 Chunks never cross a section (a page or a heading's text), so every chunk has exactly one page
 or heading to cite. Inside a section, windows of ``max_tokens`` overlap by ``overlap_tokens``
 and end, where possible, at a paragraph, line or sentence boundary.
+
+A table section (one with a ``header``, see :mod:`ingest.tables`) is cut between rows only,
+without overlap, and every chunk of it after the first starts with the header again, so each
+chunk says what its columns are. Only a single row longer than a whole chunk is cut inside.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 
 from appliance.protocols import Chunk, Section
@@ -73,6 +78,10 @@ def chunk_sections(
         overlap = max(0, min(overlap_tokens, limit // 2))
         text = section.text
         spans = token_spans(text)
+        if section.header is not None:
+            _chunk_table(section, spans, token_spans, limit, offset, chunks)
+            offset += len(text) + len(SECTION_SEPARATOR)
+            continue
         n = len(spans)
         i = 0
         while i < n:
@@ -89,6 +98,7 @@ def chunk_sections(
                         end=offset + end,
                         page=section.page,
                         heading=section.heading,
+                        ocr_confidence=section.ocr_confidence,
                     )
                 )
             if j >= n:
@@ -96,3 +106,77 @@ def chunk_sections(
             i = _word_start(text, spans, max(j - overlap, i + 1), j)
         offset += len(text) + len(SECTION_SEPARATOR)
     return chunks
+
+
+def _chunk_table(
+    section: Section,
+    spans: list[tuple[int, int]],
+    token_spans: TokenSpans,
+    limit: int,
+    offset: int,
+    chunks: list[Chunk],
+) -> None:
+    """Rows of a table section into chunks of at most ``limit`` tokens: whole rows, each chunk
+    after the first led by the header (or by its caption line alone, or nothing, where the
+    header would take more than half the room)."""
+    text = section.text
+    header = section.header or ""
+    starts = [s for s, _ in spans]
+    # Row character ranges; the header's lines are the first rows' text, never cut apart.
+    body_start = len(header) + 1 if header and text.startswith(header + "\n") else 0
+    rows: list[tuple[int, int]] = []
+    position = body_start
+    for line in text[body_start:].split("\n"):
+        if line.strip():
+            rows.append((position, position + len(line)))
+        position += len(line) + 1
+    repeat = header
+    if header and len(token_spans(repeat)) > limit // 2:
+        repeat = header.split("\n", 1)[0]
+        if len(token_spans(repeat)) > limit // 2:
+            repeat = ""
+    repeat_tokens = len(token_spans(repeat)) + 1 if repeat else 0
+
+    def tokens(a: int, b: int) -> int:
+        return bisect_left(starts, b) - bisect_left(starts, a)
+
+    def emit(a: int, b: int, lead: bool) -> None:
+        piece = text[a:b]
+        chunks.append(
+            Chunk(
+                index=len(chunks),
+                text=f"{repeat}\n{piece}" if lead and repeat else piece,
+                start=offset + a,
+                end=offset + b,
+                page=section.page,
+                heading=section.heading,
+                ocr_confidence=section.ocr_confidence,
+            )
+        )
+
+    first = True
+    i = 0
+    while i < len(rows):
+        a = 0 if first else rows[i][0]
+        room = limit - (0 if first else repeat_tokens)
+        j = i
+        while j < len(rows) and tokens(a, rows[j][1]) <= room:
+            j += 1
+        if j == i:
+            # One row longer than a chunk: the only place a row is cut, at token boundaries.
+            if first and body_start:
+                emit(0, body_start - 1, lead=False)
+                first = False
+                continue
+            lo, hi = rows[i]
+            inside = [(s, e) for s, e in spans if lo <= s < hi]
+            step = max(1, limit - repeat_tokens)
+            for k in range(0, len(inside), step):
+                part = inside[k : k + step]
+                emit(part[0][0], part[-1][1], lead=True)
+            i += 1
+            first = False
+            continue
+        emit(a, rows[j - 1][1], lead=not first)
+        first = False
+        i = j

@@ -7,8 +7,14 @@ A parser is a function ``(path) -> ParsedDocument`` registered for one or more s
 so the service runs parsers through :class:`ingest.sandbox.ParserSandbox`, never in-process.
 
 Registered here: ``.pdf`` (pypdfium2), ``.docx`` (python-docx), ``.md``/``.markdown``,
-``.txt``/``.text``, ``.html``/``.htm`` (BeautifulSoup with lxml). The format libraries are
+``.txt``/``.text``, ``.html``/``.htm`` (BeautifulSoup with lxml), and the images ``.png``,
+``.jpg``/``.jpeg``, ``.tif``/``.tiff`` (Pillow, read by OCR). The format libraries are
 imported on first use, so importing this module is cheap and does no I/O.
+
+Every parser also takes :class:`ParseOptions`: OCR (:mod:`ingest.ocr`) reads a PDF page whose
+text layer is empty or nearly so, and every image; tables (PDF: :mod:`ingest.pdf_tables`,
+DOCX and HTML: their table elements) become sections of rows that keep their column headers
+(:mod:`ingest.tables`).
 
 Every parser returns sections whose text has ``\\n`` line ends, no trailing spaces and at most
 two blank lines in a row; a heading path is the headings above a section joined with " > ".
@@ -21,18 +27,41 @@ import re
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.errors import ParseError
 from appliance.protocols import ParsedDocument, Section
+from ingest.ocr import MAX_PAGE_PIXELS, OcrEngine, OcrOptions, image_frames, open_engine
+from ingest.tables import TableStyle, grid_table, table_section
 
 if TYPE_CHECKING:
     from bs4 import Tag
     from docx.document import Document as DocxDocument
     from docx.table import Table as DocxTable
 
-Parser = Callable[[Path], ParsedDocument]
+ProgressFn = Callable[[int, int], None]
+"""Called with (pages done, pages in all) while a long file is OCR'd."""
+
+
+@dataclass(frozen=True)
+class ParseOptions:
+    """How the parsers read what is not plain text (built from ``settings.ocr`` and
+    ``settings.ingest.tables``)."""
+
+    ocr: OcrOptions = field(default_factory=OcrOptions)
+    tables: bool = True
+    table_style: TableStyle = "labelled"
+    progress: ProgressFn | None = None
+
+
+DEFAULT_OPTIONS = ParseOptions()
+
+
+class Parser(Protocol):
+    def __call__(self, path: Path, options: ParseOptions = ..., /) -> ParsedDocument: ...
+
 
 _PARSERS: dict[str, Parser] = {}
 
@@ -93,9 +122,9 @@ def supported_suffixes() -> frozenset[str]:
     return frozenset(_PARSERS)
 
 
-def parse_file(path: Path) -> ParsedDocument:
+def parse_file(path: Path, options: ParseOptions = DEFAULT_OPTIONS) -> ParsedDocument:
     """Parse ``path`` in this process with the registered parser for its suffix."""
-    return parser_for(path)(path)
+    return parser_for(path)(path, options)
 
 
 def preload_libraries() -> None:
@@ -104,6 +133,7 @@ def preload_libraries() -> None:
     import bs4  # noqa: F401
     import docx  # noqa: F401
     import lxml.etree  # noqa: F401
+    import PIL.Image  # noqa: F401
     import pypdfium2  # noqa: F401
 
 
@@ -174,6 +204,21 @@ class _Outline:
 
     def line(self, text: str) -> None:
         self._lines.append(text)
+
+    def table(self, section: Section | None) -> None:
+        """A table section (see :mod:`ingest.tables`) under the current heading path."""
+        if section is None:
+            return
+        self._flush()
+        path = " > ".join(t for _, t in self._stack) or None
+        self.sections.append(Section(text=section.text, heading=path, header=section.header))
+
+    def last_line(self) -> str:
+        """The latest line that has text (a table's caption, often)."""
+        for line in reversed(self._lines):
+            if line.strip():
+                return _one_line(line)
+        return ""
 
     def finish(self) -> list[Section]:
         self._flush()
@@ -327,8 +372,77 @@ def _pdf_outline_headings(pdf: Any, n_pages: int) -> dict[int, str]:
     return headings
 
 
-def parse_pdf(path: Path) -> ParsedDocument:
-    """One section per page with text (``page`` is 1-based); headings from the bookmarks."""
+def _letters(text: str) -> int:
+    return sum(c.isalnum() for c in text)
+
+
+class _PageOcr:
+    """OCR for the pages of one PDF that lack a text layer: the engine opens on first need; a
+    missing engine is remembered as the reason such pages could not be read."""
+
+    def __init__(self, options: ParseOptions) -> None:
+        self.options = options
+        self.pages = 0
+        self.unavailable: str | None = None if options.ocr.enabled else "OCR is off"
+        self._engine: OcrEngine | None = None
+
+    def engine(self) -> OcrEngine | None:
+        if self._engine is None and self.unavailable is None:
+            try:
+                self._engine = open_engine(self.options.ocr)
+            except ParseError as exc:
+                self.unavailable = exc.reason
+        return self._engine
+
+    def page(self, page: Any, index: int, n_pages: int) -> tuple[str, float] | None:
+        engine = self.engine()
+        if engine is None:
+            return None
+        self.pages += 1
+        if self.pages > self.options.ocr.max_pages:
+            raise ParseError(
+                f"scan too long: more than {self.options.ocr.max_pages} pages to OCR "
+                f"(setting ocr.max_pages)"
+            )
+        width, height = page.get_size()
+        scale = self.options.ocr.dpi / 72
+        pixels = width * height * scale * scale
+        if pixels > MAX_PAGE_PIXELS:
+            scale *= (MAX_PAGE_PIXELS / pixels) ** 0.5
+        bitmap = page.render(scale=scale, grayscale=True)
+        try:
+            image = bitmap.to_pil()
+            result = engine.recognise(image)
+        finally:
+            bitmap.close()
+        if self.options.progress is not None:
+            self.options.progress(index + 1, n_pages)
+        return clean_text(result.text), result.confidence
+
+
+def _pdf_page_sections(
+    page: Any, textpage: Any, text: str, number: int, heading: str | None, options: ParseOptions
+) -> list[Section]:
+    """A page's text, then each table found on it as a section of rows (only pages that look
+    tabular pay for the search). The page text stays whole: measured on the 10-Q filings,
+    cutting the tables out of it separated each table from the sentence that introduces it
+    and lost more evidence than the rows won (see README, Benchmarks)."""
+    from ingest.pdf_tables import find_tables, looks_tabular
+
+    sections = [Section(text=text, page=number, heading=heading)]
+    if not options.tables or not looks_tabular(text):
+        return sections
+    for table in find_tables(textpage, options.table_style):
+        section = table_section(table.header, table.rows, number, heading)
+        if section is not None:
+            sections.append(section)
+    return sections
+
+
+def parse_pdf(path: Path, options: ParseOptions = DEFAULT_OPTIONS) -> ParsedDocument:
+    """One section per page with text (``page`` is 1-based), plus one per table found on it;
+    headings from the bookmarks. A page with fewer than ``ocr.min_text_chars`` letters and
+    digits in its text layer is OCR'd (its section records the confidence)."""
     import pypdfium2 as pdfium
 
     _file_size(path)
@@ -336,6 +450,7 @@ def parse_pdf(path: Path) -> ParsedDocument:
         pdf = pdfium.PdfDocument(path)
     except pdfium.PdfiumError as exc:
         raise ParseError(_pdf_load_reason(exc)) from None
+    ocr = _PageOcr(options)
     try:
         n_pages = len(pdf)
         headings = _pdf_outline_headings(pdf, n_pages)
@@ -351,13 +466,29 @@ def parse_pdf(path: Path) -> ParsedDocument:
                 textpage = page.get_textpage()
                 try:
                     raw = textpage.get_text_bounded()
+                    text = clean_text(raw.translate(_PDF_HYPHENS))
+                    heading = headings.get(index)
+                    if _letters(text) >= options.ocr.min_text_chars:
+                        sections += _pdf_page_sections(
+                            page, textpage, text, index + 1, heading, options
+                        )
+                        continue
                 finally:
                     textpage.close()
+                recognised = ocr.page(page, index, n_pages)
             finally:
                 page.close()
-            text = clean_text(raw.translate(_PDF_HYPHENS))
-            if text.strip():
-                sections.append(Section(text=text, page=index + 1, heading=headings.get(index)))
+            if recognised is not None and recognised[0].strip():
+                sections.append(
+                    Section(
+                        text=recognised[0],
+                        page=index + 1,
+                        heading=heading,
+                        ocr_confidence=recognised[1],
+                    )
+                )
+            elif text.strip():
+                sections.append(Section(text=text, page=index + 1, heading=heading))
         title = pdf_title(pdf.get_metadata_dict().get("Title"))
     finally:
         pdf.close()
@@ -366,7 +497,9 @@ def parse_pdf(path: Path) -> ParsedDocument:
             raise ParseError("not a valid PDF: no page could be read")
         if n_pages == 0:
             raise ParseError("empty document: the PDF has no pages")
-        raise ParseError("no extractable text (scanned PDF? OCR is not supported)")
+        if ocr.unavailable is not None:
+            raise ParseError(f"no extractable text (scanned PDF?) and no OCR: {ocr.unavailable}")
+        raise ParseError("no extractable text, not even by OCR")
     return ParsedDocument(sections=sections, title=title, pages=n_pages)
 
 
@@ -448,8 +581,33 @@ def _docx_style_name(paragraph: Any) -> str:
     return (getattr(style, "name", None) or "").strip()
 
 
-def parse_docx(path: Path) -> ParsedDocument:
-    """Sections start at "Title" and "Heading N" paragraphs; tables become " | " rows."""
+def _caption(before: str) -> str:
+    """The line before a table when it reads as its caption ("Table 2: Retention periods",
+    "Net sales by category (in millions):"): short and not a sentence that ends."""
+    if 0 < len(before) <= MAX_HEADING_CHARS and not before.endswith((".", "!", "?")):
+        return before
+    return ""
+
+
+def _docx_table_section(table: DocxTable, before: str, style: TableStyle) -> Section | None:
+    """A table as rows under its column headers: the first row names the columns (python-docx
+    repeats a merged cell in each column it spans); the paragraph before it is its caption
+    when short."""
+    grid: list[list[str]] = []
+    for row in table.rows:
+        cells: list[str] = []
+        for cell in row.cells:
+            parts: list[str] = []
+            for item in cell.iter_inner_content():
+                parts.extend(_docx_table_lines(item) if hasattr(item, "rows") else [item.text])
+            cells.append(_one_line(" ".join(parts)))
+        grid.append(cells)
+    return grid_table(grid, _caption(before), header_rows=1, style=style)
+
+
+def parse_docx(path: Path, options: ParseOptions = DEFAULT_OPTIONS) -> ParsedDocument:
+    """Sections start at "Title" and "Heading N" paragraphs; each table is a section of rows
+    that keep their column headers (" | " rows when ``options.tables`` is off)."""
     check_docx_zip(path)
     import docx
     from docx.opc.exceptions import PackageNotFoundError
@@ -465,8 +623,11 @@ def parse_docx(path: Path) -> ParsedDocument:
     first_title: str | None = None
     for block in _docx_blocks(document):
         if hasattr(block, "rows"):
-            for line in _docx_table_lines(block):
-                outline.line(line)
+            if options.tables:
+                outline.table(_docx_table_section(block, outline.last_line(), options.table_style))
+            else:
+                for line in _docx_table_lines(block):
+                    outline.line(line)
             continue
         text = block.text
         style = _docx_style_name(block)
@@ -506,7 +667,7 @@ def _md_front_matter(lines: list[str]) -> tuple[int, str | None]:
     return 0, None
 
 
-def parse_markdown(path: Path) -> ParsedDocument:
+def parse_markdown(path: Path, options: ParseOptions = DEFAULT_OPTIONS) -> ParsedDocument:
     """ATX ("## Scope") and setext (underlined) headings start sections; code fences are
     skipped for headings; the text is kept as written. The title comes from front matter."""
     lines = clean_text(decode_text(_read_bytes(path))).split("\n")
@@ -579,7 +740,7 @@ def _txt_heading_level(lines: list[str], i: int) -> int | None:
     return None
 
 
-def parse_text(path: Path) -> ParsedDocument:
+def parse_text(path: Path, options: ParseOptions = DEFAULT_OPTIONS) -> ParsedDocument:
     """Plain text; underlined, ALL CAPS and numbered lines start sections (see
     :func:`_txt_heading_level`)."""
     lines = clean_text(decode_text(_read_bytes(path))).split("\n")
@@ -639,7 +800,35 @@ def _html_container(soup: Any) -> Tag:
     return body
 
 
-def _html_walk(root: Tag, outline: _Outline) -> None:
+def _html_table_section(table: Tag, before: str, style: TableStyle) -> Section | None:
+    """A <table> as rows under its column headers: the rows of <thead>, else the leading rows
+    made only of <th>, name the columns; <caption> (or the line before) is the caption. A
+    cell with colspan is repeated in each column it spans."""
+    rows = [tr for tr in table.find_all("tr") if tr.find_parent("table") is table]
+    grid: list[list[str]] = []
+    header_rows = 0
+    for tr in rows:
+        cells: list[str] = []
+        only_th = True
+        for cell in tr.find_all(("td", "th"), recursive=False):
+            only_th = only_th and cell.name == "th"
+            try:
+                span = max(1, min(int(str(cell.get("colspan") or 1)), 50))
+            except ValueError:
+                span = 1
+            cells.extend([_one_line(cell.get_text(" "))] * span)
+        in_head = tr.find_parent("thead") is not None and tr.find_parent("table") is table
+        if (in_head or only_th) and header_rows == len(grid) and cells:
+            header_rows += 1
+        grid.append(cells)
+    caption_tag = table.find("caption")
+    caption = _one_line(caption_tag.get_text(" ")) if caption_tag is not None else ""
+    return grid_table(grid, caption or _caption(before), header_rows=header_rows, style=style)
+
+
+def _html_walk(
+    root: Tag, outline: _Outline, *, tables: bool = True, style: TableStyle = "labelled"
+) -> None:
     """Feed ``root``'s text to ``outline``: a line per block element, a " | " line per table
     row, <pre> kept as is, whitespace elsewhere collapsed. Iterative: deep nesting is fine."""
     from bs4 import NavigableString, Tag
@@ -669,6 +858,9 @@ def _html_walk(root: Tag, outline: _Outline) -> None:
         if name in _HTML_HEADINGS:
             end_line()
             outline.heading(int(name[1]), node.get_text(" "))
+        elif name == "table" and tables:
+            end_line()
+            outline.table(_html_table_section(node, outline.last_line(), style))
         elif name == "tr":
             end_line()
             cells = [
@@ -689,7 +881,7 @@ def _html_walk(root: Tag, outline: _Outline) -> None:
     end_line()
 
 
-def parse_html(path: Path) -> ParsedDocument:
+def parse_html(path: Path, options: ParseOptions = DEFAULT_OPTIONS) -> ParsedDocument:
     """The main content's text (<main>/<article>, else <body> without nav/aside/header/footer),
     h1..h6 start sections; the title comes from <title>."""
     data = _read_bytes(path)
@@ -710,8 +902,37 @@ def parse_html(path: Path) -> ParsedDocument:
         if not tag.decomposed:
             tag.decompose()
     outline = _Outline()
-    _html_walk(_html_container(soup), outline)
+    _html_walk(_html_container(soup), outline, tables=options.tables, style=options.table_style)
     return _document(outline.finish(), title or None, None)
+
+
+# --- images ----------------------------------------------------------------------------------
+
+
+def parse_image(path: Path, options: ParseOptions = DEFAULT_OPTIONS) -> ParsedDocument:
+    """An image read by OCR; a multi-page TIFF gives a section per page (``page`` is 1-based
+    either way). Each section records the OCR confidence."""
+    _file_size(path)
+    if not options.ocr.enabled:
+        raise ParseError("an image file needs OCR, which is off (setting ocr.engine)")
+    engine = open_engine(options.ocr)
+    sections: list[Section] = []
+    frames = 0
+    for number, frames, image in image_frames(path):
+        if number > options.ocr.max_pages:
+            raise ParseError(
+                f"scan too long: more than {options.ocr.max_pages} pages to OCR "
+                f"(setting ocr.max_pages)"
+            )
+        result = engine.recognise(image)
+        if options.progress is not None:
+            options.progress(number, frames)
+        text = clean_text(result.text)
+        if text.strip():
+            sections.append(Section(text=text, page=number, ocr_confidence=result.confidence))
+    if not sections:
+        raise ParseError("no text recognised in the image (OCR found none)")
+    return ParsedDocument(sections=sections, title=None, pages=frames)
 
 
 register_parser(".pdf", parse_pdf)
@@ -719,3 +940,4 @@ register_parser(".docx", parse_docx)
 register_parser((".md", ".markdown"), parse_markdown)
 register_parser((".txt", ".text"), parse_text)
 register_parser((".html", ".htm"), parse_html)
+register_parser((".png", ".jpg", ".jpeg", ".tif", ".tiff"), parse_image)

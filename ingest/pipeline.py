@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from appliance.errors import IngestError, ParseError
 from appliance.protocols import (
@@ -106,6 +106,13 @@ def os_strerror(exc: OSError) -> str:
 
 class Parser(Protocol):
     def parse(self, path: Path) -> ParsedDocument: ...
+
+
+@runtime_checkable
+class ReportsProgress(Protocol):
+    """A parser that can say how far it is in a long file (the sandbox, while OCR runs)."""
+
+    def progress(self) -> dict[str, Any] | None: ...
 
 
 @dataclass
@@ -675,6 +682,7 @@ class Indexer:
             "end": chunk.end,
             "text": chunk.text,
             "identity": prep.identity,
+            "ocr_confidence": chunk.ocr_confidence,
         }
 
     # --- reading -----------------------------------------------------------------------------
@@ -704,7 +712,20 @@ class Indexer:
             ],
             "held_deletions": self.state.get_meta(HELD_DELETIONS),
             "paused": self.paused,
+            "parsing": self._parse_progress(),
         }
+
+    def _parse_progress(self) -> dict[str, Any] | None:
+        """The file being OCR'd, as ``{"path", "pages_done", "pages"}`` (None otherwise)."""
+        if not isinstance(self.parser, ReportsProgress):
+            return None
+        progress = self.parser.progress()
+        if progress is None:
+            return None
+        path = Path(progress["path"])
+        with contextlib.suppress(ValueError):
+            path = path.relative_to(self.docs_dir.absolute())
+        return {**progress, "path": display_path(str(path))}
 
     def search(
         self,
@@ -725,6 +746,7 @@ class Indexer:
                 "start": h.payload.get("start"),
                 "end": h.payload.get("end"),
                 "chunk_index": h.payload.get("chunk_index"),
+                "ocr_confidence": h.payload.get("ocr_confidence"),
             }
             for h in hits
         ]

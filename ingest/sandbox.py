@@ -10,9 +10,16 @@ The protocol is one JSON object per line, UTF-8, strictly request then reply::
 
     worker -> parent   {"ready": true}                      once, after start-up
     parent -> worker   {"path": "/docs/a.pdf"}
-    worker -> parent   {"ok": true, "doc": {"sections": [{"text", "page", "heading"}, ...],
+    worker -> parent   {"progress": [pages done, pages]}     any number, while OCR reads pages
+    worker -> parent   {"ok": true, "doc": {"sections": [{"text", "page", "heading",
+                                                          "ocr_confidence", "header"}, ...],
                                             "title": ..., "pages": ...}}
                        {"ok": false, "reason": "encrypted PDF (password required)"}
+
+The wall-clock limit holds per page while a scan is OCR'd: each progress line gives the worker
+``timeout_s`` more, so a long scan is not cut off while one stuck page still is (and
+``ocr.max_pages`` bounds the whole). :meth:`ParserSandbox.progress` says how far the file in
+hand is, for ``appliance status``.
 
 The worker imports only :mod:`ingest.parsers` and its format libraries (never torch or the
 service's modules), points file descriptor 1 at stderr so a library's stray prints cannot
@@ -43,6 +50,8 @@ from appliance.errors import IngestError, ParseError
 from appliance.protocols import ParsedDocument, Section
 from ingest import parsers
 from ingest.confine import confine
+from ingest.ocr import OcrOptions
+from ingest.parsers import DEFAULT_OPTIONS, ParseOptions
 from ingest.safe_open import Staging
 
 START_TIMEOUT_S = 30.0
@@ -51,9 +60,9 @@ START_TIMEOUT_S = 30.0
 _READ_CHUNK = 1 << 20
 
 
-def parse_in_process(path: Path) -> ParsedDocument:
+def parse_in_process(path: Path, options: ParseOptions = DEFAULT_OPTIONS) -> ParsedDocument:
     """Parse ``path`` in this process, without limits (tests and debugging)."""
-    return parsers.parse_file(Path(path))
+    return parsers.parse_file(Path(path), options)
 
 
 class _Timeout(Exception):
@@ -77,6 +86,7 @@ class ParserSandbox:
         *,
         log_path: Path | None = None,
         confined: bool = True,
+        options: ParseOptions = DEFAULT_OPTIONS,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
@@ -88,6 +98,8 @@ class ParserSandbox:
         self.memory_mb = memory_mb
         self.max_text_chars = max_text_chars
         self._log_path = log_path
+        self.options = options
+        self._progress: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._selector: selectors.BaseSelector | None = None
@@ -107,6 +119,11 @@ class ParserSandbox:
         """The running worker's process id, or None when none is running."""
         proc = self._proc
         return proc.pid if proc is not None and proc.poll() is None else None
+
+    def progress(self) -> dict[str, Any] | None:
+        """The file being OCR'd and how far: ``{"path", "pages_done", "pages"}``; None when
+        no scan is in hand (read without the lock: it is replaced whole, never changed)."""
+        return self._progress
 
     def start(self) -> None:
         """Start the worker now rather than on the first parse."""
@@ -130,10 +147,18 @@ class ParserSandbox:
             deadline = time.monotonic() + self.timeout_s
             try:
                 self._send(proc, request)
-                line = self._read_line(proc, deadline)
+                while True:
+                    line = self._read_line(proc, deadline)
+                    done = _progress_of(line)
+                    if done is None:
+                        break
+                    self._progress = {"path": str(path), "pages_done": done[0], "pages": done[1]}
+                    deadline = time.monotonic() + self.timeout_s
             except _Timeout:
                 self._discard_worker()
                 raise ParseError(f"parsing took longer than {self.timeout_s:g}s") from None
+            finally:
+                self._progress = None
             if line is None:
                 raise ParseError(self._crash_reason())
             try:
@@ -199,6 +224,7 @@ class ParserSandbox:
             f"--memory-mb={self.memory_mb}",
             f"--max-text-chars={self.max_text_chars}",
             f"--timeout-s={self.timeout_s}",
+            f"--options={_options_json(self.options)}",
         ]
         if self.confined:
             command += [f"--read={self.staging.folder}", f"--write={self._scratch}"]
@@ -322,13 +348,59 @@ class ParserSandbox:
 
     def _document(self, doc: dict[str, Any]) -> ParsedDocument:
         sections = [
-            Section(text=s["text"], page=s.get("page"), heading=s.get("heading"))
+            Section(
+                text=s["text"],
+                page=s.get("page"),
+                heading=s.get("heading"),
+                ocr_confidence=s.get("ocr_confidence"),
+                header=s.get("header"),
+            )
             for s in doc["sections"]
         ]
         total = sum(len(s.text) for s in sections)
         if total > self.max_text_chars:
             raise ParseError(too_long_reason(total, self.max_text_chars))
         return ParsedDocument(sections=sections, title=doc.get("title"), pages=doc.get("pages"))
+
+
+def _progress_of(line: bytes | None) -> tuple[int, int] | None:
+    """(pages done, pages) from a progress line; None for any other line."""
+    if line is None or not line.startswith(b'{"progress"'):
+        return None
+    try:
+        done, total = json.loads(line)["progress"]
+        return int(done), int(total)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _options_json(options: ParseOptions) -> str:
+    ocr = options.ocr
+    return json.dumps(
+        {
+            "tables": options.tables,
+            "table_style": options.table_style,
+            "ocr": {
+                "engine": ocr.engine,
+                "languages": list(ocr.languages),
+                "dpi": ocr.dpi,
+                "min_text_chars": ocr.min_text_chars,
+                "max_pages": ocr.max_pages,
+            },
+        }
+    )
+
+
+def _options_from_json(text: str, progress: parsers.ProgressFn) -> ParseOptions:
+    data = json.loads(text)
+    ocr = dict(data["ocr"])
+    ocr["languages"] = tuple(ocr["languages"])
+    return ParseOptions(
+        ocr=OcrOptions(**ocr),
+        tables=bool(data["tables"]),
+        table_style=data["table_style"],
+        progress=progress,
+    )
 
 
 def _is_ready(line: bytes) -> bool:
@@ -381,7 +453,9 @@ def _check(request: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True, "check": out}
 
 
-def _handle(line: bytes, memory_mb: int, max_text_chars: int) -> dict[str, Any]:
+def _handle(
+    line: bytes, memory_mb: int, max_text_chars: int, options: ParseOptions = DEFAULT_OPTIONS
+) -> dict[str, Any]:
     try:
         request = json.loads(line)
         if "check" in request:
@@ -390,7 +464,7 @@ def _handle(line: bytes, memory_mb: int, max_text_chars: int) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError) as exc:
         return {"ok": False, "reason": f"bad request to the parser process: {exc}"}
     try:
-        doc = parsers.parse_file(path)
+        doc = parsers.parse_file(path, options)
         total = sum(len(s.text) for s in doc.sections)
         if total > max_text_chars:
             return {"ok": False, "reason": too_long_reason(total, max_text_chars)}
@@ -398,7 +472,14 @@ def _handle(line: bytes, memory_mb: int, max_text_chars: int) -> dict[str, Any]:
             "ok": True,
             "doc": {
                 "sections": [
-                    {"text": s.text, "page": s.page, "heading": s.heading} for s in doc.sections
+                    {
+                        "text": s.text,
+                        "page": s.page,
+                        "heading": s.heading,
+                        "ocr_confidence": s.ocr_confidence,
+                        "header": s.header,
+                    }
+                    for s in doc.sections
                 ],
                 "title": doc.title,
                 "pages": doc.pages,
@@ -435,6 +516,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-s", type=float, required=True)
     ap.add_argument("--read", action="append", default=[], help="confine: also readable")
     ap.add_argument("--write", action="append", default=[], help="confine: also writable")
+    ap.add_argument("--options", default=None, help="ParseOptions as JSON (OCR, tables)")
     args = ap.parse_args(argv)
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -447,11 +529,22 @@ def worker_main(argv: list[str] | None = None) -> int:
         confined = confine(read=[Path(p) for p in args.read], write=[Path(p) for p in args.write])
     # A backstop for an orphan: the parent kills a late worker long before this alarm.
     alarm_s = math.ceil(args.timeout_s) * 2 + 10
+
+    def progress(done: int, total: int) -> None:
+        signal.alarm(alarm_s)  # the parent, too, allows each page its own time
+        _write_all(replies, json.dumps({"progress": [done, total]}).encode("ascii") + b"\n")
+
+    options = (
+        _options_from_json(args.options, progress)
+        if args.options
+        else ParseOptions(progress=progress)
+    )
     try:
         _write_all(replies, json.dumps({"ready": True, "confined": confined}).encode() + b"\n")
         for line in sys.stdin.buffer:
             signal.alarm(alarm_s)
-            reply = _encode(_handle(line, args.memory_mb, args.max_text_chars), args.memory_mb)
+            handled = _handle(line, args.memory_mb, args.max_text_chars, options)
+            reply = _encode(handled, args.memory_mb)
             signal.alarm(0)
             _write_all(replies, reply)
     except BrokenPipeError:

@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     collection TEXT NOT NULL, point_id TEXT NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL,
     idx INTEGER NOT NULL, status TEXT NOT NULL, text_key TEXT NOT NULL, text TEXT NOT NULL,
     start INTEGER NOT NULL, end_ INTEGER NOT NULL, page INTEGER, heading TEXT,
+    ocr_confidence REAL,
     PRIMARY KEY (collection, point_id));
 CREATE INDEX IF NOT EXISTS chunks_by_path ON chunks (collection, path, status);
 CREATE INDEX IF NOT EXISTS chunks_by_hash ON chunks (collection, sha256, status);
@@ -94,6 +95,14 @@ class IngestState:
         # A commit here is a promise about the index: it must survive a power loss too.
         self._db = sqlite.connect(path, _SCHEMA, durable=True)
         self._lock = threading.RLock()
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """A state written before a column was added gets it (NULL in the existing rows)."""
+        have = {row[1] for row in self._query("PRAGMA table_info(chunks)")}
+        if "ocr_confidence" not in have:
+            with self.transaction() as db:
+                db.execute("ALTER TABLE chunks ADD COLUMN ocr_confidence REAL")
 
     def close(self) -> None:
         with self._lock:
@@ -193,7 +202,8 @@ class IngestState:
         self, collection: str, path: str, sha256: str | None = None
     ) -> list[ChunkRow]:
         sql = (
-            "SELECT point_id, path, sha256, idx, text, start, end_, page, heading, text_key "
+            "SELECT point_id, path, sha256, idx, text, start, end_, page, heading, text_key, "
+            "ocr_confidence "
             "FROM chunks WHERE collection = ? AND path = ? AND status = 'live'"
         )
         args: list[Any] = [collection, path]
@@ -206,7 +216,15 @@ class IngestState:
                 point_id=r[0],
                 path=r[1],
                 sha256=r[2],
-                chunk=Chunk(index=r[3], text=r[4], start=r[5], end=r[6], page=r[7], heading=r[8]),
+                chunk=Chunk(
+                    index=r[3],
+                    text=r[4],
+                    start=r[5],
+                    end=r[6],
+                    page=r[7],
+                    heading=r[8],
+                    ocr_confidence=r[10],
+                ),
                 text_key=r[9],
             )
             for r in rows
@@ -216,7 +234,9 @@ class IngestState:
         """Step 1 of a write: record the points about to be upserted."""
         with self.transaction() as db:
             db.executemany(
-                "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO chunks (collection, point_id, path, sha256, idx, status, "
+                "text_key, text, start, end_, page, heading, ocr_confidence) "
+                "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         collection,
@@ -230,6 +250,7 @@ class IngestState:
                         r.chunk.end,
                         r.chunk.page,
                         r.chunk.heading,
+                        r.chunk.ocr_confidence,
                     )
                     for r in rows
                 ],

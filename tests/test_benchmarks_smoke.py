@@ -62,6 +62,9 @@ def test_ingest_throughput_on_two_filings(
     stages = one["breakdown_s"]
     assert {"embed", "store", "bm25"} <= stages["main_thread"].keys()
     assert {"parse", "chunk"} <= stages["parse_thread"].keys()
+    tables = result["table_parse"]
+    assert tables["with_tables"] == 1  # the Q3 AAPL filing: its statements are tables
+    assert tables["all_ratio"] > 0
 
 
 @pytest.mark.slow
@@ -156,3 +159,32 @@ def test_security_probe_at_small_size(
     assert result["idle_connections"]["open"] == 50
     assert result["aborted_streams"]["question_records"] == 20
     assert all(result["verdicts"].values()), result["verdicts"]
+
+
+def test_ocr_quality_reads_the_generated_page(
+    script: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    if shutil.which("tesseract") is None:
+        pytest.skip("Tesseract is not installed (install.sh --system)")
+    bench = script("ocr_quality")
+    result = run_json(bench, ["--pages", "1"], capsys)
+    assert result["char_accuracy"] >= 0.95
+    assert result["ocr_s_per_page"]["best"] > 0
+    assert result["ratio_ocr_to_text_layer"] > 1
+
+
+def test_evidence_is_the_gold_figures_found_in_the_passages(script: Any) -> None:
+    bench = script("retrieval_quality")
+    answer = "Total net sales were $81,797 million in the quarter."
+    row = "Total net sales | Three Months Ended July 1, 2023: 81,797 (in millions)"
+    assert bench.figures_found(answer, [row]) == (1, 1)
+    assert bench.figures_found(answer, ["Total net sales 82,959 rose"]) == (0, 1)
+    questions = [bench.Question("q", "?", frozenset({"a.pdf"}), answer)]
+    scores = bench.score("hybrid", [["a.pdf"]], questions, [[row]])
+    assert (scores.evidence_recall, scores.figure_recall, scores.questions_with_figures) == (
+        1.0,
+        1.0,
+        1,
+    )

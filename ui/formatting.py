@@ -23,12 +23,16 @@ def file_name(path: str) -> str:
 
 
 def source_title(source: dict[str, Any]) -> str:
-    """``[1] contract.md, page 3`` or ``[2] leave.md, Annual leave``."""
+    """``[1] contract.md, page 3`` or ``[2] leave.md, Annual leave``; text read from a scan
+    says so: ``[3] signed.pdf, page 2 (OCR, 91% confidence)``."""
     title = f"[{source.get('number', '?')}] {file_name(str(source.get('path', '')))}"
     if source.get("page") is not None:
-        return f"{title}, page {source['page']}"
-    if source.get("heading"):
-        return f"{title}, {source['heading']}"
+        title = f"{title}, page {source['page']}"
+    elif source.get("heading"):
+        title = f"{title}, {source['heading']}"
+    confidence = source.get("ocr_confidence")
+    if confidence is not None:
+        title = f"{title} (OCR, {float(confidence):.0%} confidence)"
     return title
 
 

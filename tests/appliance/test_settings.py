@@ -53,3 +53,13 @@ def test_unreadable_or_invalid_file(tmp_path: Path) -> None:
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_settings(bad, env={})
+
+
+def test_ocr_languages_are_a_list_or_tesseracts_plus_form() -> None:
+    assert load_settings(env={}).ocr.languages == ["eng"]
+    env = {"APPLIANCE_OCR__LANGUAGES": "eng+deu", "APPLIANCE_OCR__ENGINE": "off"}
+    settings = load_settings(env=env)
+    assert settings.ocr.languages == ["eng", "deu"]
+    assert settings.ocr.engine == "off"
+    with pytest.raises(ConfigError, match="chi_sim"):
+        load_settings(env={"APPLIANCE_OCR__LANGUAGES": "eng+../x"})

@@ -141,3 +141,98 @@ def make_large_text(path: Path, mb: int) -> Path:
         for _ in range(mb):
             out.write(block[: 1 << 20])
     return path
+
+
+# --- scans and tables (OCR and table tests) --------------------------------------------------
+
+SCAN_LINES = (
+    "Clinical Study Protocol",
+    "The study enrolls 120 participants aged 18 to 65 years.",
+    "Participants receive 50 mg of the study drug twice daily for 12 weeks.",
+    "The primary endpoint is the change in systolic blood pressure at week 12.",
+    "Adverse events are recorded at every visit and reported within 24 hours.",
+    "Blood samples are stored at minus 80 degrees Celsius for five years.",
+)
+
+
+def render_text_page(lines: Sequence[str], dpi: int = 200) -> object:
+    """A letter page of 12 pt Helvetica lines as a grayscale PIL image, as a scanner at
+    ``dpi`` would give it."""
+    import io
+
+    import pypdfium2 as pdfium
+    from reportlab.pdfgen import canvas
+
+    buffer = io.BytesIO()
+    pdf = canvas.Canvas(buffer, invariant=1)
+    y = 720
+    for line in lines:
+        pdf.setFont("Helvetica", 12)
+        pdf.drawString(72, y, line)
+        y -= 20
+    pdf.save()
+    document = pdfium.PdfDocument(buffer.getvalue())
+    try:
+        return document[0].render(scale=dpi / 72).to_pil().convert("L")
+    finally:
+        document.close()
+
+
+def make_scanned_pdf(
+    path: Path, pages: Sequence[Sequence[str]] = (SCAN_LINES,), dpi: int = 200
+) -> Path:
+    """An image-only PDF: each page a picture of text, with no text layer."""
+    images = [render_text_page(lines, dpi) for lines in pages]
+    first, *rest = images
+    first.save(path, format="PDF", resolution=dpi, save_all=True, append_images=rest)  # type: ignore[attr-defined]
+    return path
+
+
+def make_image(path: Path, pages: Sequence[Sequence[str]] = (SCAN_LINES,)) -> Path:
+    """A PNG or JPEG (one page) or a TIFF (one frame per page) of rendered text."""
+    images = [render_text_page(lines) for lines in pages]
+    first, *rest = images
+    if rest:
+        first.save(path, save_all=True, append_images=rest, compression="tiff_deflate")  # type: ignore[attr-defined]
+    else:
+        first.save(path)  # type: ignore[attr-defined]
+    return path
+
+
+# A quarterly statement laid out as filings do: caption, units, a spanning column header over
+# dated columns, group labels and right-aligned figures.
+TABLE_ROWS = (
+    ("Net sales:", None, None, 0),
+    ("Products", "60,584", "63,355", 8),
+    ("Services", "21,213", "19,604", 8),
+    ("Total net sales", "81,797", "82,959", 16),
+    ("Operating income", "22,998", "23,076", 0),
+)
+
+
+def make_table_pdf(
+    path: Path, rows: Sequence[tuple[str, str | None, str | None, int]] = TABLE_ROWS
+) -> Path:
+    """A page of prose, then a statement table like a 10-Q's, then more prose."""
+    from reportlab.pdfgen import canvas
+
+    pdf = canvas.Canvas(str(path), invariant=1)
+    pdf.setFont("Helvetica", 10)
+    pdf.drawString(72, 740, "The following table shows the results of operations for the quarter.")
+    pdf.drawCentredString(306, 710, "CONDENSED CONSOLIDATED STATEMENTS OF OPERATIONS (Unaudited)")
+    pdf.drawCentredString(306, 698, "(In millions)")
+    pdf.drawCentredString(400, 676, "Three Months Ended")
+    pdf.drawRightString(380, 664, "July 1, 2023")
+    pdf.drawRightString(460, 664, "June 25, 2022")
+    y = 648
+    for label, now, before, indent in rows:
+        pdf.drawString(72 + indent, y, label)
+        if now is not None:
+            pdf.drawRightString(380, y, now)
+        if before is not None:
+            pdf.drawRightString(460, y, before)
+        y -= 14
+    pdf.drawString(72, y - 20, "Net sales fell in the quarter, mainly because of lower Mac sales.")
+    pdf.showPage()
+    pdf.save()
+    return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -11,7 +12,16 @@ import pytest
 from appliance.errors import ParseError
 from appliance.protocols import ParsedDocument, Section
 from ingest import parsers
-from ingest.parsers import parse_file, parser_for, pdf_title, register_parser, supported_suffixes
+from ingest.ocr import OcrOptions
+from ingest.parsers import (
+    DEFAULT_OPTIONS,
+    ParseOptions,
+    parse_file,
+    parser_for,
+    pdf_title,
+    register_parser,
+    supported_suffixes,
+)
 from tests.ingest.fixtures import (
     PDF_PAGES,
     make_blank_pdf,
@@ -20,6 +30,8 @@ from tests.ingest.fixtures import (
     make_pdf,
     make_zip_bomb,
 )
+
+NO_TABLES = ParseOptions(tables=False)  # tables as plain " | " lines, as before tables were kept
 
 
 def text_of(doc: ParsedDocument) -> str:
@@ -39,7 +51,7 @@ def registry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(parsers, "_PARSERS", dict(parsers._PARSERS))
 
 
-def fake_parser(path: Path) -> ParsedDocument:
+def fake_parser(path: Path, options: ParseOptions = DEFAULT_OPTIONS) -> ParsedDocument:
     return ParsedDocument(sections=[Section(text=path.read_text())])
 
 
@@ -53,6 +65,11 @@ def test_builtin_suffixes() -> None:
         ".text",
         ".html",
         ".htm",
+        ".png",
+        ".jpg",
+        ".jpeg",
+        ".tif",
+        ".tiff",
     }
 
 
@@ -98,7 +115,7 @@ def test_register_needs_a_suffix() -> None:
 def test_unknown_suffix_lists_the_known_ones() -> None:
     with pytest.raises(ParseError, match=r"no parser for files ending in '\.xlsx'") as info:
         parser_for(Path("budget.xlsx"))
-    assert ".docx, .htm, .html, .markdown, .md, .pdf, .text, .txt" in info.value.reason
+    assert ".docx, .htm, .html, .jpeg, .jpg, .markdown, .md, .pdf, .png" in info.value.reason
     with pytest.raises(ParseError, match=r"files without a suffix; supported: \.docx"):
         parser_for(Path("README"))
 
@@ -129,8 +146,15 @@ def test_pdf_blank_pages_are_skipped_but_counted(tmp_path: Path) -> None:
     assert [s.page for s in doc.sections] == [1, 3]
 
 
-def test_pdf_without_text_says_ocr_is_not_supported(tmp_path: Path) -> None:
-    with pytest.raises(ParseError, match=r"no extractable text \(scanned PDF\? OCR is not"):
+def test_pdf_without_text_and_without_ocr_says_so(tmp_path: Path) -> None:
+    off = ParseOptions(ocr=OcrOptions(engine="off"))
+    with pytest.raises(ParseError, match=r"no extractable text \(scanned PDF\?\) and no OCR"):
+        parse_file(make_blank_pdf(tmp_path / "scan.pdf"), off)
+
+
+@pytest.mark.skipif(shutil.which("tesseract") is None, reason="Tesseract is not installed")
+def test_pdf_of_drawings_only_has_no_text_even_by_ocr(tmp_path: Path) -> None:
+    with pytest.raises(ParseError, match=r"^no extractable text, not even by OCR$"):
         parse_file(make_blank_pdf(tmp_path / "scan.pdf"))
 
 
@@ -166,7 +190,7 @@ def test_pdf_code_like_title_is_dropped(tmp_path: Path) -> None:
 
 
 def test_docx_heading_paths_and_table_in_order(tmp_path: Path) -> None:
-    doc = parse_file(make_docx(tmp_path / "policy.docx"))
+    doc = parse_file(make_docx(tmp_path / "policy.docx"), NO_TABLES)
     assert doc.title == "Records Policy (v2)"
     assert doc.pages is None
     assert [s.heading for s in doc.sections] == [
@@ -207,7 +231,7 @@ def test_docx_merged_cells_count_once(tmp_path: Path) -> None:
     for col, value in enumerate(["North", "South", "12"]):
         table.cell(1, col).text = value
     document.save(str(tmp_path / "merged.docx"))
-    doc = parse_file(tmp_path / "merged.docx")
+    doc = parse_file(tmp_path / "merged.docx", NO_TABLES)
     assert text_of(doc) == "Region | Total\nNorth | South | 12"
 
 
@@ -375,7 +399,7 @@ def test_text_decoding(tmp_path: Path, data: bytes, expected: str) -> None:
 
 
 def test_html_main_content_with_heading_paths(tmp_path: Path) -> None:
-    doc = parse_file(make_html(tmp_path / "policy.html"))
+    doc = parse_file(make_html(tmp_path / "policy.html"), NO_TABLES)
     assert doc.title == "Records Policy | Example Corp"
     assert [s.heading for s in doc.sections] == [
         "Records Policy",

@@ -210,3 +210,17 @@ def test_module_entry_reports_a_broken_config(tmp_path: Path) -> None:
     assert run.returncode == EXIT_ERROR
     assert run.stdout.startswith("FAIL  config")
     assert "debounce_s" in run.stdout
+
+
+def test_ocr_check_names_tesseract_and_the_language_packs() -> None:
+    import shutil as sh
+
+    from appliance.doctor import check_ocr
+    from appliance.settings import load_settings
+
+    assert check_ocr(load_settings(env={"APPLIANCE_OCR__ENGINE": "off"})).status == "ok"
+    check = check_ocr(load_settings(env={"APPLIANCE_OCR__LANGUAGES": "eng+zzz"}))
+    assert check.status == "warn"
+    assert "tesseract-ocr-zzz" in check.hint
+    if sh.which("tesseract") is not None:
+        assert check_ocr(load_settings(env={})).status == "ok"

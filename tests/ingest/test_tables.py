@@ -1,0 +1,203 @@
+"""Tables kept as tables: each row with its column headers, caption and units, in PDF (from
+pdfium's character positions), DOCX and HTML; the chunker never splits a row and repeats the
+header in every chunk of a table."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from appliance.protocols import Section
+from ingest.chunking import chunk_sections, extracted_text
+from ingest.parsers import DEFAULT_OPTIONS, ParseOptions, parse_file
+from ingest.pdf_tables import looks_tabular
+from ingest.tables import grid_table, row_line
+from tests.ingest.fixtures import make_pdf, make_table_pdf
+
+TOTAL_ROW = (
+    "Net sales: Total net sales | Three Months Ended July 1, 2023: 81,797 | "
+    "June 25, 2022: 82,959 (in millions)"
+)
+
+
+def word_spans(text: str) -> list[tuple[int, int]]:
+    return [m.span() for m in re.finditer(r"\w+|[^\w\s]", text)]
+
+
+def tables_of(path: Path, options: ParseOptions = DEFAULT_OPTIONS) -> list[Section]:
+    return [s for s in parse_file(path, options).sections if s.header is not None]
+
+
+# --- PDF -------------------------------------------------------------------------------------
+
+
+def test_pdf_rows_keep_headers_caption_and_units(tmp_path: Path) -> None:
+    sections = parse_file(make_table_pdf(tmp_path / "10q.pdf")).sections
+    assert [s.page for s in sections] == [1, 1]
+    page, table = sections
+    # the page text stays whole (the sentence that introduces a table stays with its figures)
+    assert page.header is None
+    assert "results of operations" in page.text
+    assert "Total net sales 81,797 82,959" in page.text
+    # the header is what every chunk of the table repeats: caption and units, kept short
+    assert (
+        table.header == "CONDENSED CONSOLIDATED STATEMENTS OF OPERATIONS (Unaudited) (in millions)"
+    )
+    rows = table.text.split("\n")[1:]
+    assert rows == [
+        "Net sales: Products | Three Months Ended July 1, 2023: 60,584 | "
+        "June 25, 2022: 63,355 (in millions)",
+        "Net sales: Services | Three Months Ended July 1, 2023: 21,213 | "
+        "June 25, 2022: 19,604 (in millions)",
+        TOTAL_ROW,
+        "Operating income | Three Months Ended July 1, 2023: 22,998 | "
+        "June 25, 2022: 23,076 (in millions)",
+    ]
+
+
+def test_pdf_tables_can_be_turned_off(tmp_path: Path) -> None:
+    sections = parse_file(make_table_pdf(tmp_path / "10q.pdf"), ParseOptions(tables=False))
+    assert len(sections.sections) == 1
+    assert "Total net sales 81,797 82,959" in sections.sections[0].text
+
+
+def test_prose_pages_skip_the_table_search(tmp_path: Path) -> None:
+    assert not looks_tabular("Invoices are kept for 7 years.\nDisks are wiped 3 times.")
+    assert looks_tabular("a 1 2\nb 3 4\nTotal 4 6")
+    assert tables_of(make_pdf(tmp_path / "policy.pdf")) == []
+
+
+# --- DOCX and HTML ---------------------------------------------------------------------------
+
+
+def test_docx_rows_keep_headers_caption_and_units(tmp_path: Path) -> None:
+    import docx
+
+    document = docx.Document()
+    document.add_paragraph("Net sales by category (in millions):")
+    table = document.add_table(rows=3, cols=3)
+    grid = [
+        ("", "July 1, 2023", "June 25, 2022"),
+        ("iPhone", "39,669", "40,665"),
+        ("Mac", "6,840", "7,382"),
+    ]
+    for row, values in zip(table.rows, grid, strict=True):
+        for cell, value in zip(row.cells, values, strict=True):
+            cell.text = value
+    document.add_paragraph("Sales of iPhone fell.")
+    document.save(str(tmp_path / "sales.docx"))
+    (section,) = tables_of(tmp_path / "sales.docx")
+    assert section.header == "Net sales by category (in millions):"
+    assert section.text.split("\n")[1:] == [
+        "iPhone | July 1, 2023: 39,669 | June 25, 2022: 40,665 (in millions)",
+        "Mac | July 1, 2023: 6,840 | June 25, 2022: 7,382 (in millions)",
+    ]
+
+
+def test_html_rows_keep_headers_caption_units_and_spans(tmp_path: Path) -> None:
+    page = """<html><body><main><h2>Results</h2><p>Quarterly figures follow.</p>
+    <table><caption>Statements of Operations (in thousands)</caption>
+      <thead><tr><th></th><th colspan="2">Three Months Ended</th></tr>
+             <tr><th></th><th>July 1, 2023</th><th>June 25, 2022</th></tr></thead>
+      <tbody><tr><td>Total net sales</td><td>81,797</td><td>82,959</td></tr>
+             <tr><td>Gross margin</td><td>36,413</td><td>35,885</td></tr></tbody>
+    </table><p>After the table.</p></main></body></html>"""
+    path = tmp_path / "results.html"
+    path.write_text(page, encoding="utf-8")
+    doc = parse_file(path)
+    assert [s.heading for s in doc.sections] == ["Results", "Results", "Results"]
+    (section,) = [s for s in doc.sections if s.header is not None]
+    assert section.header == "Statements of Operations (in thousands)"
+    assert section.text.split("\n")[1:] == [
+        "Total net sales | Three Months Ended July 1, 2023: 81,797 | "
+        "June 25, 2022: 82,959 (in thousands)",
+        "Gross margin | Three Months Ended July 1, 2023: 36,413 | "
+        "June 25, 2022: 35,885 (in thousands)",
+    ]
+    assert doc.sections[2].text == "After the table."
+
+
+def test_row_line_says_a_spanning_header_once() -> None:
+    cells = [
+        ("Three Months Ended July 1, 2023", "81,797"),
+        ("Three Months Ended June 25, 2022", ""),
+    ]
+    assert row_line("Total", cells, None) == "Total | Three Months Ended July 1, 2023: 81,797"
+    assert grid_table([["a", "b"]], "", header_rows=1) is not None  # a lone row is a row
+
+
+# --- chunking --------------------------------------------------------------------------------
+
+
+def big_table() -> Section:
+    header = "Statement of Operations (in millions)\nQ3 2023 | Q3 2022 (in millions)"
+    rows = [
+        row_line(
+            f"Line item {i}", [("Q3 2023", f"{i},100"), ("Q3 2022", f"{i},200")], "in millions"
+        )
+        for i in range(40)
+    ]
+    return Section(text="\n".join([header, *rows]), page=4, header=header)
+
+
+def test_table_chunks_never_split_a_row_and_repeat_the_header() -> None:
+    table = big_table()
+    sections = [Section("Intro text before the table.", page=4), table]
+    chunks = chunk_sections(sections, word_spans, max_tokens=60, overlap_tokens=8)
+    table_chunks = [c for c in chunks if "Line item" in c.text]
+    assert len(table_chunks) > 3
+    rows = set(table.text.split("\n")[2:])
+    seen: list[str] = []
+    text = extracted_text(sections)
+    for chunk in table_chunks:
+        assert chunk.text.startswith(table.header + "\n")
+        assert len(word_spans(chunk.text)) <= 60
+        body = chunk.text[len(table.header) + 1 :].split("\n")
+        assert all(line in rows for line in body)  # whole rows only
+        seen += body
+        assert chunk.text.endswith(text[chunk.start : chunk.end])
+        assert chunk.page == 4
+    assert seen == table.text.split("\n")[2:]  # every row once, in order, no overlap
+
+
+def test_a_row_longer_than_a_chunk_is_the_only_one_cut() -> None:
+    header = "Caption\nA | B"
+    long_row = "Label | " + " ".join(f"w{i}" for i in range(80))
+    table = Section(text=f"{header}\nshort | A: 1\n{long_row}\nlast | A: 2", header=header)
+    chunks = chunk_sections([table], word_spans, max_tokens=30, overlap_tokens=4)
+    assert all(len(word_spans(c.text)) <= 30 for c in chunks)
+    assert chunks[0].text == f"{header}\nshort | A: 1"
+    assert chunks[-1].text == f"{header}\nlast | A: 2"
+    joined = " ".join(c.text for c in chunks)
+    assert all(f"w{i}" in joined.split() for i in range(80))
+
+
+def test_without_a_caption_the_column_names_head_the_table(tmp_path: Path) -> None:
+    page = """<html><body><table>
+      <tr><th>Record</th><th>Years kept</th></tr><tr><td>Invoices</td><td>7</td></tr>
+    </table></body></html>"""
+    path = tmp_path / "retention.html"
+    path.write_text(page, encoding="utf-8")
+    (section,) = tables_of(path)
+    assert section.text == "Years kept\nInvoices | Years kept: 7"
+
+
+def test_compact_rows_follow_a_column_line_in_every_chunk(tmp_path: Path) -> None:
+    sections = parse_file(
+        make_table_pdf(tmp_path / "10q.pdf"), ParseOptions(table_style="compact")
+    ).sections
+    (table,) = [s for s in sections if s.header is not None]
+    assert table.header == (
+        "CONDENSED CONSOLIDATED STATEMENTS OF OPERATIONS (Unaudited) (in millions)\n"
+        "| Three Months Ended July 1, 2023 | Three Months Ended June 25, 2022"
+    )
+    assert table.text.split("\n")[2:] == [
+        "Net sales: Products | 60,584 | 63,355",
+        "Net sales: Services | 21,213 | 19,604",
+        "Net sales: Total net sales | 81,797 | 82,959",
+        "Operating income | 22,998 | 23,076",
+    ]
+    grid = [["", "2023", "2022"], ["Invoices", "7", ""]]
+    section = grid_table(grid, "Kept (in thousands)", header_rows=1, style="compact")
+    assert section is not None
+    assert section.text == "Kept (in thousands)\n| 2023 | 2022\nInvoices | 7 | -"
