@@ -199,6 +199,8 @@ class Indexer:
             staging = Staging()
             weakref.finalize(self, staging.close)
         self.staging = staging
+        self._staged_from: dict[str, str] = {}
+        """Staged copy -> the document it was made from, while it is in hand."""
 
     @contextlib.contextmanager
     def writes_held(self) -> Iterator[None]:
@@ -576,9 +578,11 @@ class Indexer:
             return exc.reason
         except OSError as exc:
             return f"cannot read file: {exc.strerror}"
+        self._staged_from[str(staged)] = rel
         try:
             return self._prepare_staged(item, sha, staged)
         finally:
+            self._staged_from.pop(str(staged), None)
             staged.unlink(missing_ok=True)
 
     def _prepare_staged(self, item: FoundFile, sha: str, staged: Path) -> _Prepared | str | None:
@@ -722,10 +726,14 @@ class Indexer:
         progress = self.parser.progress()
         if progress is None:
             return None
-        path = Path(progress["path"])
-        with contextlib.suppress(ValueError):
-            path = path.relative_to(self.docs_dir.absolute())
-        return {**progress, "path": display_path(str(path))}
+        # The parser reads a staged copy: name the document it was made from.
+        rel = self._staged_from.get(str(progress["path"]))
+        if rel is None:
+            path = Path(progress["path"])
+            with contextlib.suppress(ValueError):
+                path = path.relative_to(self.docs_dir.absolute())
+            rel = str(path)
+        return {**progress, "path": display_path(rel)}
 
     def search(
         self,
