@@ -201,13 +201,13 @@ def _answer(message: dict[str, Any], position: int) -> None:
 
     if message.get("mode") == "quoted":
         st.markdown(evidence.QUOTED)
-        st.markdown(evidence.quoted_answer(message["answer"], message["claims"], href))
+        st.markdown(evidence.quoted_answer(message["answer"], message.get("claims") or [], href))
         # with answer.unsupported: flag, the generated sentences follow the quotes, marked
-        for claim in message["unsupported_claims"]:
+        for claim in message.get("unsupported_claims") or []:
             if str(claim["text"]).strip() in message["answer"]:
                 st.markdown(evidence.unverified_claim(claim))
     else:
-        st.markdown(evidence.linked_answer(message["answer"], message["claims"], href))
+        st.markdown(evidence.linked_answer(message["answer"], message.get("claims") or [], href))
     if message.get("waited"):
         ahead = "1 question" if message["waited"] == 1 else f"{message['waited']} questions"
         st.caption(f"Waited for the model behind {ahead}.")
@@ -234,7 +234,9 @@ def _after_answer(
     """Under an answer: the unverified sentences on request, its sources (those supporting
     the latest answer open), then thumbs up or down."""
     shown = message["answer"]
-    dropped = [c for c in message["unsupported_claims"] if str(c["text"]).strip() not in shown]
+    dropped = [
+        c for c in message.get("unsupported_claims") or [] if str(c["text"]).strip() not in shown
+    ]
     if dropped and st.toggle(
         f"Show unverified ({len(dropped)})",
         key=f"unverified-{message.get('id') or position}",
@@ -245,7 +247,9 @@ def _after_answer(
     sources = message["sources"]
     if sources:
         st.caption("Sources")
-    supporting = {evidence.claim_source(c) for c in message["claims"] if c.get("supported")}
+    supporting = {
+        evidence.claim_source(c) for c in message.get("claims") or [] if c.get("supported")
+    }
     for source in sources:
         number = source.get("number")
         _source(api, message, source, position, expanded=latest and number in supporting)
