@@ -137,11 +137,19 @@ write_sbom() {
 install_ocr() {
   local langs=${INSTALL_OCR_LANGS:-eng} packages=(tesseract-ocr) lang
   for lang in $langs; do packages+=("tesseract-ocr-${lang//_/-}"); done
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
-  elif ! command -v tesseract >/dev/null 2>&1; then
-    echo "note: OCR of scanned documents needs Tesseract: sudo apt-get install ${packages[*]}" >&2
+  local have=1 pkg
+  for pkg in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || have=0
+  done
+  [ "$have" = 1 ] && return 0
+  # Best effort: an appliance without a package mirror (an offline site) installs all the rest,
+  # and scans then fail with this fix as their reason.
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 &&
+    apt-get update -qq >/dev/null 2>&1 &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null 2>&1; then
+    return 0
   fi
+  echo "note: OCR of scanned documents needs Tesseract: sudo apt-get install ${packages[*]}" >&2
 }
 
 # --- the local install (./.venv) ----------------------------------------------------------------
