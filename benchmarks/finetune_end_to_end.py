@@ -24,6 +24,7 @@ machine.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -59,7 +60,7 @@ def _stage_seconds(state: dict[str, Any]) -> dict[str, float]:
     """Seconds spent in each status of the run, from its state history."""
     history = state.get("history") or []
     out: dict[str, float] = {}
-    for this, following in zip(history, history[1:], strict=False):
+    for this, following in itertools.pairwise(history):
         out[this["status"]] = round(
             out.get(this["status"], 0.0) + following["time"] - this["time"], 1
         )

@@ -223,7 +223,9 @@ def _phase_candidates(base: str, dataset: str, config_json: str, out: str) -> di
         model.train()
         times, tokens = [], 0
         for step in range(0, config.max_steps + 1):  # step 0: the warm-up, not counted
-            indices = batch_indices(len(examples), config.seed, max(step, 1), 0, 1, config.batch_size)
+            indices = batch_indices(
+                len(examples), config.seed, max(step, 1), 0, 1, config.batch_size
+            )
             batch = collate([examples[i] for i in indices], tokenizer.pad_token_id)
             t0 = time.perf_counter()
             model(**batch).loss.backward()
@@ -434,8 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--loop-overhead",
         action="store_true",
-        help="the earlier report: train() against a bare peft loop (with --rounds, "
-        "--quantization)",
+        help="the earlier report: train() against a bare peft loop (with --rounds, --quantization)",
     )
     parser.add_argument(
         "--rounds",

@@ -6,13 +6,13 @@ On a 2-core AVX2-only EPYC that made the default ten times slower than plain LoR
 thumb predict that reliably (bitsandbytes' CPU kernels, oneDNN and torch each dispatch on their
 own), so ``run.quantization: auto`` times the candidates instead:
 
-    candidates(device)                          nf4-bf16, nf4-fp32, lora-fp32 (CPU) | lora-bf16 (CUDA)
-       │  plan(): memory filter                 weights + activations x headroom vs free RAM / VRAM
+    candidates(device)          nf4-bf16, nf4-fp32, lora-fp32 (CPU) | lora-bf16 (CUDA)
+       │  plan()                 memory filter: weights + activations x headroom vs free memory
        ▼
-    decide(trials, measure)                     measure(p): load, one warm-up step, one timed step
-       │                                        (forward + backward on the run's first batch)
+    decide(trials, measure)     measure(p): load, one warm-up step, one timed step
+       │                        (forward + backward on the run's first batch)
        ▼
-    Decision (to_json -> config.json "precision", result.json, ``finetune --json``, the UI)
+    Decision                    to_json: config.json "precision", result.json, --json, the UI
 
 Memory decides only what may be tried: a candidate that does not fit is skipped with the
 numbers; when none fits, the smallest is tried anyway (the estimate is deliberately
@@ -299,9 +299,7 @@ def plan(
             trial.skipped = unavailable[option.name]
         elif not fits:
             assert free_bytes is not None
-            trial.skipped = (
-                f"needs about {need / MIB:.0f} MiB, {free_bytes / MIB:.0f} MiB free"
-            )
+            trial.skipped = f"needs about {need / MIB:.0f} MiB, {free_bytes / MIB:.0f} MiB free"
         trials.append(trial)
     available = [t for t in trials if t.precision.name not in unavailable]
     if available and not any(t.skipped is None for t in available):
@@ -362,7 +360,7 @@ def decide(
         requested="auto",
         chosen=best.precision,
         device=device,
-        reason=f"fastest of {measured} measured" + (" candidate" if measured == 1 else " candidates"),
+        reason=f"fastest of {measured} measured candidate{'' if measured == 1 else 's'}",
         trials=trials,
         free_mb=None if free_bytes is None else round(free_bytes / MIB),
         batch_tokens=batch_tokens,

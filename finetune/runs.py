@@ -103,14 +103,23 @@ def create_run(
 
 
 def _dataset_path(settings: Settings, dataset: str | Path) -> Path:
-    from finetune.dataset import dataset_path
+    from finetune.dataset import DatasetError, dataset_path
 
     path = Path(dataset)
     if path.is_dir():
         return path
-    named = dataset_path(settings, str(dataset))  # refuses names that are not plain names
-    if named.is_dir():
+    try:
+        named: Path | None = dataset_path(settings, str(dataset))
+    except DatasetError:
+        named = None  # a path, not a plain name
+    if named is not None and named.is_dir():
         return named
+    if named is None or path.suffix.lower() == ".jsonl":
+        raise ConfigError(
+            f"no file or folder {str(dataset)!r}: give a JSONL file of training pairs, a "
+            "dataset folder, or a name from `appliance dataset list` (build one with "
+            "`appliance dataset build`)"
+        )
     raise ConfigError(
         f"no dataset {str(dataset)!r}: give a dataset folder or a name from "
         "`appliance dataset list` (build one with `appliance dataset build`)"

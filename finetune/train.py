@@ -568,9 +568,7 @@ def measure_precision(
         return load_s, warm, step
 
     tokens = sum(len(e.input_ids) for e in batch_examples)
-    return decide(
-        trials, measure, device=device, free_bytes=free, batch_tokens=tokens, say=say
-    )
+    return decide(trials, measure, device=device, free_bytes=free, batch_tokens=tokens, say=say)
 
 
 def _trainable(model: Any) -> list[Any]:

@@ -95,8 +95,6 @@ def test_a_jsonl_file_is_built_into_a_dataset_before_the_run(
     assert "dataset 'sig' already holds exactly what sig.jsonl builds" in capsys.readouterr().err
     pairs.write_text(json.dumps(records[0]) + "\n" + json.dumps(records[1]) + "\n")
     assert main([*args, "--dataset", str(pairs)]) == 1
-    assert "'sig' exists with other content, so the new one is 'sig-2'" in (
-        capsys.readouterr().err
-    )
+    assert "'sig' exists with other content, so the new one is 'sig-2'" in (capsys.readouterr().err)
     assert main([*args, "--dataset", str(tmp_path / "absent.jsonl")]) == 1
     assert "appliance dataset build" in capsys.readouterr().err  # not a file: a name, unknown

@@ -113,7 +113,11 @@ def test_every_stage_did_its_work(chain: dict[str, Any]) -> None:
     final = _read(work / "finetune.json")
     # `finetune --dataset FILE` built the same dataset `dataset build --from FILE` did.
     built = final["dataset_built"]
-    assert (built["name"], built["action"], built["sha256"]) == ("pairs", "built", dataset["sha256"])
+    assert (built["name"], built["action"], built["sha256"]) == (
+        "pairs",
+        "built",
+        dataset["sha256"],
+    )
     assert final["status"] == "activated", final
     # The default precision is measured, and the choice is in the command's JSON.
     precision = final["precision"]

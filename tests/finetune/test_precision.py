@@ -83,7 +83,9 @@ def test_the_fastest_measured_candidate_is_chosen(table: dict[str, float], expec
     assert record["batch_tokens"] == 360
     assert json.loads(json.dumps(record)) == record  # config.json-ready
     assert expected in summary(record)
-    assert "55.00 s/step" in summary(decide(trials_for(), timings(AVX2_ONLY)[0], device="cpu").to_json())
+    assert "55.00 s/step" in summary(
+        decide(trials_for(), timings(AVX2_ONLY)[0], device="cpu").to_json()
+    )
 
 
 def test_a_tie_goes_to_the_first_listed_and_a_failed_trial_is_never_chosen() -> None:
@@ -145,9 +147,7 @@ def test_when_nothing_fits_the_smallest_is_tried_anyway() -> None:
 def test_candidates_unavailable_here_are_skipped_with_the_reason() -> None:
     reason = "bitsandbytes cannot quantize to NF4 on cpu"
     measure, calls = timings(ZEN4)
-    decision = decide(
-        trials_for(**{"nf4-bf16": reason, "nf4-fp32": reason}), measure, device="cpu"
-    )
+    decision = decide(trials_for(**{"nf4-bf16": reason, "nf4-fp32": reason}), measure, device="cpu")
     assert calls == ["lora-fp32"]
     assert decision.chosen is LORA_FP32
     assert [c["skipped"] for c in decision.to_json()["candidates"]] == [reason, reason, None]
@@ -177,9 +177,7 @@ def test_model_shape_is_read_from_safetensors_headers(tmp_path: Path) -> None:
         header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header).encode()
-    (tmp_path / "model.safetensors").write_bytes(
-        struct.pack("<Q", len(raw)) + raw + b"\0" * offset
-    )
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * offset)
     config = {"hidden_size": 8, "num_hidden_layers": 1, "vocab_size": 100}
     (tmp_path / "config.json").write_text(json.dumps(config))
     shape = model_shape(tmp_path)

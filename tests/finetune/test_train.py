@@ -227,7 +227,9 @@ def test_auto_times_each_candidate_records_the_choice_and_a_resume_keeps_it(
     stop = threading.Event()
     stop.set()  # one step, then a resume
     run_dir = tmp_path / "auto"
-    stopped = train(run_dir, dataset, config, base=hf_base, progress=False, stop=stop, say=heard.append)
+    stopped = train(
+        run_dir, dataset, config, base=hf_base, progress=False, stop=stop, say=heard.append
+    )
     precision = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["precision"]
     assert precision["requested"] == "auto"
     assert precision["device"] == "cpu"
@@ -270,9 +272,7 @@ def test_without_bitsandbytes_it_falls_back_to_lora_and_says_so_then_runs_dpo(
         for r in records
     ]
     dataset = write_dataset(tmp_path / "ds", records, preferences)
-    config = load_run_config(
-        None, max_steps=1, quantization="nf4", dpo=True, dpo_steps=2, **TINY
-    )
+    config = load_run_config(None, max_steps=1, quantization="nf4", dpo=True, dpo_steps=2, **TINY)
     result = train(tmp_path / "run", dataset, config, base=hf_base, progress=False)
     assert result.mode == "lora-fp32"
     assert result.fallback_reason == "bitsandbytes forced off"
