@@ -301,8 +301,7 @@ def test_a_run_page_shows_how_its_precision_was_chosen(app: MakeApp, core: Core)
         at = sign_in(app(), ADMIN)
         at.switch_page("views/finetune.py").run()
         assert_clean(at)
-        assert "lora-fp32" in texts(at)
-        assert "fastest of 2 measured candidates" in unescape(texts(at))
+        assert "Precision: **lora-fp32** (fastest of 2 measured candidates)" in unescape(texts(at))
         table = at.dataframe[0].value
         assert list(table["Candidate"]) == ["nf4-bf16", "nf4-fp32", "lora-fp32"]
         assert list(table["Step (s)"])[::2] == [51.5, 5.25]

@@ -41,7 +41,8 @@ def _precision(record: dict[str, Any] | None) -> None:
     """How the run's precision was chosen: the measured step time of each candidate."""
     if not record:
         return
-    st.write(md(f"Precision: **{record.get('chosen')}** ({record.get('reason') or ''})"))
+    chosen, reason = md(str(record.get("chosen"))), md(str(record.get("reason") or ""))
+    st.write(f"Precision: **{chosen}** ({reason})")
     rows = [
         {
             "Candidate": c.get("name"),
