@@ -347,8 +347,19 @@ def _loop_overhead(args: argparse.Namespace, base: Path, config: Any) -> dict[st
     }
 
 
+def _progress(isa: str, phase: str, result: dict[str, Any]) -> None:
+    """A line per finished phase on stderr: a long run shows what it has, even if cut short."""
+    if phase == "candidates":
+        steps = {k: v.get("step_s") for k, v in result["candidates"].items()}
+        text = f"isa {result['isa']}; s/step {steps}"
+    else:
+        text = f"chose {result['chosen']} (probe {result['probe']}); {result['step_s']} s/step"
+    print(f"[{isa} {phase}] {text}", file=sys.stderr, flush=True)
+
+
 def _precision_report(args: argparse.Namespace, base: Path, config: Any) -> dict[str, Any]:
-    classes = ["native", "avx2"] if args.isa == "both" else [args.isa]
+    # The emulated class first: it is the one a default can be ten times wrong on.
+    classes = ["avx2", "native"] if args.isa == "both" else [args.isa]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
         dataset = _dataset(Path(tmp) / "dataset", args.records)
@@ -357,9 +368,11 @@ def _precision_report(args: argparse.Namespace, base: Path, config: Any) -> dict
             out = Path(tmp) / f"{isa}-candidates"
             out.mkdir()
             measured = run_phase("candidates", (*common, str(out)), isa)
+            _progress(isa, "candidates", measured)
             out = Path(tmp) / f"{isa}-auto"
             out.mkdir()
             auto = run_phase("auto", (*common, str(out)), isa)
+            _progress(isa, "auto", auto)
             steps = {
                 name: c["step_s"] for name, c in measured["candidates"].items() if "step_s" in c
             }
@@ -377,6 +390,7 @@ def _precision_report(args: argparse.Namespace, base: Path, config: Any) -> dict
                     "nf4_bf16_vs_auto": ratio(steps.get("nf4-bf16", 0.0), auto["step_s"]),
                 }
             )
+    rows.sort(key=lambda row: row["emulated"])  # this CPU first
     return {"classes": rows, "goals": {"auto_vs_fastest": AUTO_GOAL, "speedup": SPEEDUP_GOAL}}
 
 
