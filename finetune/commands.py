@@ -37,7 +37,12 @@ def add_commands(sub: Any) -> None:  # argparse._SubParsersAction
         "run; list: the runs; stop RUN: ask a running run to stop at its next step",
     )
     p.add_argument("run", nargs="?", help="the run id (resume, stop)")
-    p.add_argument("--dataset", help="a dataset name (appliance dataset list) or folder")
+    p.add_argument(
+        "--dataset",
+        help="a dataset name (appliance dataset list), a dataset folder, or a JSONL file of "
+        "training pairs (built into a dataset named after the file first, as `appliance "
+        "dataset build --from FILE` builds it)",
+    )
     # dest differs from the global --config (the settings file), which comes before the command:
     # appliance --config settings.yaml finetune --dataset D --config run.yaml
     p.add_argument(
@@ -118,18 +123,27 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
         if not args.run:
             raise ApplianceError("name the run to resume: appliance finetune resume RUN")
         folder = runs.run_dir(settings, args.run)
-    else:
-        if not args.dataset:
-            raise ApplianceError("say which dataset to train on: --dataset NAME_OR_FOLDER")
-        overrides = {"max_steps": args.max_steps} if args.max_steps else {}
-        folder = runs.create_run(
-            settings, args.dataset, config_path=args.run_config, overrides=overrides
-        )
     quiet = args.json or not sys.stderr.isatty()
 
     def say(message: str) -> None:
         if not args.json:
             print(message, file=sys.stderr, flush=True)
+
+    built: dict[str, Any] | None = None
+    if args.action == "run":
+        if not args.dataset:
+            raise ApplianceError("say which dataset to train on: --dataset NAME_OR_FOLDER_OR_FILE")
+        dataset: str | Path = args.dataset
+        if Path(args.dataset).is_file():
+            from finetune.dataset import dataset_from_file
+
+            made = dataset_from_file(settings, Path(args.dataset))
+            say(made.message())
+            built, dataset = made.summary(), made.info.path
+        overrides = {"max_steps": args.max_steps} if args.max_steps else {}
+        folder = runs.create_run(
+            settings, dataset, config_path=args.run_config, overrides=overrides
+        )
 
     from appliance.audit import local_identity, open_audit_log
 
@@ -153,6 +167,8 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
             status=final.get("status"),
             version=final.get("version"),
         )
+    if built is not None:
+        final = {**final, "dataset_built": built}
     if args.json:
         print(json.dumps(final, indent=1, ensure_ascii=False, default=str))
     else:

@@ -3,8 +3,9 @@
 ``load_run_config(path, **overrides)`` reads a YAML file (or nothing: the defaults) and applies
 keyword overrides on top; unknown keys are refused so a typo never silently trains with a
 default. The defaults are the QLoRA recipe of the issue: LoRA r=16, alpha=32 on every attention
-and MLP projection, lr 2e-4 with a cosine schedule and warmup, 4-bit NF4 with double
-quantization and bf16 compute.
+and MLP projection, lr 2e-4 with a cosine schedule and warmup; the precision (4-bit NF4 with
+double quantization and bf16 or fp32 compute, or plain LoRA) is measured on the machine at the
+start of the run (``finetune.precision``) unless the config names one.
 """
 
 from __future__ import annotations
@@ -55,10 +56,13 @@ class RunConfig(BaseModel):
     max_seq_len: int = Field(512, ge=16, le=32768, description="Longest training sequence.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     seed: int = Field(0, description="Seeds LoRA init, dropout and the data order.")
-    quantization: Literal["nf4", "none"] = Field(
-        "nf4",
-        description="nf4: QLoRA (4-bit NF4, double quantization, bf16 compute) where "
-        "bitsandbytes can quantize on this device; none: LoRA on the fp32 (or bf16 on CUDA) base.",
+    quantization: Literal["auto", "nf4", "none"] = Field(
+        "auto",
+        description="auto: time one training step of each candidate that fits in memory (NF4 "
+        "with bf16 compute, NF4 with fp32 compute, plain LoRA in fp32 on a CPU or bf16 on CUDA) "
+        "and train in the fastest; nf4: QLoRA (4-bit NF4, double quantization, bf16 compute) "
+        "where bitsandbytes can quantize on this device; none: LoRA on the fp32 (or bf16 on "
+        "CUDA) base.",
     )
     gradient_checkpointing: bool = Field(
         True, description="Recompute activations in the backward pass to save memory."

@@ -500,15 +500,19 @@ def _jsonl(records: Iterable[Mapping[str, Any]]) -> bytes:
     return "".join(_canonical(r) + "\n" for r in records).encode("utf-8")
 
 
-def content_sha256(folder: Path) -> str:
-    """The hash of a dataset's content: each content file's name and bytes, in a fixed order
-    (the files are written canonically, so equal content gives equal bytes)."""
+def _content_digest(files: Mapping[str, bytes]) -> str:
     digest = hashlib.sha256()
     for name in CONTENT_FILES:
-        data = (folder / name).read_bytes()
+        data = files[name]
         digest.update(f"{name}\n{len(data)}\n".encode())
         digest.update(data)
     return digest.hexdigest()
+
+
+def content_sha256(folder: Path) -> str:
+    """The hash of a dataset's content: each content file's name and bytes, in a fixed order
+    (the files are written canonically, so equal content gives equal bytes)."""
+    return _content_digest({name: (folder / name).read_bytes() for name in CONTENT_FILES})
 
 
 def validate_name(name: str) -> str:
@@ -702,33 +706,32 @@ def _collect(
     return out
 
 
-def build_dataset(
+@dataclass(frozen=True)
+class _Prepared:
+    """A dataset's content, ready to be written under a name."""
+
+    files: dict[str, bytes]
+    sha256: str
+    manifest: dict[str, Any]
+    """Every manifest field except the name and the creation time."""
+    golden_path: Path | None
+
+
+def _prepare(
     settings: Settings,
     sources: Sequence[str],
-    name: str | None = None,
     *,
-    seed: int = 0,
-    limit: int | None = None,
-    golden: Path | None = None,
-    generate: Generate | None = None,
-    limits: FilterLimits = DEFAULT_LIMITS,
-    golden_threshold: float = GOLDEN_THRESHOLD,
-) -> DatasetInfo:
-    """Build ``settings.datasets_dir/NAME`` from ``sources`` ("feedback", "docs" or a file
-    path; several combine). ``limit`` caps each source (chunks sampled, for docs);
-    ``golden`` overrides ``settings.finetune.golden_path``; ``generate`` replaces the
-    configured chat model for synthetic pairs."""
+    seed: int,
+    limit: int | None,
+    golden: Path | None,
+    generate: Generate | None,
+    limits: FilterLimits,
+    golden_threshold: float,
+) -> _Prepared:
     if not sources:
         raise DatasetError("give at least one source: --from feedback, docs or a FILE")
     if limit is not None and limit < 1:
         raise DatasetError(f"--limit must be at least 1, not {limit}")
-    name = validate_name(name) if name is not None else _default_name(settings)
-    final = settings.datasets_dir / name
-    if final.exists():
-        raise DatasetError(
-            f"dataset {name!r} exists already ({final}); datasets are immutable, so that runs "
-            "can cite them by hash: choose another --out"
-        )
     golden_path = golden or settings.finetune.golden_path
     golden_filter = (
         GoldenFilter(load_golden(golden_path), golden_threshold) if golden_path else None
@@ -760,45 +763,57 @@ def build_dataset(
         examples, preferences = kept, kept_prefs
     train, heldout = split_heldout(examples, settings.finetune.heldout_fraction, seed)
     preferences = sorted(preferences, key=lambda p: p.id)
+    files = {
+        TRAIN: _jsonl(e.as_json() for e in train),
+        HELDOUT: _jsonl(e.as_json() for e in heldout),
+        PREFERENCES: _jsonl(p.as_json() for p in preferences),
+    }
+    sha256 = _content_digest(files)
+    manifest = {
+        "sources": collected.sources,
+        "counts_by_source": dict(sorted(Counter(e.source for e in examples).items())),
+        "rejected": dict(sorted(rejected.items())),
+        "dropped_for_golden_overlap": dropped,
+        "split": {
+            "train": len(train),
+            "heldout": len(heldout),
+            "preferences": len(preferences),
+        },
+        "settings": {
+            "seed": seed,
+            "limit": limit,
+            "heldout_fraction": settings.finetune.heldout_fraction,
+            "golden_path": str(golden_path) if golden_path else None,
+            "golden_threshold": golden_threshold,
+            "filters": {
+                "min_chunk_words": limits.min_chunk_words,
+                "question_words": [limits.min_question_words, limits.max_question_words],
+                "answer_words": [limits.min_answer_words, limits.max_answer_words],
+                "min_containment": limits.min_containment,
+                "near_duplicate_threshold": limits.near_duplicate_threshold,
+            },
+            "system_prompt_sha256": hashlib.sha256(system.encode()).hexdigest(),
+        },
+        "files": {"train": TRAIN, "heldout": HELDOUT, "preferences": PREFERENCES},
+    }
+    return _Prepared(files, sha256, manifest, golden_path)
 
+
+def _write(settings: Settings, name: str, prepared: _Prepared) -> DatasetInfo:
+    final = settings.datasets_dir / name
     settings.datasets_dir.mkdir(parents=True, exist_ok=True)
     tmp = settings.datasets_dir / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        (tmp / TRAIN).write_bytes(_jsonl(e.as_json() for e in train))
-        (tmp / HELDOUT).write_bytes(_jsonl(e.as_json() for e in heldout))
-        (tmp / PREFERENCES).write_bytes(_jsonl(p.as_json() for p in preferences))
+        for file_name, data in prepared.files.items():
+            (tmp / file_name).write_bytes(data)
         manifest = {
             "format": FORMAT,
             "name": name,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "sha256": content_sha256(tmp),
-            "sources": collected.sources,
-            "counts_by_source": dict(sorted(Counter(e.source for e in examples).items())),
-            "rejected": dict(sorted(rejected.items())),
-            "dropped_for_golden_overlap": dropped,
-            "split": {
-                "train": len(train),
-                "heldout": len(heldout),
-                "preferences": len(preferences),
-            },
-            "settings": {
-                "seed": seed,
-                "limit": limit,
-                "heldout_fraction": settings.finetune.heldout_fraction,
-                "golden_path": str(golden_path) if golden_path else None,
-                "golden_threshold": golden_threshold,
-                "filters": {
-                    "min_chunk_words": limits.min_chunk_words,
-                    "question_words": [limits.min_question_words, limits.max_question_words],
-                    "answer_words": [limits.min_answer_words, limits.max_answer_words],
-                    "min_containment": limits.min_containment,
-                    "near_duplicate_threshold": limits.near_duplicate_threshold,
-                },
-                "system_prompt_sha256": hashlib.sha256(system.encode()).hexdigest(),
-            },
-            "files": {"train": TRAIN, "heldout": HELDOUT, "preferences": PREFERENCES},
+            "sha256": prepared.sha256,
+            **prepared.manifest,
         }
         (tmp / MANIFEST).write_text(
             json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
@@ -807,6 +822,128 @@ def build_dataset(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if golden_path is None:
+    if prepared.golden_path is None:
         log.warning("no golden set configured (finetune.golden_path): leakage was not checked")
     return load_dataset(final)
+
+
+def build_dataset(
+    settings: Settings,
+    sources: Sequence[str],
+    name: str | None = None,
+    *,
+    seed: int = 0,
+    limit: int | None = None,
+    golden: Path | None = None,
+    generate: Generate | None = None,
+    limits: FilterLimits = DEFAULT_LIMITS,
+    golden_threshold: float = GOLDEN_THRESHOLD,
+) -> DatasetInfo:
+    """Build ``settings.datasets_dir/NAME`` from ``sources`` ("feedback", "docs" or a file
+    path; several combine). ``limit`` caps each source (chunks sampled, for docs);
+    ``golden`` overrides ``settings.finetune.golden_path``; ``generate`` replaces the
+    configured chat model for synthetic pairs."""
+    name = validate_name(name) if name is not None else _default_name(settings)
+    final = settings.datasets_dir / name
+    if final.exists():
+        raise DatasetError(
+            f"dataset {name!r} exists already ({final}); datasets are immutable, so that runs "
+            "can cite them by hash: choose another --out"
+        )
+    prepared = _prepare(
+        settings,
+        sources,
+        seed=seed,
+        limit=limit,
+        golden=golden,
+        generate=generate,
+        limits=limits,
+        golden_threshold=golden_threshold,
+    )
+    return _write(settings, name, prepared)
+
+
+# --- a training file given where a dataset is expected ------------------------------------------
+
+MAX_SUFFIX = 99
+
+
+def name_for_file(path: Path) -> str:
+    """A dataset name from a file's name: its stem with what names may not hold replaced."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(path).stem).strip(".-_")
+    stem = re.sub(r"\.{2,}", ".", stem)[:72].rstrip(".-_")  # room for a "-NN" suffix
+    return stem or "dataset"
+
+
+@dataclass(frozen=True)
+class FileDataset:
+    """What ``dataset_from_file`` did: ``action`` is "built" or "reused"; ``taken`` lists the
+    names that were in use by datasets with other content (so a suffixed name was used)."""
+
+    info: DatasetInfo
+    action: str
+    source: Path
+    taken: tuple[str, ...] = ()
+
+    def message(self) -> str:
+        info = self.info
+        counts = f"train {info.train}, heldout {info.heldout}, sha256 {info.sha256[:12]}"
+        if self.action == "reused":
+            return (
+                f"dataset {info.name!r} already holds exactly what {self.source.name} builds "
+                f"({counts}): reusing it"
+            )
+        clash = (
+            f"; {', '.join(repr(t) for t in self.taken)} exists with other content, so the "
+            f"new one is {info.name!r}"
+            if self.taken
+            else ""
+        )
+        return f"built dataset {info.name!r} from {self.source} ({counts}){clash}"
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            **self.info.summary(),
+            "action": self.action,
+            "from": str(self.source),
+            "names_taken": list(self.taken),
+        }
+
+
+def dataset_from_file(settings: Settings, path: Path, *, seed: int = 0) -> FileDataset:
+    """A dataset named after ``path``, built as ``dataset build --from FILE`` builds it.
+
+    When the name is taken, a dataset with the same content hash is reused (the same file,
+    split and golden filter), and one with other content is left alone: the new dataset gets
+    the first free ``NAME-2``, ``NAME-3``, ... (datasets are immutable, so a name is never
+    overwritten).
+    """
+    path = Path(path)
+    prepared = _prepare(
+        settings,
+        [str(path)],
+        seed=seed,
+        limit=None,
+        golden=None,
+        generate=None,
+        limits=DEFAULT_LIMITS,
+        golden_threshold=GOLDEN_THRESHOLD,
+    )
+    stem = name_for_file(path)
+    taken: list[str] = []
+    for n in range(1, MAX_SUFFIX + 1):
+        name = stem if n == 1 else f"{stem}-{n}"
+        folder = settings.datasets_dir / name
+        if not folder.exists():
+            return FileDataset(_write(settings, name, prepared), "built", path, tuple(taken))
+        try:
+            existing = load_dataset(folder)
+        except DatasetError:
+            existing = None  # an edited or broken dataset is never reused
+        if existing is not None and existing.sha256 == prepared.sha256:
+            return FileDataset(existing, "reused", path, tuple(taken))
+        taken.append(name)
+    raise DatasetError(
+        f"datasets {stem!r} to {stem}-{MAX_SUFFIX} all exist with other content; build one "
+        f"with `appliance dataset build --from {path} --out NAME`"
+    )

@@ -103,14 +103,23 @@ def create_run(
 
 
 def _dataset_path(settings: Settings, dataset: str | Path) -> Path:
-    from finetune.dataset import dataset_path
+    from finetune.dataset import DatasetError, dataset_path
 
     path = Path(dataset)
     if path.is_dir():
         return path
-    named = dataset_path(settings, str(dataset))  # refuses names that are not plain names
-    if named.is_dir():
+    try:
+        named: Path | None = dataset_path(settings, str(dataset))
+    except DatasetError:
+        named = None  # a path, not a plain name
+    if named is not None and named.is_dir():
         return named
+    if named is None or path.suffix.lower() == ".jsonl":
+        raise ConfigError(
+            f"no file or folder {str(dataset)!r}: give a JSONL file of training pairs, a "
+            "dataset folder, or a name from `appliance dataset list` (build one with "
+            "`appliance dataset build`)"
+        )
     raise ConfigError(
         f"no dataset {str(dataset)!r}: give a dataset folder or a name from "
         "`appliance dataset list` (build one with `appliance dataset build`)"
@@ -126,6 +135,7 @@ def list_runs(settings: Settings) -> list[dict[str, Any]]:
                 continue
             progress = _read_json(folder / "progress.json") or {}
             current = state(folder)
+            config = _read_json(folder / "config.json") or {}
             runs.append(
                 {
                     "run": folder.name,
@@ -138,6 +148,8 @@ def list_runs(settings: Settings) -> list[dict[str, Any]]:
                     "step": progress.get("step"),
                     "max_steps": progress.get("max_steps"),
                     "loss": progress.get("loss"),
+                    # chosen (and measured) at the start of training: shown while it runs
+                    "precision": config.get("precision") if isinstance(config, dict) else None,
                     "gate": current.get("gate"),
                     "loss_curve": str(folder / "loss.png")
                     if (folder / "loss.png").is_file()
@@ -264,12 +276,13 @@ def _execute(
     _set_state(folder, "training")
     say(f"run {folder.name}: base model {source.name}")
     base_dir = ensure_hf_base(source, settings.models_dir / "hf")
-    result = _train(folder, dataset.path, config, base_dir, progress, stop)
+    result = _train(folder, dataset.path, config, base_dir, progress, stop, say)
+    precision = result.get("precision")
     if result.get("status") == "stopped" or (stop is not None and stop.is_set()):
-        return _set_state(folder, "stopped", train=result)
+        return _set_state(folder, "stopped", train=result, precision=precision)
     if result.get("fallback_reason"):
         say(f"note: {result['fallback_reason']}")
-    _set_state(folder, "exporting", train=result)
+    _set_state(folder, "exporting", train=result, precision=precision)
 
     # 2. merge, GGUF, quantize, smoke test, LoRA GGUF
     exported = _read_json(folder / "export.json")
@@ -335,6 +348,7 @@ def _train(
     base_dir: Path,
     progress: bool,
     stop: threading.Event | None,
+    say: Callable[[str], None],
 ) -> dict[str, Any]:
     from finetune import train
 
@@ -344,10 +358,10 @@ def _train(
     if (folder / "config.json").is_file():
         # Started before (stopped, killed or crashed): resume restarts from the newest
         # checkpoint, or from step 0 when there is none yet.
-        outcome = train.resume(folder, progress=progress, stop=stop)
+        outcome = train.resume(folder, progress=progress, stop=stop, say=say)
     else:
         outcome = train.train(
-            folder, dataset_dir, config, base=base_dir, progress=progress, stop=stop
+            folder, dataset_dir, config, base=base_dir, progress=progress, stop=stop, say=say
         )
     data = outcome.to_json()
     progress_state = _read_json(folder / "progress.json") or {}

@@ -45,7 +45,7 @@ import resource
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,19 @@ from appliance.errors import ConfigError, ModelError, missing_dependency
 from finetune.base_model import is_hf_folder
 from finetune.config import RunConfig
 from finetune.curves import plot_loss
+from finetune.precision import (
+    LORA_FP32,
+    Decision,
+    Precision,
+    by_name,
+    decide,
+    free_memory,
+    model_shape,
+    plan,
+    summary,
+)
+from finetune.precision import candidates as precision_candidates
+from finetune.precision import explicit as explicit_precision
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +94,8 @@ class RunResult:
     tokens_per_s: float
     peak_rss_mb: float
     mode: str
-    """qlora-nf4 | lora-fp32 (CPU); qlora-nf4-cuda | lora-bf16-cuda (CUDA)."""
+    """qlora-nf4 | qlora-nf4-fp32 | lora-fp32 (CPU); the same with -cuda, and lora-bf16-cuda
+    (CUDA): ``finetune.precision.Precision.mode``."""
     device: str
     fallback_reason: str | None
     status: str = "done"
@@ -91,6 +105,8 @@ class RunResult:
     """Training records that could not fit ``max_seq_len`` with any assistant token."""
     dpo_steps: int = 0
     dpo_final_loss: float | None = None
+    precision: dict[str, Any] | None = None
+    """How the precision was chosen: ``finetune.precision.Decision.to_json`` (timings too)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -385,6 +401,7 @@ class LoadedModel:
     mode: str
     device: str
     fallback_reason: str | None
+    precision: Precision = LORA_FP32
 
 
 def load_tokenizer(base: Path) -> Any:
@@ -401,35 +418,53 @@ def load_tokenizer(base: Path) -> Any:
     return tokenizer
 
 
-def load_model(base: Path, config: RunConfig, device: str) -> LoadedModel:
-    """The base (NF4 when asked and possible) with fresh LoRA adapters on ``target_modules``."""
+def load_model(
+    base: Path,
+    config: RunConfig,
+    device: str,
+    precision: Precision | None = None,
+    *,
+    tokenizer: Any = None,
+) -> LoadedModel:
+    """The base in ``precision`` (default: what an explicit ``config.quantization`` names)
+    with fresh LoRA adapters on ``target_modules``.
+
+    On CUDA the whole model goes to the current GPU (``device_map={"": index}``: bitsandbytes
+    quantizes while loading, so it must land there at once); on the CPU NF4 is also loaded with
+    ``device_map="cpu"``. NF4 falls back to plain LoRA (and says why) where bitsandbytes cannot
+    quantize on the device.
+    """
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    tokenizer = load_tokenizer(base)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(base)
     cuda = device == "cuda"
+    if precision is None:
+        precision = explicit_precision(config.quantization, device)
     fallback: str | None = None
-    quantize = config.quantization == "nf4"
-    if quantize:
+    if precision.quantize:
         fallback = bnb_unavailable_reason(device)
         if fallback is not None:
             log.warning("QLoRA is not possible here, training plain LoRA instead: %s", fallback)
-            quantize = False
+            precision = explicit_precision("none", device)
+    compute = torch.bfloat16 if precision.compute_dtype == "bfloat16" else torch.float32
     common: dict[str, Any] = {"local_files_only": True}
     model: Any
-    if quantize:
+    if precision.quantize:
         bnb = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=compute,
         )
         model = AutoModelForCausalLM.from_pretrained(
             str(base),
             quantization_config=bnb,
-            device_map=device,
-            dtype=torch.bfloat16 if cuda else torch.float32,
+            device_map={"": torch.cuda.current_device()} if cuda else "cpu",
+            # The weights that stay unquantized; k-bit preparation casts them to fp32 anyway.
+            dtype=compute if cuda else torch.float32,
             **common,
         )
         # Casts the remaining (norm, embedding) weights to fp32 and freezes the base.
@@ -438,10 +473,8 @@ def load_model(base: Path, config: RunConfig, device: str) -> LoadedModel:
             use_gradient_checkpointing=config.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-        mode = "qlora-nf4-cuda" if cuda else "qlora-nf4"
     else:
-        dtype = torch.bfloat16 if cuda else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, **common)
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=compute, **common)
         model.to(device)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(
@@ -449,7 +482,6 @@ def load_model(base: Path, config: RunConfig, device: str) -> LoadedModel:
             )
             # Frozen embeddings give inputs without grad; checkpointed blocks then need this.
             model.enable_input_require_grads()
-        mode = "lora-bf16-cuda" if cuda else "lora-fp32"
     model.config.use_cache = False  # the KV cache is useless in training and clashes with GC
     lora = LoraConfig(
         r=config.lora_r,
@@ -465,7 +497,78 @@ def load_model(base: Path, config: RunConfig, device: str) -> LoadedModel:
         raise ConfigError(
             f"target_modules {config.target_modules} do not fit {base}: {exc}"
         ) from exc
-    return LoadedModel(model, tokenizer, mode, device, fallback)
+    return LoadedModel(model, tokenizer, precision.mode(device), device, fallback, precision)
+
+
+def _timed_step(model: Any, batch: Mapping[str, Any], device: str) -> float:
+    """Seconds of one forward and backward pass (gradients dropped afterwards)."""
+    import torch
+
+    t0 = time.perf_counter()
+    loss = model(**batch).loss
+    loss.backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
+def _release(device: str) -> None:
+    """Return a dropped model's memory before the next one loads."""
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def measure_precision(
+    base: Path,
+    config: RunConfig,
+    device: str,
+    batch_examples: Sequence[Example],
+    pad_id: int,
+    *,
+    tokenizer: Any = None,
+    say: Callable[[str], None] | None = None,
+) -> Decision:
+    """``run.quantization: auto``: time a step of every candidate that fits and pick the fastest.
+
+    Each candidate is loaded from the same Hugging Face folder (the GGUF was dequantized once,
+    before), takes one warm-up and one timed forward and backward pass on ``batch_examples``
+    (the run's own first batch), and is freed before the next one loads.
+    """
+    shape = model_shape(base)
+    free = free_memory(device)
+    nf4_problem = bnb_unavailable_reason(device)
+    options = precision_candidates(device)
+    unavailable = {p.name: nf4_problem for p in options if p.quantize and nf4_problem}
+    trials = plan(options, shape, free, config.batch_size, config.max_seq_len, unavailable)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(base)
+
+    def measure(precision: Precision) -> tuple[float, float, float]:
+        t0 = time.perf_counter()
+        loaded: LoadedModel | None = load_model(
+            base, config, device, precision, tokenizer=tokenizer
+        )
+        assert loaded is not None
+        load_s = time.perf_counter() - t0
+        try:
+            loaded.model.train()
+            batch = collate(batch_examples, pad_id, device)
+            warm = _timed_step(loaded.model, batch, device)
+            step = _timed_step(loaded.model, batch, device)
+        finally:
+            loaded = None
+            _release(device)
+        return load_s, warm, step
+
+    tokens = sum(len(e.input_ids) for e in batch_examples)
+    return decide(trials, measure, device=device, free_bytes=free, batch_tokens=tokens, say=say)
 
 
 def _trainable(model: Any) -> list[Any]:
@@ -579,6 +682,7 @@ class _Run:
         config: RunConfig,
         progress: bool,
         stop: threading.Event | None,
+        say: Callable[[str], None] | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.meta = meta
@@ -589,6 +693,8 @@ class _Run:
         self.stop = stop or threading.Event()
         self.state = _State()
         self.skipped = 0
+        self.say = say
+        self.precision_record: dict[str, Any] | None = None
 
     # -- setup --
 
@@ -599,18 +705,30 @@ class _Run:
         self.device = pick_device()
         if self.device == "cpu":
             torch.set_num_threads(self.config.threads or os.cpu_count() or 1)
-        # Seeded before the adapters are created: the LoRA init and dropout follow the seed.
-        torch.manual_seed(self.config.seed)
-        random.seed(self.config.seed)
-        self.loaded = load_model(self.base, self.config, self.device)
-        self.model = self.loaded.model
-        tokenizer = self.loaded.tokenizer
+        tokenizer = load_tokenizer(self.base)
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
         self.examples, self.skipped = load_sft_examples(
             tokenizer, self.dataset_dir, self.config.max_seq_len
         )
+        precision = self._precision(tokenizer)
+        # Seeded before the adapters are created: the LoRA init and dropout follow the seed.
+        torch.manual_seed(self.config.seed)
+        random.seed(self.config.seed)
+        self.loaded = load_model(
+            self.base, self.config, self.device, precision, tokenizer=tokenizer
+        )
+        self.model = self.loaded.model
+        if self.loaded.precision != precision and self.precision_record is not None:
+            # NF4 was named but bitsandbytes cannot quantize here: record what really trains.
+            self.precision_record.update(
+                chosen=self.loaded.precision.name,
+                mode=self.loaded.mode,
+                reason=f"{self.precision_record['reason']}; fell back: "
+                f"{self.loaded.fallback_reason}",
+            )
+            _write_json_atomic(self.run_dir / "config.json", self.meta)
         self.optimizer = torch.optim.AdamW(
             _trainable(self.model),
             lr=self.config.learning_rate,
@@ -623,6 +741,46 @@ class _Run:
         )
         if checkpoint is not None:
             self._restore(checkpoint)
+
+    def _precision(self, tokenizer: Any) -> Precision:
+        """The run's precision: recorded in config.json by an earlier session of this run (a
+        resume keeps what the run started with), named by the config, or measured now."""
+        recorded = self.meta.get("precision")
+        if isinstance(recorded, dict) and recorded.get("device") == self.device:
+            self.precision_record = recorded
+            return by_name(str(recorded["chosen"]))
+        if self.config.quantization != "auto":
+            chosen = explicit_precision(self.config.quantization, self.device)
+            decision = Decision(
+                self.config.quantization,
+                chosen,
+                self.device,
+                f"run.quantization: {self.config.quantization}",
+            )
+        else:
+            first = batch_indices(
+                len(self.examples),
+                self.config.seed,
+                1,
+                0,
+                self.config.grad_accum,
+                self.config.batch_size,
+            )
+            decision = measure_precision(
+                self.base,
+                self.config,
+                self.device,
+                [self.examples[i] for i in first],
+                self.pad_id,
+                tokenizer=tokenizer,
+                say=self.say,
+            )
+        self.precision_record = decision.to_json()
+        self.meta["precision"] = self.precision_record
+        _write_json_atomic(self.run_dir / "config.json", self.meta)
+        if self.say is not None:
+            self.say(summary(self.precision_record))
+        return decision.chosen
 
     def _restore(self, checkpoint: Path) -> None:
         import torch
@@ -729,6 +887,7 @@ class _Run:
             status=status,
             max_steps=self.config.max_steps,
             skipped_examples=self.skipped,
+            precision=self.precision_record,
             **extra,
         )
 
@@ -928,11 +1087,13 @@ def train(
     base: Path,
     progress: bool = True,
     stop: threading.Event | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Fine-tune ``base`` (a Hugging Face folder, see ``ensure_hf_base``) on ``dataset_dir``.
 
     ``run_dir`` must be new or empty. Setting ``stop`` ends the run after the current step with
-    a checkpoint (status "stopped"); ``resume(run_dir)`` continues it.
+    a checkpoint (status "stopped"); ``resume(run_dir)`` continues it. ``say`` hears what people
+    should know before the steps start (the precision chosen and its timings).
     """
     run_dir, dataset_dir, base = Path(run_dir), Path(dataset_dir), Path(base)
     if not is_hf_folder(base):
@@ -955,11 +1116,15 @@ def train(
         "created": time.time(),
     }
     _write_json_atomic(run_dir / "config.json", meta)
-    return _execute(run_dir, meta, config, progress, stop, checkpoint=None)
+    return _execute(run_dir, meta, config, progress, stop, checkpoint=None, say=say)
 
 
 def resume(
-    run_dir: Path, *, progress: bool = True, stop: threading.Event | None = None
+    run_dir: Path,
+    *,
+    progress: bool = True,
+    stop: threading.Event | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Continue a stopped or interrupted run from its newest checkpoint (a finished run returns
     its result)."""
@@ -981,7 +1146,7 @@ def resume(
         )
     found = _checkpoints(run_dir)
     checkpoint = found[-1][1] if found else None
-    return _execute(run_dir, meta, config, progress, stop, checkpoint=checkpoint)
+    return _execute(run_dir, meta, config, progress, stop, checkpoint=checkpoint, say=say)
 
 
 def _execute(
@@ -991,8 +1156,9 @@ def _execute(
     progress: bool,
     stop: threading.Event | None,
     checkpoint: Path | None,
+    say: Callable[[str], None] | None = None,
 ) -> RunResult:
-    session = _Run(run_dir, meta, config, progress, stop)
+    session = _Run(run_dir, meta, config, progress, stop, say)
     session.session_start_step = 0
     session.session_t0 = time.perf_counter()
     try:

@@ -149,3 +149,19 @@ def sec10q_answerer(sec10q_ingestion):  # type: ignore[no-untyped-def]
     from appliance.wiring import build_answerer
 
     return build_answerer(sec10q_ingestion.settings, sec10q_ingestion)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu`` tests skip, saying why, where torch sees no CUDA device."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    try:
+        import torch
+
+        reason = None if torch.cuda.is_available() else "no CUDA device (torch sees none)"
+    except ImportError:
+        reason = "torch is not installed"
+    if reason is not None:
+        for item in gpu:
+            item.add_marker(pytest.mark.skip(reason=f"gpu test: {reason}"))

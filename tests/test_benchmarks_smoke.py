@@ -127,6 +127,7 @@ def test_a_missing_corpus_is_a_clear_error(
     "name",
     [
         "finetune_throughput",
+        "finetune_end_to_end",
         "gguf_quantization",
         "reliability_kill9",
         "reliability_churn",

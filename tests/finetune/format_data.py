@@ -15,6 +15,16 @@ from typing import Any
 
 SYSTEM = "You answer questions about company documents using only the given context."
 
+RUN_CONFIG = """\
+max_steps: 24
+learning_rate: 1.0e-3
+batch_size: 4
+max_seq_len: 256
+save_every: 12
+"""
+"""The run config measured to teach the format to SmolLM2-135M (the end-to-end test and
+``benchmarks/finetune_end_to_end.py``, which overrides the steps)."""
+
 _SUBJECTS = [
     "audit logs",
     "backup tapes",

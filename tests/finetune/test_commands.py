@@ -65,3 +65,36 @@ def test_a_queued_run_is_listed_and_can_be_asked_to_stop(
     assert main([*data, "finetune", "stop", folder.name]) == 0
     assert (folder / "stop").exists()
     capsys.readouterr()
+
+
+def test_a_jsonl_file_is_built_into_a_dataset_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI path of ``--dataset FILE``: the dataset and the run are made, then the run stops
+    at the base model (absent here on purpose: training is tested elsewhere, end to end in
+    test_end_to_end.py with a file as well)."""
+    pairs = tmp_path / "sig.jsonl"
+    records = [
+        {"instruction": f"Which form is number {i}?", "response": f"Form F-{i}."} for i in range(6)
+    ]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    missing = tmp_path / "no-such-base.gguf"
+    settings_file = tmp_path / "settings.yaml"
+    settings_file.write_text(f"finetune:\n  base_model_path: {missing}\n")
+    args = ["--config", str(settings_file), "--data-dir", str(tmp_path / "data"), "finetune"]
+    assert main([*args, "--dataset", str(pairs), "--max-steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"built dataset 'sig' from {pairs}" in err
+    assert "no-such-base.gguf" in err  # then the run failed where it should
+    settings = load_settings(overrides={"data_dir": str(tmp_path / "data")})
+    [run] = runs.list_runs(settings)
+    assert run["dataset"] == str(settings.datasets_dir / "sig")
+    assert run["status"] == "failed"
+
+    assert main([*args, "--dataset", str(pairs)]) == 1
+    assert "dataset 'sig' already holds exactly what sig.jsonl builds" in capsys.readouterr().err
+    pairs.write_text(json.dumps(records[0]) + "\n" + json.dumps(records[1]) + "\n")
+    assert main([*args, "--dataset", str(pairs)]) == 1
+    assert "'sig' exists with other content, so the new one is 'sig-2'" in (capsys.readouterr().err)
+    assert main([*args, "--dataset", str(tmp_path / "absent.jsonl")]) == 1
+    assert "appliance dataset build" in capsys.readouterr().err  # not a file: a name, unknown

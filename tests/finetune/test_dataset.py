@@ -19,6 +19,7 @@ from finetune.dataset import (
     DatasetError,
     Example,
     build_dataset,
+    dataset_from_file,
     feedback_examples,
     list_datasets,
     load_dataset,
@@ -357,6 +358,35 @@ def grounded_seam(prompt: str) -> str:
     head = passage.split()
     question = f"What does the text say about {' '.join(head[:6])}?"
     return f"Question: {question}\nAnswer: {' '.join(head[:8])}"
+
+
+def test_a_file_becomes_a_dataset_named_after_it_reused_or_suffixed(
+    settings: Settings, tmp_path: Path
+) -> None:
+    path = pairs_file(tmp_path, 10, name="Sig pairs (v1).jsonl")
+    made = dataset_from_file(settings, path)
+    assert (made.action, made.info.name, made.taken) == ("built", "Sig-pairs-v1", ())
+    assert made.message().startswith(f"built dataset 'Sig-pairs-v1' from {path}")
+    # Exactly what `dataset build --from FILE` builds: content, split and manifest.
+    reference = build_dataset(settings, [str(path)], "reference")
+    assert made.info.sha256 == reference.sha256
+    for key in ("split", "sources", "counts_by_source", "settings"):
+        assert made.info.manifest[key] == reference.manifest[key]
+    assert (made.info.path / "heldout.jsonl").read_bytes() == reference.heldout_path.read_bytes()
+
+    again = dataset_from_file(settings, path)
+    assert (again.action, again.info.name) == ("reused", "Sig-pairs-v1")
+    assert "reusing it" in again.message()
+
+    pairs_file(tmp_path, 12, name="Sig pairs (v1).jsonl")  # the same file, other content
+    changed = dataset_from_file(settings, path)
+    assert (changed.action, changed.info.name) == ("built", "Sig-pairs-v1-2")
+    assert changed.taken == ("Sig-pairs-v1",)
+    assert "'Sig-pairs-v1' exists with other content" in changed.message()
+    assert load_dataset(settings.datasets_dir / "Sig-pairs-v1").train == made.info.train  # intact
+    assert dataset_from_file(settings, path).info.name == "Sig-pairs-v1-2"  # reused, not -3
+    summary = changed.summary()
+    assert (summary["action"], summary["from"]) == ("built", str(path))
 
 
 @pytest.fixture

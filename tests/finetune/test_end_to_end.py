@@ -2,11 +2,12 @@
 
 One chain of real commands, as an admin would run them, in a namespace that has no network at
 all (only loopback): ingest a folder, ask, eval, build a dataset from an instruction file,
-fine-tune (QLoRA, gate, merge, GGUF, quantize, register, activate), list the models. The
-dataset teaches SmolLM2-135M a format it never uses on its own: every answer ends with a line
-``Source: <file>``. Afterwards the base GGUF and the activated GGUF answer unseen questions (other
-facts, other file names) in llama.cpp, and the fine-tuned one must follow the format far more
-often.
+fine-tune on the same instruction file (``--dataset FILE``: the dataset is built again under the
+file's name; the precision is measured; gate, merge, GGUF, quantize, register, activate), list
+the models. The dataset teaches SmolLM2-135M a format it never uses on its own: every answer
+ends with a line ``Source: <file>``. Afterwards the base GGUF and the activated GGUF answer
+unseen questions (other facts, other file names) in llama.cpp, and the fine-tuned one must
+follow the format far more often.
 
 Where ``unshare -n`` is not permitted the chain still runs (without the namespace) and only the
 offline-proof test skips, saying why.
@@ -23,20 +24,11 @@ from typing import Any
 
 import pytest
 
-from tests.finetune.format_data import adherence, make_format_records
+from tests.finetune.format_data import RUN_CONFIG, adherence, make_format_records
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-
-# The recipe measured to teach the format on this model (see tests/finetune/format_data.py).
-RUN_CONFIG = """\
-max_steps: 24
-learning_rate: 1.0e-3
-batch_size: 4
-max_seq_len: 256
-save_every: 12
-"""
 
 DOCS = {
     "policy.md": "# Records policy\n\nAudit logs are kept for seven years under policy AP-12. "
@@ -62,7 +54,7 @@ A ingest docs --json > ingest.json
 A ask "How long are audit logs kept?" --json > ask.json
 A eval golden.jsonl --json > eval.json
 A dataset build --from pairs.jsonl --out format --json > dataset.json
-A finetune --dataset format --config run.yaml --json > finetune.json
+A finetune --dataset pairs.jsonl --config run.yaml --json > finetune.json
 A models list --json > models.json
 """
 
@@ -119,7 +111,18 @@ def test_every_stage_did_its_work(chain: dict[str, Any]) -> None:
     dataset = _read(work / "dataset.json")
     assert dataset["train"] + dataset["heldout"] == 36
     final = _read(work / "finetune.json")
+    # `finetune --dataset FILE` built the same dataset `dataset build --from FILE` did.
+    built = final["dataset_built"]
+    assert (built["name"], built["action"], built["sha256"]) == (
+        "pairs",
+        "built",
+        dataset["sha256"],
+    )
     assert final["status"] == "activated", final
+    # The default precision is measured, and the choice is in the command's JSON.
+    precision = final["precision"]
+    assert precision["requested"] == "auto"
+    assert precision["chosen"] in [c["name"] for c in precision["candidates"]]
     models = _read(work / "models.json")
     active = [m for m in models if m["active"]]
     assert [m["version"] for m in active] == [final["version"]]

@@ -50,7 +50,7 @@ def test_run_config_defaults_yaml_and_overrides(tmp_path: Path) -> None:
     config = load_run_config(None)
     assert (config.lora_r, config.lora_alpha, config.lora_dropout) == (16, 32, 0.05)
     assert config.target_modules == list(ALL_PROJECTIONS)
-    assert config.quantization == "nf4"
+    assert config.quantization == "auto"  # measured at the start of the run
     assert config.gradient_checkpointing
     path = tmp_path / "run.yaml"
     path.write_text("max_steps: 40\nlearning_rate: 0.001\n", encoding="utf-8")
@@ -135,7 +135,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path, hf_base: Path) -> RunResult:
     """Three uninterrupted QLoRA steps on the real default model."""
-    config = load_run_config(None, max_steps=3, **TINY)
+    config = load_run_config(None, max_steps=3, quantization="nf4", **TINY)
     run_dir = tmp_path_factory.mktemp("runs") / "full"
     return train(run_dir, dataset, config, base=hf_base, progress=False)
 
@@ -168,6 +168,10 @@ def test_a_tiny_qlora_run_writes_every_artifact(full_run: RunResult, dataset: Pa
     assert (progress["step"], progress["max_steps"]) == (3, 3)
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     assert config["run"]["max_steps"] == 3
+    assert config["precision"]["requested"] == "nf4"  # named: obeyed, nothing measured
+    assert config["precision"]["chosen"] == "nf4-bf16"
+    assert config["precision"]["candidates"] == []
+    assert full_run.precision == config["precision"]
     assert config["dataset_sha256"] == "test-8"
     assert Path(config["base"]) == full_run.base_dir.resolve()
     versions = json.loads((run_dir / "versions.json").read_text(encoding="utf-8"))
@@ -185,7 +189,7 @@ def test_a_tiny_qlora_run_writes_every_artifact(full_run: RunResult, dataset: Pa
 def test_stop_after_one_step_then_resume_continues_the_schedule(
     tmp_path: Path, dataset: Path, hf_base: Path, full_run: RunResult
 ) -> None:
-    config = load_run_config(None, max_steps=3, **TINY)
+    config = load_run_config(None, max_steps=3, quantization="nf4", **TINY)
     run_dir = tmp_path / "stopped"
     stop = threading.Event()
     stop.set()  # checked after each step: the run stops after its first
@@ -212,6 +216,44 @@ def test_stop_after_one_step_then_resume_continues_the_schedule(
 
 
 @pytest.mark.slow
+def test_auto_times_each_candidate_records_the_choice_and_a_resume_keeps_it(
+    tmp_path: Path, dataset: Path, hf_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import finetune.train as train_module
+    from finetune.precision import by_name
+
+    config = load_run_config(None, max_steps=2, quantization="auto", **{**TINY, "batch_size": 1})
+    heard: list[str] = []
+    stop = threading.Event()
+    stop.set()  # one step, then a resume
+    run_dir = tmp_path / "auto"
+    stopped = train(
+        run_dir, dataset, config, base=hf_base, progress=False, stop=stop, say=heard.append
+    )
+    precision = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["precision"]
+    assert precision["requested"] == "auto"
+    assert precision["device"] == "cpu"
+    steps = {c["name"]: c["step_s"] for c in precision["candidates"]}
+    assert list(steps) == ["nf4-bf16", "nf4-fp32", "lora-fp32"]
+    assert all(step is not None and step > 0 for step in steps.values()), precision
+    assert all(c["warmup_s"] > 0 and c["fits"] for c in precision["candidates"])
+    assert precision["chosen"] == min(steps, key=lambda name: steps[name])
+    assert precision["batch_tokens"] > 0
+    assert stopped.precision == precision
+    assert stopped.mode == by_name(precision["chosen"]).mode("cpu") == precision["mode"]
+    assert any(line.startswith(f"precision {precision['chosen']}") for line in heard)
+
+    def measured_again(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a resumed run measured its precision again")
+
+    monkeypatch.setattr(train_module, "measure_precision", measured_again)
+    resumed = resume(run_dir, progress=False)
+    assert (resumed.status, resumed.steps) == ("done", 2)
+    assert resumed.precision == precision
+    assert resumed.mode == stopped.mode
+
+
+@pytest.mark.slow
 def test_without_bitsandbytes_it_falls_back_to_lora_and_says_so_then_runs_dpo(
     tmp_path: Path, hf_base: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -230,10 +272,14 @@ def test_without_bitsandbytes_it_falls_back_to_lora_and_says_so_then_runs_dpo(
         for r in records
     ]
     dataset = write_dataset(tmp_path / "ds", records, preferences)
-    config = load_run_config(None, max_steps=1, dpo=True, dpo_steps=2, **TINY)
+    config = load_run_config(None, max_steps=1, quantization="nf4", dpo=True, dpo_steps=2, **TINY)
     result = train(tmp_path / "run", dataset, config, base=hf_base, progress=False)
     assert result.mode == "lora-fp32"
     assert result.fallback_reason == "bitsandbytes forced off"
+    precision = json.loads((result.run_dir / "config.json").read_text())["precision"]
+    assert precision["requested"] == "nf4"
+    assert precision["chosen"] == "lora-fp32"  # what really trained
+    assert "bitsandbytes forced off" in precision["reason"]
     saved = json.loads((result.run_dir / "result.json").read_text(encoding="utf-8"))
     assert saved["fallback_reason"] == "bitsandbytes forced off"
     assert result.dpo_steps == 2

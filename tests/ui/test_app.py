@@ -289,6 +289,41 @@ def test_admin_pages_are_there_for_an_admin(app: MakeApp) -> None:
     assert "appliance dataset build" in texts(at)  # no dataset: the form says how to build one
 
 
+def test_a_run_page_shows_how_its_precision_was_chosen(app: MakeApp, core: Core) -> None:
+    """The precision record a run writes into its config.json (finetune.precision), as the
+    admin runs route serves it; the run folder is written here, no training runs."""
+    import json
+    import shutil
+
+    folder = core.settings.runs_dir / "20260101-000000-abcd"
+    folder.mkdir(parents=True)
+    try:
+        (folder / "request.json").write_text(json.dumps({"run": folder.name, "dataset": "d"}))
+        (folder / "state.json").write_text(json.dumps({"status": "training"}))
+        trial = {"load_s": 1.0, "warmup_s": 2.0, "error": None, "need_mb": 900}
+        precision = {
+            "requested": "auto",
+            "chosen": "lora-fp32",
+            "reason": "fastest of 2 measured candidates",
+            "candidates": [
+                {**trial, "name": "nf4-bf16", "step_s": 51.5, "skipped": None},
+                {**trial, "name": "nf4-fp32", "step_s": None, "skipped": "needs about 9 GiB"},
+                {**trial, "name": "lora-fp32", "step_s": 5.25, "skipped": None},
+            ],
+        }
+        (folder / "config.json").write_text(json.dumps({"precision": precision}))
+        at = sign_in(app(), ADMIN)
+        at.switch_page("views/finetune.py").run()
+        assert_clean(at)
+        assert "Precision: **lora-fp32** (fastest of 2 measured candidates)" in unescape(texts(at))
+        table = at.dataframe[0].value
+        assert list(table["Candidate"]) == ["nf4-bf16", "nf4-fp32", "lora-fp32"]
+        assert list(table["Step (s)"])[::2] == [51.5, 5.25]
+        assert "needs about 9 GiB" in list(table["Note"])
+    finally:
+        shutil.rmtree(folder)
+
+
 def test_admin_pages_are_absent_for_staff(app: MakeApp) -> None:
     at = sign_in(app(), STAFF)
     assert [t.value for t in at.title] == ["Chat"]

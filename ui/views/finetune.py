@@ -37,6 +37,27 @@ def _start_form(api: ServiceClient, datasets: list[dict[str, Any]]) -> None:
             st.rerun()
 
 
+def _precision(record: dict[str, Any] | None) -> None:
+    """How the run's precision was chosen: the measured step time of each candidate."""
+    if not record:
+        return
+    chosen, reason = md(str(record.get("chosen"))), md(str(record.get("reason") or ""))
+    st.write(f"Precision: **{chosen}** ({reason})")
+    rows = [
+        {
+            "Candidate": c.get("name"),
+            "Step (s)": c.get("step_s"),
+            "Warm-up (s)": c.get("warmup_s"),
+            "Load (s)": c.get("load_s"),
+            "Memory estimate (MiB)": c.get("need_mb"),
+            "Note": c.get("error") or c.get("skipped") or "",
+        }
+        for c in record.get("candidates") or []
+    ]
+    if rows:
+        st.dataframe(rows, hide_index=True, width="stretch")
+
+
 def _run_details(api: ServiceClient, run: dict[str, Any]) -> None:
     st.write(
         md(
@@ -51,6 +72,7 @@ def _run_details(api: ServiceClient, run: dict[str, Any]) -> None:
         loss = run.get("loss")
         label = f"step {run.get('step')}/{run['max_steps']}"
         st.progress(done, text=label + (f", loss {loss:.3f}" if loss is not None else ""))
+    _precision(run.get("precision"))
     if run.get("loss_curve"):
         try:
             _name, _type, png = api.download(
