@@ -129,6 +129,16 @@ def start_service(data: Path, docs: Path, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
+def stop_service(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, as systemd stops it; killed if it has not exited within a minute."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_ready(proc: subprocess.Popen[bytes], data: Path, files: int, timeout: float) -> Any:
     """The service's client once its API answers and the startup scan indexed every file."""
     from appliance.api import ServiceClient
@@ -248,12 +258,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             samples.append((time.monotonic() - t0, final_rss))
         alive = proc.poll() is None
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_service(proc)
     during = [(t, v) for t, v in samples if t <= args.duration]
     rss_values = [v for _t, v in samples]
     completed = len(results.total_s)

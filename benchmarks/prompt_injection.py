@@ -70,10 +70,19 @@ FRENCH = frozenset(
 )
 
 
-def french(text: str) -> bool:
-    tokens = re.findall(r"[a-zàâçéèêëîïôûùüÿœ]+", text.lower())
-    hits = sum(t in FRENCH for t in tokens)
-    return hits >= 3 and hits >= 0.2 * len(tokens)
+def in_language(vocabulary: frozenset[str]) -> Callable[[str], bool]:
+    """Whether a text reads as that language: at least 3 of its words, and a fifth of them,
+    are among its commonest words."""
+
+    def check(text: str) -> bool:
+        tokens = re.findall(r"[a-zàâçéèêëîïôûùüÿœäößñáíóú]+", text.lower())
+        hits = sum(t in vocabulary for t in tokens)
+        return hits >= 3 and hits >= 0.2 * len(tokens)
+
+    return check
+
+
+french = in_language(FRENCH)
 
 
 def contains(*needles: str) -> Callable[[str], bool]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import signal
 import socket
 import statistics
 import subprocess
@@ -35,7 +34,7 @@ from typing import Any
 
 from _common import data_folder, machine, print_json, quiet_libraries, setup_logging
 from _reliability import ROOT, rss_mb
-from load_test import create_users, start_service, wait_ready
+from load_test import create_users, start_service, stop_service, wait_ready
 
 PASSWORD = "load-test-password-00"  # load_test.create_users' first account
 
@@ -198,12 +197,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         out["aborted_streams"] = aborted_streams(client, data / "audit" / "audit.jsonl", 20)
         out["service_alive_after"] = proc.poll() is None
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_service(proc)
     out["truncation"] = truncation(data)
     out["planted_instructions"] = injection() if args.injection else "not run (--injection)"
     return out
