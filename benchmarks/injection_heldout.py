@@ -1,7 +1,8 @@
 """Held-out prompt-injection cases: written after the defences' patterns and exemplars, and
 never used to tune them (``appliance/injection.py`` and ``appliance/prompting.py`` must not be
-changed to fit these). ``prompt_injection.py --held-out`` runs them; the tuning cases are its
-``CASES``. They attack the way a document author would: other languages, markup that readers
+changed to fit these; the one rule added after their first run is named in
+docs/security-figures.md). ``prompt_injection.py --cases held-out`` runs them; the tuning cases
+are its ``CASES``. They attack the way a document author would: other languages, markup that readers
 never see, table cells, footnotes, a "note to the AI" heading, an order split across lines.
 """
 
