@@ -63,7 +63,7 @@ def test_ingest_throughput_on_two_filings(
     assert {"embed", "store", "bm25"} <= stages["main_thread"].keys()
     assert {"parse", "chunk"} <= stages["parse_thread"].keys()
     tables = result["table_parse"]
-    assert tables["with_tables"] == 1  # the Q3 AAPL filing: its statements are tables
+    assert tables["with_tables"] >= 1  # the Q3 AAPL filings: their statements are tables
     assert tables["all_ratio"] > 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import string
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -217,6 +218,15 @@ def test_untrusted_text_is_shown_literally(app: MakeApp, core: Core) -> None:
     """Markup in a question, an answer, a passage, a file name or a title stays text."""
     store = core.service.conversations
     hostile = "<script>alert(1)</script>"
+    # History shows a source only while its document is indexed and readable (revocation):
+    # the document with the hostile name really is in sam's collection.
+    rel = 'hr/<img src=x onerror="alert(4)">.md'
+    (core.docs / rel).write_text("# Hostile name\n\nA document whose name is markup.\n")
+    ingestion = core.service.ingestion
+    deadline = time.monotonic() + 60
+    while ingestion.state.file(ingestion.searcher.collection, rel) is None:
+        assert time.monotonic() < deadline, "the watcher did not index the document"
+        time.sleep(0.2)
     conversation = store.create("sam", f"Title {hostile}")
     store.add(
         "sam",
