@@ -34,7 +34,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from appliance.protocols import Embedder
@@ -198,27 +198,30 @@ class InstructionDetector:
         self.margin = margin
         self.floor = floor
         self.addressed_floor = addressed_floor
-        self._orders: list[list[float]] | None = None
-        self._ordinary: list[list[float]] | None = None
+        self._orders: Any = None  # numpy arrays, once embedded
+        self._ordinary: Any = None
         self._cache: OrderedDict[str, bool] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
-    def _exemplars(self) -> tuple[list[list[float]], list[list[float]]]:
+    def _exemplars(self) -> tuple[Any, Any]:
         if self._orders is None or self._ordinary is None:
-            vectors = self._embedder.embed([*ORDERS, *ORDINARY])
+            import numpy as np
+
+            vectors = np.asarray(self._embedder.embed([*ORDERS, *ORDINARY]), dtype=np.float32)
             self._orders, self._ordinary = vectors[: len(ORDERS)], vectors[len(ORDERS) :]
         return self._orders, self._ordinary
 
     def scores(self, sentences: Sequence[str]) -> list[tuple[float, float]]:
-        """Per sentence: (best similarity to an order, best similarity to an ordinary one)."""
+        """Per sentence: (its score against the orders, against the ordinary sentences)."""
         if not sentences:
             return []
+        import numpy as np
+
         orders, ordinary = self._exemplars()
-        out = []
-        for vec in self._embedder.embed(list(sentences)):
-            out.append((_top2(vec, orders), _top2(vec, ordinary)))
-        return out
+        vecs = np.asarray(self._embedder.embed(list(sentences)), dtype=np.float32)
+        to_orders, to_ordinary = _top2(vecs @ orders.T), _top2(vecs @ ordinary.T)
+        return [(float(a), float(b)) for a, b in zip(to_orders, to_ordinary, strict=True)]
 
     def flags(self, sentences: Sequence[str]) -> list[bool]:
         """Whether each sentence is instruction-like (cached by text)."""
@@ -272,10 +275,10 @@ class InstructionDetector:
         return "".join(out), len(cuts)
 
 
-def _top2(vec: Sequence[float], exemplars: Sequence[Sequence[float]]) -> float:
-    """The mean of the two best cosine similarities (unit vectors): one lucky neighbour is
-    not enough to call a sentence an order."""
-    sims = sorted(
-        (sum(a * b for a, b in zip(vec, e, strict=True)) for e in exemplars), reverse=True
-    )
-    return sum(sims[:2]) / min(2, len(sims))
+def _top2(similarities: Any) -> Any:
+    """Per row, the mean of the two best cosine similarities (unit vectors): one lucky
+    neighbour is not enough to call a sentence an order."""
+    import numpy as np
+
+    best = np.sort(similarities, axis=1)[:, -2:]
+    return best.mean(axis=1)
