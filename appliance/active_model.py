@@ -15,13 +15,8 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
-from appliance.chat_models import (
-    BaseChatModel,
-    ChatMessage,
-    GenerationParams,
-    LlamaCppChatModel,
-    _Usage,
-)
+from appliance.chat.base import BaseChatModel, ChatMessage, GenerationParams, Usage
+from appliance.chat.llamacpp import LlamaCppChatModel
 from appliance.errors import ApplianceError
 
 log = logging.getLogger(__name__)
@@ -121,7 +116,7 @@ class RegistryChatModel(BaseChatModel):
 
     def _generate(
         self, messages: list[ChatMessage], params: GenerationParams
-    ) -> Generator[str, None, _Usage]:
+    ) -> Generator[str, None, Usage]:
         model = self.current()
         with self._lock:
             self._streams[id(model)] = self._streams.get(id(model), 0) + 1

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from appliance.chat_models import ChatMessage, ChatModel, GenerationParams
+from appliance.chat.base import ChatMessage, ChatModel, GenerationParams
 from appliance.chat_settings import ChatSettings
 from appliance.conversations import ConversationStore, Exchange, standalone_question
 from appliance.errors import ConfigError, missing_dependency

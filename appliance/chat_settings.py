@@ -1,6 +1,6 @@
 """The ``chat`` section of the settings tree: which chat model answers, and with what defaults.
 
-``appliance.chat_models.build_chat_model(settings.chat)`` turns it into a ``ChatModel``; the
+``appliance.chat.factory.build_chat_model(settings.chat)`` turns it into a ``ChatModel``; the
 checks that need more than one field (a server backend needs ``url`` and ``model``) live there,
 so their messages can name the environment variable to set.
 """

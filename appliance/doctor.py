@@ -266,7 +266,7 @@ def check_chat_model(settings: Settings) -> list[Check]:
     if chat.model_path is not None:
         path = chat.model_path
     else:
-        from appliance.chat_models import default_chat_model_path
+        from appliance.chat.llamacpp import default_chat_model_path
 
         try:
             path = default_chat_model_path()

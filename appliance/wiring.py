@@ -234,12 +234,9 @@ def build_active_chat_model(settings: Settings) -> Any:
     """The chat model that answers. With llama.cpp that is the model registry's active version
     (the configured or packaged GGUF is its base), checked by hash and switched without a
     restart; server backends serve whatever model their settings name."""
-    from appliance.chat_models import (
-        GenerationParams,
-        build_chat_model,
-        default_chat_model_path,
-        llamacpp_chat_model,
-    )
+    from appliance.chat.base import GenerationParams
+    from appliance.chat.factory import build_chat_model, llamacpp_chat_model
+    from appliance.chat.llamacpp import default_chat_model_path
 
     chat = settings.chat
     if chat.backend != "llamacpp":

@@ -437,7 +437,7 @@ def run(
     cases: tuple[Case, ...], root: Path, *, compare: bool, marking: str = "none"
 ) -> dict[str, Any]:
     from appliance.answering import Answerer
-    from appliance.chat_models import build_chat_model
+    from appliance.chat.factory import build_chat_model
     from appliance.settings import load_settings
     from appliance.wiring import open_ingestion, prepare_process
 

@@ -405,7 +405,8 @@ def smoke_check(
     Raises ``ExportError`` when the file does not load or the answer is empty. The answer's
     correctness is the gate's job; this only proves the file is servable.
     """
-    from appliance.chat_models import ChatMessage, GenerationParams, LlamaCppChatModel
+    from appliance.chat.base import ChatMessage, GenerationParams
+    from appliance.chat.llamacpp import LlamaCppChatModel
     from appliance.errors import ApplianceError
 
     messages = [

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.chat_models import BaseChatModel, ChatMessage, GenerationParams
+from appliance.chat.base import BaseChatModel, ChatMessage, GenerationParams
 from appliance.evaluation import HEADLINE, GoldenItem, containment, gate, token_f1
 
 log = logging.getLogger(__name__)

@@ -185,7 +185,7 @@ def evaluate_with_model(
     searching only the collections in ``where`` (an admin's grants; None: all, for the host's
     operator)."""
     from appliance.answering import Answerer
-    from appliance.chat_models import llamacpp_chat_model
+    from appliance.chat.factory import llamacpp_chat_model
 
     with llamacpp_chat_model(settings.chat, gguf) as model:
         twin = Answerer(
@@ -377,7 +377,7 @@ def _gate(
     candidate: Path,
     say: Callable[[str], None],
 ) -> Any:
-    from appliance.chat_models import llamacpp_chat_model
+    from appliance.chat.factory import llamacpp_chat_model
     from finetune.gate import run_gate, write_report
 
     active = registry.active()

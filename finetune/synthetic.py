@@ -282,7 +282,8 @@ def model_generator(
 ) -> Iterator[tuple[Generate, str]]:
     """The configured chat model as a ``Generate`` (greedy, seeded) and its name; the model is
     closed on exit."""
-    from appliance.chat_models import GenerationParams, build_chat_model
+    from appliance.chat.base import GenerationParams
+    from appliance.chat.factory import build_chat_model
 
     model = build_chat_model(chat)
     params = GenerationParams(max_tokens=max_tokens, temperature=0.0, seed=seed)

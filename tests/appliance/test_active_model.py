@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from appliance.active_model import RegistryChatModel
-from appliance.chat_models import GenerationParams, LlamaCppChatModel, default_chat_model_path
+from appliance.chat.base import GenerationParams
+from appliance.chat.llamacpp import LlamaCppChatModel, default_chat_model_path
 from appliance.errors import ModelError
 from finetune.registry import ModelRegistry
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from appliance.answering import QUOTE_LABEL, UNVERIFIED, Answerer
-from appliance.chat_models import BaseChatModel, ChatMessage, GenerationParams, _Usage
+from appliance.chat.base import BaseChatModel, ChatMessage, GenerationParams, Usage
 from appliance.settings import load_settings
 
 POLICY = (
@@ -42,11 +42,11 @@ class Scripted(BaseChatModel):
 
     def _generate(
         self, messages: list[ChatMessage], params: GenerationParams
-    ) -> Generator[str, None, _Usage]:
+    ) -> Generator[str, None, Usage]:
         self.calls += 1
         for i, word in enumerate(self.reply.split(" ")):
             yield word if i == 0 else " " + word
-        return _Usage("scripted", 10, len(self.reply.split()), "stop")
+        return Usage("scripted", 10, len(self.reply.split()), "stop")
 
     def _close(self) -> None:
         pass

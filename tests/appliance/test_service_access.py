@@ -188,7 +188,7 @@ def test_models_are_listed_activated_and_rolled_back_through_the_service(  # typ
 ) -> None:
     import shutil
 
-    from appliance.chat_models import default_chat_model_path
+    from appliance.chat.llamacpp import default_chat_model_path
     from finetune.registry import ModelRegistry
 
     admin = client_for(service, "boss")

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from appliance.chat_models import ChatStream, Generation
+from appliance.chat.base import ChatStream, Generation
 from appliance.settings import load_settings
 from appliance.turnstile import Turnstile, Unqueued
 

@@ -43,7 +43,7 @@ def make_adapter(base_dir: Path, out_dir: Path, *, scale: float, seed: int = 0) 
 
 @pytest.fixture(scope="session")
 def hf_base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from appliance.chat_models import default_chat_model_path
+    from appliance.chat.llamacpp import default_chat_model_path
     from finetune.base_model import ensure_hf_base
 
     cache = request.config.cache

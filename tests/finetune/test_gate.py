@@ -9,7 +9,7 @@ import json
 from collections.abc import Generator
 from pathlib import Path
 
-from appliance.chat_models import BaseChatModel, ChatMessage, GenerationParams, _Usage
+from appliance.chat.base import BaseChatModel, ChatMessage, GenerationParams, Usage
 from appliance.evaluation import GoldenItem
 from finetune.gate import heldout_prompt, run_gate, write_report
 
@@ -34,9 +34,9 @@ class Scripted(BaseChatModel):
 
     def _generate(
         self, messages: list[ChatMessage], params: GenerationParams
-    ) -> Generator[str, None, _Usage]:
+    ) -> Generator[str, None, Usage]:
         yield self.answers.get(messages[-1]["content"], "I do not know.")
-        return _Usage("scripted", 1, 1, "stop")
+        return Usage("scripted", 1, 1, "stop")
 
     def _close(self) -> None:
         pass

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from appliance.chat_models import default_chat_model_path
+from appliance.chat.llamacpp import default_chat_model_path
 from appliance.cli import main
 from appliance.errors import ModelError
 from appliance.settings import load_settings
