@@ -402,8 +402,10 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     else:
         _quiet_model_loading()
         try:
+            from ingest.retrieval import search
+
             with open_ingestion(settings, settings.ingest.docs_dir, role="appliance search") as ing:
-                batches = [ing.searcher.search(q, args.k, mode=args.mode) for q in queries]
+                batches = [search(ing.searcher, q, args.k, mode=args.mode) for q in queries]
         except StoreLockedError as exc:
             raise ServiceError(f"{exc}") from exc
     if args.queries:

@@ -101,7 +101,7 @@ def model_routes(service: CoreService) -> dict[tuple[str, str], Callable[[Reques
         return {"active": version, "switch_error": getattr(chat, "switch_error", None)}
 
     def runs(_who: Identity, _body: dict[str, Any]) -> dict[str, Any]:
-        from finetune.dataset import list_datasets
+        from finetune.data import list_datasets
         from finetune.runs import list_runs
 
         datasets = [d.summary() for d in list_datasets(settings)]

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from appliance.answering import Answerer, ask_events
 from appliance.api import ApiServer, Raw, Request
@@ -30,6 +30,10 @@ from appliance.conversations import ConversationStore
 from appliance.errors import AccessDenied, ApplianceError, AuthError
 from appliance.settings import Settings
 from appliance.wiring import Ingestion
+from ingest.retrieval import search
+
+if TYPE_CHECKING:
+    from appliance.protocols import SearchMode
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +113,7 @@ def search_results(
         raise ValueError(f"unknown search mode {mode!r}: use hybrid, dense or sparse")
     if not 1 <= k <= 1000:
         raise ValueError(f"k must be between 1 and 1000, got {k}")
-    return ingestion.searcher.search(query, k, mode=mode, where=where)
+    return search(ingestion.searcher, query, k, mode=cast("SearchMode", mode), where=where)
 
 
 class CoreService:

@@ -4,7 +4,7 @@ The default report (issue 11) prints the CPU model and the flags that decide bf1
 (avx2, avx512f, avx512_bf16, amx), then for each class of CPU measured:
 
     candidates   each precision of ``finetune.precision.candidates`` (NF4 with bf16 compute, NF4
-                 with fp32 compute, plain LoRA in fp32) loaded by ``finetune.train.load_model``
+                 with fp32 compute, plain LoRA in fp32) loaded by ``finetune.modeling.load_model``
                  and stepped ``--steps`` times after one warm-up step on the same batches: the
                  seconds per optimizer step of each
     auto         ``finetune.train.train`` with ``quantization: auto`` for ``--steps`` steps: the
@@ -111,8 +111,9 @@ def _phase_bare(base: str, dataset: str, config_json: str, out: str) -> dict[str
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
+    from finetune.batches import batch_indices, collate, load_sft_examples
     from finetune.config import RunConfig
-    from finetune.train import batch_indices, collate, load_model, load_sft_examples
+    from finetune.modeling import load_model
 
     config = RunConfig.model_validate_json(config_json)
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
@@ -192,16 +193,10 @@ def _phase_candidates(base: str, dataset: str, config_json: str, out: str) -> di
 
     import torch
 
+    from finetune.batches import batch_indices, collate, load_sft_examples
     from finetune.config import RunConfig
+    from finetune.modeling import bnb_unavailable_reason, load_model, load_tokenizer
     from finetune.precision import candidates
-    from finetune.train import (
-        batch_indices,
-        bnb_unavailable_reason,
-        collate,
-        load_model,
-        load_sft_examples,
-        load_tokenizer,
-    )
 
     config = RunConfig.model_validate_json(config_json)
     torch.set_num_threads(config.threads or os.cpu_count() or 1)

@@ -159,9 +159,11 @@ def score(
 
 def evaluate(searcher: Any, questions: Sequence[Question], mode: str) -> Scores:
     """Ask every question of an ``Indexer`` (``search(query, k, mode=...)``) and score it."""
+    from ingest.retrieval import search
+
     ranked, texts = [], []
     for q in questions:
-        hits = searcher.search(q.question, K, mode=mode)
+        hits = search(searcher, q.question, K, mode=mode)
         ranked.append([str(h["path"]) for h in hits])
         texts.append([str(h["text"]) for h in hits])
     return score(mode, ranked, questions, texts)

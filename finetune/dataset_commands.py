@@ -48,7 +48,7 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
-    from finetune.dataset import list_datasets
+    from finetune.data import list_datasets
 
     found = list_datasets(settings)
     if args.json:
@@ -65,7 +65,7 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
-    from finetune.dataset import dataset_path, load_dataset
+    from finetune.data import dataset_path, load_dataset
 
     info = load_dataset(dataset_path(settings, args.name))  # verifies the content hash
     if args.json:

@@ -80,7 +80,7 @@ def create_run(
 ) -> Path:
     """A queued run: its folder with the request (dataset and resolved config)."""
     from finetune.config import load_run_config
-    from finetune.dataset import load_dataset
+    from finetune.data import load_dataset
 
     info = load_dataset(_dataset_path(settings, dataset))
     config = load_run_config(config_path, **(overrides or {}))
@@ -103,7 +103,7 @@ def create_run(
 
 
 def _dataset_path(settings: Settings, dataset: str | Path) -> Path:
-    from finetune.dataset import DatasetError, dataset_path
+    from finetune.data import DatasetError, dataset_path
 
     path = Path(dataset)
     if path.is_dir():
@@ -257,7 +257,7 @@ def _execute(
 ) -> dict[str, Any]:
     from finetune.base_model import ensure_hf_base
     from finetune.config import RunConfig
-    from finetune.dataset import load_dataset
+    from finetune.data import load_dataset
     from finetune.export import folder_hashes
     from finetune.registry import registry_for
 

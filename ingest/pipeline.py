@@ -21,17 +21,14 @@ the disk fills under it, so the indexer also refuses to write while less than ``
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import logging
 import queue
-import shutil
-import sqlite3
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -42,15 +39,20 @@ from appliance.protocols import (
     Embedder,
     ParsedDocument,
     Point,
-    SearchMode,
     Section,
     SparseEncoder,
     VectorStore,
 )
 from appliance.settings import ChunkingSettings, IngestSettings
 from ingest.chunking import chunk_sections
+from ingest.disk_guard import (
+    MIN_FREE_BYTES,
+    DiskFullError,
+    check_space,
+    disk_full_reason,
+    free_bytes,
+)
 from ingest.identity import file_name_terms, identity_line
-from ingest.retrieval import retrieve
 from ingest.safe_open import Staging, UnsafeDocument
 from ingest.scan import FoundFile, walk
 from ingest.state import ChunkRow, FileRow, IngestState
@@ -60,48 +62,6 @@ log = logging.getLogger(__name__)
 _POINT_NS = uuid.UUID("6f1c2f0e-8d7a-4b8e-9a51-3c0d2b7e9f10")
 HELD_DELETIONS = "held_deletions"
 CACHE_TTL_S = 24 * 3600
-MIN_FREE_BYTES = 64 * 1024 * 1024
-"""Free space kept in reserve on the data folder's disk: below it the indexer pauses, because
-Qdrant Edge's memory-mapped write-ahead log kills the process (SIGBUS) on a full disk."""
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-_SQLITE_FULL = 13  # SQLITE_FULL: "database or disk is full"
-_DISK_FULL_TEXTS = ("no space left on device", "disk quota exceeded", "database or disk is full")
-
-
-class DiskFullError(IngestError):
-    """Ingestion paused: the data folder's disk (or quota) is full. Nothing was lost; the next
-    reconcile carries on once there is space. ``exit_code`` is the CLI's distinct exit status."""
-
-    exit_code = 5
-
-
-def disk_full_reason(exc: BaseException) -> str | None:
-    """Why ``exc`` (or an exception it was raised from) means a full disk, or None.
-
-    SQLite reports SQLITE_FULL, OSError carries errno, and Qdrant Edge raises plain exceptions
-    whose text holds the OS message, so all three are recognised."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, DiskFullError):
-            return str(current)
-        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
-            return os_strerror(current)
-        if isinstance(current, sqlite3.Error) and (
-            getattr(current, "sqlite_errorcode", None) == _SQLITE_FULL
-        ):
-            return f"the ingestion state database: {current}"
-        text = str(current).lower()
-        if any(t in text for t in _DISK_FULL_TEXTS):
-            return str(current)
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def os_strerror(exc: OSError) -> str:
-    where = f" ({exc.filename})" if exc.filename else ""
-    return f"{exc.strerror or errno.errorcode.get(exc.errno or 0, 'OSError')}{where}"
 
 
 class Parser(Protocol):
@@ -214,10 +174,7 @@ class Indexer:
 
     def free_bytes(self) -> int | None:
         """Free bytes where the ingestion state lives (the data folder), None if unknown."""
-        try:
-            return shutil.disk_usage(self.state.path.parent).free
-        except OSError:
-            return None
+        return free_bytes(self.state.path.parent)
 
     def has_space(self, extra: int = 0) -> bool:
         free = self.free_bytes()
@@ -225,13 +182,7 @@ class Indexer:
 
     def _check_space(self, extra: int = 0) -> None:
         """Refuse a write that could fill the disk under the store (see the module docstring)."""
-        free = self.free_bytes()
-        if free is not None and free < self.min_free_bytes + extra:
-            raise DiskFullError(
-                f"disk full: {free / 1048576:.1f} MiB free in {self.state.path.parent}, "
-                f"{(self.min_free_bytes + extra) / 1048576:.1f} MiB needed to write safely; "
-                "ingestion is paused and resumes by itself once space is freed"
-            )
+        check_space(self.state.path.parent, self.min_free_bytes + extra)
 
     def _pause(self, exc: BaseException, reason: str) -> DiskFullError:
         message = reason if reason.startswith("disk full") else f"disk full: {reason}"
@@ -734,27 +685,3 @@ class Indexer:
                 path = path.relative_to(self.docs_dir.absolute())
             rel = str(path)
         return {**progress, "path": display_path(rel)}
-
-    def search(
-        self,
-        query: str,
-        k: int = 5,
-        *,
-        mode: SearchMode = "hybrid",
-        where: Mapping[str, Sequence[str]] | None = None,
-    ) -> list[dict[str, Any]]:
-        hits = retrieve(self.store, self.embedder, self.sparse, query, k, mode=mode, where=where)
-        return [
-            {
-                "path": h.payload.get("path"),
-                "page": h.payload.get("page"),
-                "heading": h.payload.get("heading"),
-                "score": round(h.score, 6),
-                "text": h.payload.get("text", ""),
-                "start": h.payload.get("start"),
-                "end": h.payload.get("end"),
-                "chunk_index": h.payload.get("chunk_index"),
-                "ocr_confidence": h.payload.get("ocr_confidence"),
-            }
-            for h in hits
-        ]

@@ -31,6 +31,7 @@ import datetime as dt
 import math
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from appliance.protocols import Embedder, Hit, SearchMode, SparseEncoder, VectorStore
 from ingest.identity import file_name_terms
@@ -256,3 +257,42 @@ def retrieve(
     lexical = sparse.embed_query(expand_query(query)) if mode != "dense" else None
     hits = store.query(dense, lexical, max(k, CANDIDATES), mode=mode, where=where)
     return rerank(query, hits, sparse, k)
+
+
+class SearchIndex(Protocol):
+    """What a search reads: an indexer's store and its two query encoders."""
+
+    @property
+    def store(self) -> VectorStore: ...
+
+    @property
+    def embedder(self) -> Embedder: ...
+
+    @property
+    def sparse(self) -> SparseEncoder: ...
+
+
+def search(
+    index: SearchIndex,
+    query: str,
+    k: int = 5,
+    *,
+    mode: SearchMode = "hybrid",
+    where: Mapping[str, Sequence[str]] | None = None,
+) -> list[dict[str, Any]]:
+    """``retrieve`` on an index, each hit as the JSON the API and the CLI return."""
+    hits = retrieve(index.store, index.embedder, index.sparse, query, k, mode=mode, where=where)
+    return [
+        {
+            "path": h.payload.get("path"),
+            "page": h.payload.get("page"),
+            "heading": h.payload.get("heading"),
+            "score": round(h.score, 6),
+            "text": h.payload.get("text", ""),
+            "start": h.payload.get("start"),
+            "end": h.payload.get("end"),
+            "chunk_index": h.payload.get("chunk_index"),
+            "ocr_confidence": h.payload.get("ocr_confidence"),
+        }
+        for h in hits
+    ]

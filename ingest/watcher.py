@@ -52,7 +52,8 @@ from watchdog.observers.polling import PollingObserver
 
 from appliance.errors import IngestError
 from appliance.settings import IngestSettings
-from ingest.pipeline import DiskFullError, Indexer, IngestReport
+from ingest.disk_guard import DiskFullError
+from ingest.pipeline import Indexer, IngestReport
 from ingest.scan import is_candidate, relative
 
 log = logging.getLogger(__name__)

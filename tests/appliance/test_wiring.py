@@ -10,6 +10,7 @@ from appliance.errors import StoreLockedError
 from appliance.settings import Settings
 from appliance.wiring import ACTIVE_COLLECTION, open_ingestion
 from ingest.embedders import HashingEmbedder
+from ingest.retrieval import search
 
 
 def test_a_second_owner_is_refused(settings: Settings, tmp_path: Path) -> None:
@@ -47,4 +48,4 @@ def test_new_embedding_model_reindexes_into_a_new_collection(
         assert second.state.get_meta(ACTIVE_COLLECTION) == new
         assert second.backend.collections() == [new]
         assert second.state.counts(old) == (0, 0)
-        assert second.searcher.search("delivery contract", 1)[0]["path"] == "b.txt"
+        assert search(second.searcher, "delivery contract", 1)[0]["path"] == "b.txt"

@@ -34,7 +34,7 @@ def hf_base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 @pytest.fixture(scope="session")
 def hf_tokenizer(hf_base: Path) -> Any:
-    from finetune.train import load_tokenizer
+    from finetune.modeling import load_tokenizer
 
     return load_tokenizer(hf_base)
 

@@ -15,18 +15,9 @@ from appliance.cli import main
 from appliance.conversations import ConversationStore
 from appliance.prompting import SYSTEM_PROMPT, Passage, user_prompt
 from appliance.settings import Settings
-from finetune.dataset import (
-    DatasetError,
-    Example,
-    build_dataset,
-    dataset_from_file,
-    feedback_examples,
-    list_datasets,
-    load_dataset,
-    preference_pairs,
-    read_instruction_file,
-    split_heldout,
-)
+from finetune.data import DatasetError, Example, list_datasets, load_dataset
+from finetune.dataset import build_dataset, dataset_from_file, split_heldout
+from finetune.sources import feedback_examples, preference_pairs, read_instruction_file
 from finetune.synthetic import QA_PROMPT
 
 CONTEXT = "The appliance retains audit logs for 7 years under policy AP-12."

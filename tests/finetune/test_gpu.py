@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from finetune.batches import collate, load_sft_examples
 from finetune.config import load_run_config
+from finetune.modeling import load_model, pick_device
 from finetune.precision import NF4_BF16
-from finetune.train import collate, load_model, load_sft_examples, pick_device, train
+from finetune.train import train
 from tests.finetune.conftest import write_dataset
 from tests.finetune.format_data import make_format_records
 

@@ -10,15 +10,10 @@ from typing import Any
 import pytest
 
 from appliance.errors import ConfigError, ModelError
+from finetune.batches import IGNORE_INDEX, collate, tokenize_conversation
 from finetune.config import ALL_PROJECTIONS, load_run_config
-from finetune.train import (
-    IGNORE_INDEX,
-    RunResult,
-    collate,
-    resume,
-    tokenize_conversation,
-    train,
-)
+from finetune.run_folder import RunResult
+from finetune.train import resume, train
 from tests.finetune.conftest import write_dataset
 from tests.finetune.format_data import adherence, make_format_records
 
@@ -257,10 +252,10 @@ def test_auto_times_each_candidate_records_the_choice_and_a_resume_keeps_it(
 def test_without_bitsandbytes_it_falls_back_to_lora_and_says_so_then_runs_dpo(
     tmp_path: Path, hf_base: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import finetune.train as train_module
+    import finetune.modeling as modeling_module
 
     monkeypatch.setattr(
-        train_module, "bnb_unavailable_reason", lambda device: "bitsandbytes forced off"
+        modeling_module, "bnb_unavailable_reason", lambda device: "bitsandbytes forced off"
     )
     records = make_format_records(4, seed=2)
     preferences = [

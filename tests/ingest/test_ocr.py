@@ -15,6 +15,7 @@ from appliance.errors import ParseError
 from appliance.offline import OfflineViolation
 from ingest.ocr import OcrOptions, character_accuracy
 from ingest.parsers import ParseOptions, parse_file
+from ingest.retrieval import search
 from ingest.sandbox import ParserSandbox, _progress_of
 from tests.conftest import SHARED
 from tests.ingest.fixtures import SCAN_LINES, make_image, make_pdf, make_scanned_pdf
@@ -147,7 +148,7 @@ def test_the_scanned_protocol_is_indexed_and_found(tmp_path: Path, make_indexer)
     indexer = make_indexer(docs)
     report = indexer.reconcile()
     assert report.failed == 0, report.failures
-    hits = indexer.search("Which yoga breathing practice is taught in week 1 of the protocol?")
+    hits = search(indexer, "Which yoga breathing practice is taught in week 1 of the protocol?")
     assert hits[0]["path"] == SCANNED_PROTOCOL.name
     assert hits[0]["ocr_confidence"] is not None
 

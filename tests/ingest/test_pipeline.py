@@ -10,6 +10,7 @@ import pytest
 from appliance.settings import IngestSettings
 from ingest.embedders import HashingEmbedder
 from ingest.pipeline import Indexer, collection_of
+from ingest.retrieval import search
 from tests.ingest.exactness import index_problems
 
 POLICY = (
@@ -45,7 +46,7 @@ def test_first_ingest_then_unchanged(make_indexer, docs: Path) -> None:  # type:
 def test_payload_carries_citation_fields(make_indexer, docs: Path) -> None:  # type: ignore[no-untyped-def]
     indexer: Indexer = make_indexer(docs)
     indexer.reconcile()
-    hits = indexer.search("How long are audit logs kept?", 3)
+    hits = search(indexer, "How long are audit logs kept?", 3)
     top = next(h for h in hits if h["path"] == "policy.md")
     assert top["heading"] == "Policy > Retention"
     assert "seven years" in top["text"]
@@ -89,7 +90,7 @@ def test_rename_and_move_reuse_vectors(make_indexer, docs: Path) -> None:  # typ
     report = indexer.reconcile()
     assert (report.added, report.removed) == (2, 2)
     assert embedder.embedded_texts == embedded  # nothing re-embedded
-    hits = indexer.search("leave days", 5)
+    hits = search(indexer, "leave days", 5)
     assert {h["path"] for h in hits} >= {"archive/leave.txt"}
     assert index_problems(indexer) == []
 
@@ -106,7 +107,7 @@ def test_identical_content_indexed_twice_embedded_once(make_indexer, docs: Path)
         c.text_key for c in indexer.state.live_chunks_of_path(indexer.collection, "hr/leave.txt")
     }
     assert embedder.embedded_texts == len(unique_texts)
-    paths = {h["path"] for h in indexer.search("audit logs retention", 10)}
+    paths = {h["path"] for h in search(indexer, "audit logs retention", 10)}
     assert {"policy.md", "copy/policy.md"} <= paths
 
 
@@ -150,7 +151,7 @@ def test_bad_files_do_not_stop_ingestion(make_indexer, docs: Path, tmp_path: Pat
     assert "outside" in reasons["link.txt"]
     assert "too large" in reasons["big.txt"]
     assert report.added == 3  # policy.md, hr/leave.txt and the odd name
-    texts = " ".join(h["text"] for h in indexer.search("secret outside the folder", 20))
+    texts = " ".join(h["text"] for h in search(indexer, "secret outside the folder", 20))
     assert "secret outside" not in texts
 
 

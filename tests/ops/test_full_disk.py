@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ingest.pipeline import DiskFullError
+from ingest.disk_guard import DiskFullError
 from ingest.watcher import FolderWatcher
 from tests.conftest import small_settings
 from tests.ingest.exactness import index_problems

@@ -33,6 +33,7 @@ import pytest
 
 from appliance.protocols import ParsedDocument
 from ingest.pipeline import Indexer
+from ingest.retrieval import search
 from tests.ingest.fixtures import make_docx, make_html, make_pdf
 
 pytestmark = pytest.mark.integration
@@ -401,7 +402,7 @@ def test_hostile_folder(
     for case in cases:
         if case.word is None:
             continue
-        hits = indexer.search(case.word, 10, mode="sparse")
+        hits = search(indexer, case.word, 10, mode="sparse")
         assert case.rel in {h["path"] for h in hits}, (case, [h["path"] for h in hits])
     assert status["documents"] == sum(c.expect == "indexed" for c in cases)
     assert report.failed == sum(c.expect not in ("indexed", "ignored") for c in cases)
@@ -421,11 +422,11 @@ def test_hostile_folder(
     assert any(p.endswith(".pdf") for p in parsed)  # the recording did see the parses
     assert any(p.endswith(".docx") for p in opened_by_parser())  # the hook did run
     assert not any(p.endswith("..foo.txt") for p in opened_here + opened_by_parser())
-    assert not indexer.search("sierrahidden", 5, mode="sparse")
+    assert not search(indexer, "sierrahidden", 5, mode="sparse")
     # ...so the canary is in no search result and in no byte of the data folder, where the
     # good documents' words are (the positive control that this grep would see it).
     for mode in ("sparse", "dense", "hybrid"):
-        assert not any(CANARY in h["text"] for h in indexer.search(CANARY, 50, mode=mode))
+        assert not any(CANARY in h["text"] for h in search(indexer, CANARY, 50, mode=mode))
     stored = b"".join(p.read_bytes() for p in (tmp_path / "data").rglob("*") if p.is_file())
     assert CANARY.encode() not in stored
     assert b"bravonotes" in stored
@@ -454,6 +455,6 @@ def test_a_document_replaced_by_an_outside_link_leaves_the_index(
     assert indexer.status()["failed"] == [
         {"path": "swap.md", "reason": "symlink points outside the documents folder"}
     ]
-    assert not indexer.search("quebecswap", 5, mode="sparse")
-    assert not indexer.search(CANARY, 5, mode="sparse")
-    assert [h["path"] for h in indexer.search("papakeep", 5, mode="sparse")] == ["keep.md"]
+    assert not search(indexer, "quebecswap", 5, mode="sparse")
+    assert not search(indexer, CANARY, 5, mode="sparse")
+    assert [h["path"] for h in search(indexer, "papakeep", 5, mode="sparse")] == ["keep.md"]
