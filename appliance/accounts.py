@@ -1,6 +1,6 @@
 """Accounts: users, groups, collection grants, sign-in throttling and sessions, in SQLite.
 
-Errors (both are :class:`appliance.errors.ApplianceError`)::
+Errors (both are :class:`appliance.core.errors.ApplianceError`)::
 
     ApplianceError
      ├── AuthError      sign-in refused; one generic message, ``reason`` kept for the audit log
@@ -60,8 +60,8 @@ from typing import Any, Literal
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from appliance import errors, sqlite
-from appliance.errors import ApplianceError
+from appliance.core import errors, sqlite
+from appliance.core.errors import ApplianceError
 
 Role = Literal["staff", "admin"]
 ROLES: frozenset[str] = frozenset({"staff", "admin"})

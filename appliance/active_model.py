@@ -17,7 +17,7 @@ from typing import Any
 
 from appliance.chat.base import BaseChatModel, ChatMessage, GenerationParams, Usage
 from appliance.chat.llamacpp import LlamaCppChatModel
-from appliance.errors import ApplianceError
+from appliance.core.errors import ApplianceError
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from appliance.chat.base import ChatMessage, ChatModel, GenerationParams
-from appliance.chat_settings import ChatSettings
 from appliance.conversations import ConversationStore, Exchange, standalone_question
-from appliance.errors import ConfigError, missing_dependency
+from appliance.core.chat_settings import ChatSettings
+from appliance.core.errors import ConfigError, missing_dependency
+from appliance.core.protocols import Embedder, Hit, SparseEncoder, VectorStore
+from appliance.core.settings import AnswerSettings
 from appliance.figures import extract_figures
 from appliance.injection import InstructionDetector
 from appliance.prompting import (
@@ -40,8 +42,6 @@ from appliance.prompting import (
     user_prompt,
     words,
 )
-from appliance.protocols import Embedder, Hit, SparseEncoder, VectorStore
-from appliance.settings import AnswerSettings
 from appliance.turnstile import ModelQueue, Unqueued
 from appliance.verification import (
     Claim,

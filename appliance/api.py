@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ApplianceError, ServiceError
+from appliance.core.errors import ApplianceError, ServiceError
 
 log = logging.getLogger(__name__)
 

@@ -66,10 +66,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from appliance.errors import ApplianceError
+from appliance.core.errors import ApplianceError
 
 if TYPE_CHECKING:
-    from appliance.settings import Settings
+    from appliance.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -53,9 +53,9 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from appliance import __version__
-from appliance.errors import ApplianceError
-from appliance.hashing import file_sha256
-from appliance.settings import Settings
+from appliance.core.errors import ApplianceError
+from appliance.core.hashing import file_sha256
+from appliance.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

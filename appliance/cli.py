@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance import __version__
-from appliance.errors import ApplianceError, ServiceError, StoreLockedError
-from appliance.settings import Settings, load_settings
+from appliance.core.errors import ApplianceError, ServiceError, StoreLockedError
+from appliance.core.settings import Settings, load_settings
 
 log = logging.getLogger("appliance")
 

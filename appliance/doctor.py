@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from appliance.errors import ApplianceError
-from appliance.settings import Settings, load_settings
+from appliance.core.errors import ApplianceError
+from appliance.core.settings import Settings, load_settings
 
 Status = Literal["ok", "warn", "fail"]
 

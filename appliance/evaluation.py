@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from appliance.errors import ApplianceError
+from appliance.core.errors import ApplianceError
 from appliance.figures import missing_figures
 
 HEADLINE = (

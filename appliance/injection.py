@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from appliance.protocols import Embedder
+    from appliance.core.protocols import Embedder
 
 ORDERS: tuple[str, ...] = (
     # English: to the model, to "whoever summarises", hidden in notes

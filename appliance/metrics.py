@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
-from appliance.errors import ServiceError, missing_dependency
+from appliance.core.errors import ServiceError, missing_dependency
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry

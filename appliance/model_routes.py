@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.api import Raw, Request
-from appliance.errors import ApplianceError, ConfigError
+from appliance.core.errors import ApplianceError, ConfigError
 
 if TYPE_CHECKING:
     from appliance.service import CoreService, Identity

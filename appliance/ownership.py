@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import StoreLockedError
+from appliance.core.errors import StoreLockedError
 
 LOCK_NAME = "owner.lock"
 

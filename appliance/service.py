@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any, cast
 from appliance.answering import Answerer, ask_events
 from appliance.api import ApiServer, Raw, Request
 from appliance.conversations import ConversationStore
-from appliance.errors import AccessDenied, ApplianceError, AuthError
-from appliance.settings import Settings
+from appliance.core.errors import AccessDenied, ApplianceError, AuthError
+from appliance.core.settings import Settings
 from appliance.wiring import Ingestion
 from ingest.retrieval import search
 
 if TYPE_CHECKING:
-    from appliance.protocols import SearchMode
+    from appliance.core.protocols import SearchMode
 
 log = logging.getLogger(__name__)
 

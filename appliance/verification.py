@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from appliance.core.settings import LEXICAL_WEIGHT, SUPPORT_THRESHOLD
 from appliance.figures import Figure, FigureMatch, extract_figures, find_figure
 
 Embed = Callable[[list[str]], list[list[float]]]
@@ -40,8 +41,6 @@ def _wordset(words: str) -> frozenset[str]:
     return frozenset(words.split())
 
 
-SUPPORT_THRESHOLD = 0.70
-LEXICAL_WEIGHT = 0.4
 FIGURE_ANCHOR = 0.1
 """Added to the support of a segment that states the sentence's figures itself: a table row
 ("Total revenue 52,857 49,360") says little in words, and its figures are stronger evidence

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ApplianceError, ModelError
-from appliance.offline import allowed_hosts_from_urls, enforce_offline
+from appliance.core.errors import ApplianceError, ModelError
+from appliance.core.offline import allowed_hosts_from_urls, enforce_offline
+from appliance.core.protocols import Embedder, StoreBackend
+from appliance.core.settings import Settings
 from appliance.ownership import DataDirLock
-from appliance.protocols import Embedder, StoreBackend
-from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
 

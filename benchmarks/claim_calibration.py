@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     _common.quiet_libraries()
 
     from appliance.claim_calibration import calibrate, load_cases, measure, score_cases
-    from appliance.settings import AnswerSettings
+    from appliance.core.settings import AnswerSettings
     from ingest.embedders import SentenceTransformerEmbedder
 
     shipped = AnswerSettings()

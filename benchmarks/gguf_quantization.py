@@ -30,7 +30,7 @@ from _common import (
     setup_logging,
 )
 
-from appliance.errors import ApplianceError
+from appliance.core.errors import ApplianceError
 
 PROMPT = (
     "<|im_start|>user\nExplain in a few sentences why audit logs are kept for several years."

@@ -227,7 +227,7 @@ def ingest_once(
 def table_parse_ratio(files: Sequence[Path], repeats: int = 3) -> dict[str, Any]:
     """Parse time with table handling / without, per PDF (best of ``repeats``, alternating so
     that drift hits both), summed over text PDFs (no table found) and over all."""
-    from appliance.errors import ParseError
+    from appliance.core.errors import ParseError
     from ingest.ocr import OcrOptions
     from ingest.parsers import ParseOptions, parse_file
 
@@ -278,7 +278,7 @@ def stage_breakdown(stages: dict[str, Stage], wall: float) -> dict[str, dict[str
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     from sentence_transformers import SentenceTransformer
 
-    from appliance.settings import load_settings
+    from appliance.core.settings import load_settings
     from appliance.wiring import build_embedder, prepare_process
     from ingest.embedders import default_embedding_folder
 
@@ -496,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from appliance.errors import ApplianceError
+    from appliance.core.errors import ApplianceError
 
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)

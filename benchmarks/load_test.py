@@ -96,7 +96,7 @@ def corpus(args: argparse.Namespace, docs: Path) -> tuple[str, list[str]]:
 
 def create_users(data: Path, users: int) -> None:
     from appliance.accounts import Accounts
-    from appliance.settings import load_settings
+    from appliance.core.settings import load_settings
 
     settings = load_settings(overrides={"data_dir": str(data)})
     data.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,7 @@ def stop_service(proc: subprocess.Popen[bytes]) -> None:
 def wait_ready(proc: subprocess.Popen[bytes], data: Path, files: int, timeout: float) -> Any:
     """The service's client once its API answers and the startup scan indexed every file."""
     from appliance.api import ServiceClient
-    from appliance.errors import ServiceError
+    from appliance.core.errors import ServiceError
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

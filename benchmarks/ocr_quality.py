@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dpi", type=int, default=300, help="the setting ocr.dpi")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    from appliance.errors import ParseError
+    from appliance.core.errors import ParseError
 
     try:
         result = run(args)

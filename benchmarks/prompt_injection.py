@@ -438,7 +438,7 @@ def run(
 ) -> dict[str, Any]:
     from appliance.answering import Answerer
     from appliance.chat.factory import build_chat_model
-    from appliance.settings import load_settings
+    from appliance.core.settings import load_settings
     from appliance.wiring import open_ingestion, prepare_process
 
     docs = root / "docs"

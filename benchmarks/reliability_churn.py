@@ -124,7 +124,7 @@ def wait_converged(
 
 
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    from appliance.settings import load_settings
+    from appliance.core.settings import load_settings
     from appliance.wiring import open_ingestion, prepare_process
     from ingest.watcher import FolderWatcher
 

@@ -155,7 +155,7 @@ def run_cli(data: Path, docs: Path) -> dict[str, Any]:
 
 def check(data: Path, docs: Path) -> dict[str, Any]:
     """Open the data folder as its owner (recovery runs), compare, then ingest once more."""
-    from appliance.settings import load_settings
+    from appliance.core.settings import load_settings
     from appliance.wiring import open_ingestion
 
     settings = load_settings(overrides={"data_dir": str(data)})
@@ -246,7 +246,7 @@ def print_report(r: dict[str, Any]) -> None:
 
 def worker(data: Path, docs: Path) -> int:
     """One ingestion as ``appliance ingest`` does it, announcing when it starts writing."""
-    from appliance.settings import load_settings
+    from appliance.core.settings import load_settings
     from appliance.wiring import open_ingestion, prepare_process
 
     settings = load_settings(overrides={"data_dir": str(data)})

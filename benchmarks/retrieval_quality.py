@@ -245,7 +245,7 @@ def benchmark_settings(
     root: Path, chunking: Mapping[str, int] | None = None, *, tables: str = "labelled"
 ) -> Any:
     """Default settings (no YAML, no environment) with the data and documents under ``root``."""
-    from appliance.settings import load_settings
+    from appliance.core.settings import load_settings
 
     return load_settings(
         env={},
@@ -432,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"--distractors needs {REGULATED}, which is absent", file=sys.stderr)
         return 2
     os.environ.setdefault("TQDM_DISABLE", "1")
-    from appliance.settings import load_settings
+    from appliance.core.settings import load_settings
     from appliance.wiring import prepare_process
 
     prepare_process(load_settings(env={}))

@@ -145,7 +145,7 @@ class PointSource:
     def batches(self, start: int, stop: int) -> Iterator[list[Any]]:
         import numpy as np
 
-        from appliance.protocols import Point
+        from appliance.core.protocols import Point
 
         for lo in range(start, stop, BATCH):
             began = time.perf_counter()
@@ -272,7 +272,7 @@ def run_server(
 ) -> dict[str, Any]:
     from qdrant_client import QdrantClient
 
-    from appliance.errors import StoreError
+    from appliance.core.errors import StoreError
     from ingest.store import ServerBackend
 
     if args.server_url:
@@ -314,7 +314,7 @@ def run_server(
 
 
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    from appliance.settings import load_settings
+    from appliance.core.settings import load_settings
     from appliance.wiring import prepare_process
     from ingest.embedders import Bm25Encoder
 
@@ -484,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from appliance.errors import ApplianceError
+    from appliance.core.errors import ApplianceError
 
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)

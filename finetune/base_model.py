@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from appliance.errors import ModelError, missing_dependency
-from appliance.hashing import file_sha256
+from appliance.core.errors import ModelError, missing_dependency
+from appliance.core.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ConfigError, ModelError
+from appliance.core.errors import ConfigError, ModelError
 from finetune.data import PREFERENCES, TRAIN, check_messages, read_jsonl
 
 log = logging.getLogger(__name__)

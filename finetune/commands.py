@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ApplianceError
-from appliance.settings import Settings
+from appliance.core.errors import ApplianceError
+from appliance.core.settings import Settings
 
 EXIT_ERROR = 1
 EXIT_REJECTED = 4  # as `appliance eval`'s gate

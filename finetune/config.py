@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from appliance.errors import ConfigError
+from appliance.core.errors import ConfigError
 
 ALL_PROJECTIONS: tuple[str, ...] = (
     "q_proj",

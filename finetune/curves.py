@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from appliance.errors import missing_dependency
+from appliance.core.errors import missing_dependency
 
 
 def read_loss_log(path: Path) -> list[dict[str, float]]:

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ApplianceError, ConfigError
-from appliance.settings import Settings
+from appliance.core.errors import ApplianceError, ConfigError
+from appliance.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from appliance.settings import Settings
+from appliance.core.settings import Settings
 
 
 def _print_json(data: Any) -> None:

@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ExportError, missing_dependency
-from appliance.hashing import file_sha256
+from appliance.core.errors import ExportError, missing_dependency
+from appliance.core.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -407,7 +407,7 @@ def smoke_check(
     """
     from appliance.chat.base import ChatMessage, GenerationParams
     from appliance.chat.llamacpp import LlamaCppChatModel
-    from appliance.errors import ApplianceError
+    from appliance.core.errors import ApplianceError
 
     messages = [
         ChatMessage(

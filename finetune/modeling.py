@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ConfigError, ModelError, missing_dependency
+from appliance.core.errors import ConfigError, ModelError, missing_dependency
 from finetune.batches import Example, collate
 from finetune.config import RunConfig
 from finetune.precision import (

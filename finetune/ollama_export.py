@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ExportError, ModelError, missing_dependency
+from appliance.core.errors import ExportError, ModelError, missing_dependency
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from appliance.errors import ConfigError, ModelError
+from appliance.core.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 

@@ -31,10 +31,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.errors import ModelError
+from appliance.core.errors import ModelError
 
 if TYPE_CHECKING:
-    from appliance.settings import Settings
+    from appliance.core.settings import Settings
 
 REGISTRY_FILE = "registry.json"
 LOCK_FILE = "registry.lock"
@@ -55,7 +55,7 @@ def _now() -> str:
 
 def cached_sha256(path: Path) -> str:
     """The file's sha256, from the cache when its path, size and mtime are unchanged."""
-    from appliance.hashing import file_sha256
+    from appliance.core.hashing import file_sha256
 
     path = Path(path)
     st = path.stat()

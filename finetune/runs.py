@@ -24,9 +24,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ApplianceError, ConfigError
+from appliance.core.errors import ApplianceError, ConfigError
+from appliance.core.settings import Settings
 from appliance.evaluation import GoldenItem, evaluate, load_golden
-from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.core.settings import Settings
 from appliance.prompting import Passage, user_prompt
-from appliance.settings import Settings
 from finetune import near_duplicates
 from finetune.data import ROLES, DatasetError, Example, Preference
 from finetune.near_duplicates import DEFAULT_THRESHOLD, NearDuplicateIndex

@@ -29,8 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from appliance.chat_settings import ChatSettings
-from appliance.errors import ApplianceError
+from appliance.core.chat_settings import ChatSettings
+from appliance.core.errors import ApplianceError
 from appliance.evaluation import containment, normalize
 from finetune.near_duplicates import DEFAULT_THRESHOLD, NearDuplicateIndex
 

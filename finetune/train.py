@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ConfigError
+from appliance.core.errors import ConfigError
 from finetune.base_model import is_hf_folder
 from finetune.batches import (
     IGNORE_INDEX,

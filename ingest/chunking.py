@@ -14,7 +14,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
 
-from appliance.protocols import Chunk, Section
+from appliance.core.protocols import Chunk, Section
 
 TokenSpans = Callable[[str], list[tuple[int, int]]]
 

@@ -14,7 +14,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from appliance.errors import IngestError
+from appliance.core.errors import IngestError
 
 MIN_FREE_BYTES = 64 * 1024 * 1024
 """Free space kept in reserve on the data folder's disk: below it the indexer pauses, because

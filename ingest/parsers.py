@@ -2,7 +2,7 @@
 
 A parser is a function ``(path) -> ParsedDocument`` registered for one or more suffixes with
 :func:`register_parser`; :func:`parser_for` picks one by the path's suffix. A parser raises
-:class:`~appliance.errors.ParseError` with a short reason an admin can act on ("encrypted PDF
+:class:`~appliance.core.errors.ParseError` with a short reason an admin can act on ("encrypted PDF
 (password required)"). Hostile files can still make a parser hang or allocate without bound,
 so the service runs parsers through :class:`ingest.sandbox.ParserSandbox`, never in-process.
 
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from appliance.errors import ParseError
-from appliance.protocols import ParsedDocument, Section
+from appliance.core.errors import ParseError
+from appliance.core.protocols import ParsedDocument, Section
 from ingest.ocr import MAX_PAGE_PIXELS, OcrEngine, OcrOptions, image_frames, open_engine
 from ingest.tables import TableStyle, grid_table, table_section
 

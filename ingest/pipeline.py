@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from appliance.errors import IngestError, ParseError
-from appliance.protocols import (
+from appliance.core.errors import IngestError, ParseError
+from appliance.core.protocols import (
     Chunk,
     Embedder,
     ParsedDocument,
@@ -43,7 +43,7 @@ from appliance.protocols import (
     SparseEncoder,
     VectorStore,
 )
-from appliance.settings import ChunkingSettings, IngestSettings
+from appliance.core.settings import ChunkingSettings, IngestSettings
 from ingest.chunking import chunk_sections
 from ingest.disk_guard import (
     MIN_FREE_BYTES,

@@ -33,7 +33,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from appliance.protocols import Embedder, Hit, SearchMode, SparseEncoder, VectorStore
+from appliance.core.protocols import Embedder, Hit, SearchMode, SparseEncoder, VectorStore
 from ingest.identity import file_name_terms
 
 CANDIDATES = 100

@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from appliance.errors import IngestError
+from appliance.core.errors import IngestError
 
 _BLOCK = 1 << 20
 _KINDS = {

@@ -46,8 +46,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from appliance.errors import IngestError, ParseError
-from appliance.protocols import ParsedDocument, Section
+from appliance.core.errors import IngestError, ParseError
+from appliance.core.protocols import ParsedDocument, Section
 from ingest import parsers
 from ingest.confine import confine
 from ingest.ocr import OcrOptions

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance import sqlite
-from appliance.protocols import Chunk
+from appliance.core import sqlite
+from appliance.core.protocols import Chunk
 
 FILE_STATES = ("queued", "parsing", "embedding", "indexed", "failed")
 

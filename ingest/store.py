@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import StoreError, missing_dependency
-from appliance.protocols import Hit, Point, SearchMode, SparseVector, VectorStore
+from appliance.core.errors import StoreError, missing_dependency
+from appliance.core.protocols import Hit, Point, SearchMode, SparseVector, VectorStore
 
 DENSE = "dense"
 SPARSE = "bm25"

@@ -17,7 +17,7 @@ import re
 from collections.abc import Sequence
 from typing import Literal
 
-from appliance.protocols import Section
+from appliance.core.protocols import Section
 
 TableStyle = Literal["labelled", "compact"]
 """labelled: every figure says its column (``Total | Q3 2023: 81,797 | Q3 2022: 82,959``);

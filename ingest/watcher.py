@@ -50,8 +50,8 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from appliance.errors import IngestError
-from appliance.settings import IngestSettings
+from appliance.core.errors import IngestError
+from appliance.core.settings import IngestSettings
 from ingest.disk_guard import DiskFullError
 from ingest.pipeline import Indexer, IngestReport
 from ingest.scan import is_candidate, relative

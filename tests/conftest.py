@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.offline import enforce_offline
-from appliance.settings import ChunkingSettings, IngestSettings, Settings, load_settings
+from appliance.core.offline import enforce_offline
+from appliance.core.settings import ChunkingSettings, IngestSettings, Settings, load_settings
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SEC10Q = SHARED / "eval" / "sec10q"

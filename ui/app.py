@@ -11,8 +11,8 @@ from functools import partial
 
 import streamlit as st
 
-from appliance.errors import ServiceError
-from appliance.offline import enforce_offline
+from appliance.core.errors import ServiceError
+from appliance.core.offline import enforce_offline
 from ui import session
 from ui.safe import md
 from ui.views import login

@@ -7,7 +7,7 @@ import time
 from pathlib import PurePosixPath
 from typing import Any
 
-from appliance.errors import ServiceError
+from appliance.core.errors import ServiceError
 
 _REFUSED = re.compile(r"^the core service refused \S+ \S+: ")
 

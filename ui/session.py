@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import streamlit as st
 
 from appliance.api import ServiceClient
-from appliance.errors import ServiceError
+from appliance.core.errors import ServiceError
 from ui.formatting import error_text
 from ui.safe import md
 

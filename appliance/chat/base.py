@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Protocol, Self, TypedDict
 
-from appliance.errors import ModelError
+from appliance.core.errors import ModelError
 
 # --- interface -------------------------------------------------------------------------------
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from appliance.chat.base import BaseChatModel, GenerationParams
 from appliance.chat.llamacpp import LlamaCppChatModel, default_chat_model_path
 from appliance.chat.servers import OllamaChatModel, OpenAICompatibleChatModel
-from appliance.chat_settings import ChatSettings
-from appliance.errors import ConfigError
+from appliance.core.chat_settings import ChatSettings
+from appliance.core.errors import ConfigError
 
 
 def llamacpp_chat_model(chat: ChatSettings, path: Path) -> LlamaCppChatModel:

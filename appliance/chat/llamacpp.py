@@ -29,8 +29,8 @@ from appliance.chat.base import (
     decode_rate,
 )
 from appliance.chat.template import CHATML_TEMPLATE, ChatTemplate
-from appliance.errors import ConfigError, ModelError, missing_dependency
-from appliance.hashing import file_sha256
+from appliance.core.errors import ConfigError, ModelError, missing_dependency
+from appliance.core.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 

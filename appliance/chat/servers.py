@@ -19,7 +19,7 @@ from appliance.chat.base import (
     estimate_prompt_tokens,
     estimate_tokens,
 )
-from appliance.errors import ConfigError, ModelError, missing_dependency
+from appliance.core.errors import ConfigError, ModelError, missing_dependency
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from appliance.errors import ModelError, missing_dependency
+from appliance.core.errors import ModelError, missing_dependency
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

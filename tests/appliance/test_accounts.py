@@ -10,7 +10,7 @@ import pytest
 from argon2 import PasswordHasher
 
 from appliance.accounts import INVALID_LOGIN, AccountError, Accounts, AuthError
-from appliance.errors import ApplianceError
+from appliance.core.errors import ApplianceError
 
 PASSWORD = "correct horse battery"
 

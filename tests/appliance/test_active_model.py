@@ -11,7 +11,7 @@ import pytest
 from appliance.active_model import RegistryChatModel
 from appliance.chat.base import GenerationParams
 from appliance.chat.llamacpp import LlamaCppChatModel, default_chat_model_path
-from appliance.errors import ModelError
+from appliance.core.errors import ModelError
 from finetune.registry import ModelRegistry
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from appliance.answering import Answerer
+from appliance.core.settings import load_settings
 from appliance.prompting import system_prompt
-from appliance.settings import load_settings
 
 pytestmark = pytest.mark.slow
 

@@ -22,8 +22,8 @@ from appliance.chat.factory import build_chat_model
 from appliance.chat.llamacpp import LlamaCppChatModel, _split_at_stop, default_chat_model_path
 from appliance.chat.servers import OllamaChatModel, OpenAICompatibleChatModel
 from appliance.chat.template import CHATML_TEMPLATE, ChatTemplate
-from appliance.chat_settings import ChatSettings
-from appliance.errors import ConfigError, ModelError
+from appliance.core.chat_settings import ChatSettings
+from appliance.core.errors import ConfigError, ModelError
 
 GROUNDED: list[ChatMessage] = [
     {
@@ -658,7 +658,7 @@ def test_generation_params_and_messages_are_checked(smollm: LlamaCppChatModel) -
 def test_a_server_the_offline_guard_refuses_is_a_model_error(
     backend: type[OllamaChatModel | OpenAICompatibleChatModel],
 ) -> None:
-    # The suite's guard (appliance.offline) refuses non-loopback addresses not allowed by the
+    # The suite's guard (appliance.core.offline) refuses non-loopback addresses not allowed by the
     # settings; the error must say so rather than leak an httpx exception.
     with (
         backend("http://10.255.255.1:11434", "m", timeout=5) as model,

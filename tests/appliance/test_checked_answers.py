@@ -11,7 +11,7 @@ import pytest
 
 from appliance.answering import QUOTE_LABEL, UNVERIFIED, Answerer
 from appliance.chat.base import BaseChatModel, ChatMessage, GenerationParams, Usage
-from appliance.settings import load_settings
+from appliance.core.settings import load_settings
 
 POLICY = (
     "# Backup policy\n\nBackups of the case management system run every night and are kept for "

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from appliance.cli import main
-from appliance.settings import load_settings
+from appliance.core.settings import load_settings
 
 
 def run(

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import ApplianceError
+from appliance.core.errors import ApplianceError
 from appliance.evaluation import (
     containment,
     evaluate,

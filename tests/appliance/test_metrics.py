@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.errors import ConfigError, ServiceError
+from appliance.core.errors import ConfigError, ServiceError
 from appliance.metrics import Metrics, MetricsServer
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "ops" / "grafana-dashboard.json"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.offline import OfflineViolation, allowed_hosts_from_urls, enforce_offline
+from appliance.core.offline import OfflineViolation, allowed_hosts_from_urls, enforce_offline
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,7 +58,7 @@ def test_loading_the_embedding_model_needs_no_network(tmp_path: Path) -> None:
     """A separate process with the guard on loads the packaged model and embeds a sentence;
     any hub call would be refused by the guard and fail the run."""
     code = (
-        "from appliance.offline import enforce_offline; enforce_offline();"
+        "from appliance.core.offline import enforce_offline; enforce_offline();"
         "from ingest.embedders import SentenceTransformerEmbedder;"
         "e = SentenceTransformerEmbedder(); v = e.embed(['offline appliance']);"
         "print(len(v[0]))"

@@ -1,5 +1,6 @@
 from appliance.answering import merge_passages
 from appliance.conversations import Exchange, standalone_question
+from appliance.core.protocols import Hit
 from appliance.prompting import (
     LeakGuard,
     Passage,
@@ -9,7 +10,6 @@ from appliance.prompting import (
     system_prompt,
     user_prompt,
 )
-from appliance.protocols import Hit
 
 
 def hit(i: int, path: str, idx: int, start: int, end: int, text: str, page: int = 1) -> Hit:

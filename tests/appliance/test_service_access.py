@@ -13,8 +13,8 @@ import pytest
 
 from appliance.api import ServiceClient
 from appliance.audit import read, verify
-from appliance.errors import ServiceError
-from appliance.settings import load_settings
+from appliance.core.errors import ServiceError
+from appliance.core.settings import load_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

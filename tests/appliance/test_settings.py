@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import ConfigError
-from appliance.settings import load_settings
+from appliance.core.errors import ConfigError
+from appliance.core.settings import load_settings
 
 
 def test_defaults_need_no_file() -> None:

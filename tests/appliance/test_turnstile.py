@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from appliance.chat.base import ChatStream, Generation
-from appliance.settings import load_settings
+from appliance.core.settings import load_settings
 from appliance.turnstile import Turnstile, Unqueued
 
 TIMEOUT = 120.0

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from appliance.claim_calibration import load_cases, measure, score_cases
-from appliance.settings import AnswerSettings
+from appliance.core.settings import AnswerSettings
 from appliance.verification import (
     Verifier,
     finished_sentences,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import StoreLockedError
-from appliance.settings import Settings
+from appliance.core.errors import StoreLockedError
+from appliance.core.settings import Settings
 from appliance.wiring import ACTIVE_COLLECTION, open_ingestion
 from ingest.embedders import HashingEmbedder
 from ingest.retrieval import search

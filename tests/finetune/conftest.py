@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from appliance.errors import ConfigError
+from appliance.core.errors import ConfigError
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from appliance.cli import build_parser, main
-from appliance.settings import load_settings
+from appliance.core.settings import load_settings
 from finetune import runs
 
 

@@ -13,8 +13,8 @@ import pytest
 
 from appliance.cli import main
 from appliance.conversations import ConversationStore
+from appliance.core.settings import Settings
 from appliance.prompting import SYSTEM_PROMPT, Passage, user_prompt
-from appliance.settings import Settings
 from finetune.data import DatasetError, Example, list_datasets, load_dataset
 from finetune.dataset import build_dataset, dataset_from_file, split_heldout
 from finetune.sources import feedback_examples, preference_pairs, read_instruction_file
@@ -431,7 +431,7 @@ def test_docs_source_without_an_index_says_what_to_do(settings: Settings) -> Non
 @pytest.mark.integration
 def test_docs_source_reads_chunks_through_the_service(settings: Settings, indexed: Any) -> None:
     from appliance.api import ServiceClient
-    from appliance.errors import ServiceError
+    from appliance.core.errors import ServiceError
     from appliance.service import CoreService
     from finetune.synthetic import sample_chunks
 

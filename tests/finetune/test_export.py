@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from appliance.errors import ExportError
+from appliance.core.errors import ExportError
 from finetune import export
 from tests.finetune import conftest_export as _fixtures
 

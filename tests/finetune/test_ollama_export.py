@@ -24,8 +24,8 @@ import pytest
 
 from appliance.chat.llamacpp import default_chat_model_path
 from appliance.cli import main
-from appliance.errors import ModelError
-from appliance.settings import load_settings
+from appliance.core.errors import ModelError
+from appliance.core.settings import load_settings
 from finetune import ollama_export as ox
 from finetune.registry import ModelRegistry
 

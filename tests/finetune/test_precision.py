@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import ConfigError, ModelError
+from appliance.core.errors import ConfigError, ModelError
 from finetune.precision import (
     LORA_BF16,
     LORA_FP32,

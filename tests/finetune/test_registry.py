@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from appliance import hashing
 from appliance.audit import read as read_audit
 from appliance.cli import main
-from appliance.errors import ModelError
-from appliance.settings import load_settings
+from appliance.core import hashing
+from appliance.core.errors import ModelError
+from appliance.core.settings import load_settings
 from finetune.registry import ModelRegistry, cached_sha256
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.chat_settings import ChatSettings
-from appliance.errors import ModelError
+from appliance.core.chat_settings import ChatSettings
+from appliance.core.errors import ModelError
 from finetune.near_duplicates import NearDuplicateIndex, deduplicate, shingles, similarity
 from finetune.synthetic import (
     FilterLimits,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from appliance.errors import ConfigError, ModelError
+from appliance.core.errors import ConfigError, ModelError
 from finetune.batches import IGNORE_INDEX, collate, tokenize_conversation
 from finetune.config import ALL_PROJECTIONS, load_run_config
 from finetune.run_folder import RunResult

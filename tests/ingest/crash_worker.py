@@ -9,9 +9,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from appliance.offline import enforce_offline
+from appliance.core.offline import enforce_offline
+from appliance.core.settings import ChunkingSettings, IngestSettings
 from appliance.ownership import DataDirLock
-from appliance.settings import ChunkingSettings, IngestSettings
 from ingest.embedders import Bm25Encoder, HashingEmbedder
 from ingest.parsers import supported_suffixes
 from ingest.pipeline import Indexer

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from appliance.hashing import file_sha256
+from appliance.core.hashing import file_sha256
 from ingest.pipeline import Indexer
 from ingest.scan import FoundFile, walk
 

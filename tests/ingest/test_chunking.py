@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from appliance.protocols import Section
+from appliance.core.protocols import Section
 from ingest.chunking import chunk_sections, extracted_text
 
 

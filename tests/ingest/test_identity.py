@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.protocols import ParsedDocument, Section
+from appliance.core.protocols import ParsedDocument, Section
 from ingest import identity
 from ingest.identity import MAX_IDENTITY_WORDS, file_name_terms, identity_line
 

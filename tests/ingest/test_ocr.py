@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import ParseError
-from appliance.offline import OfflineViolation
+from appliance.core.errors import ParseError
+from appliance.core.offline import OfflineViolation
 from ingest.ocr import OcrOptions, character_accuracy
 from ingest.parsers import ParseOptions, parse_file
 from ingest.retrieval import search

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import ParseError
-from appliance.protocols import ParsedDocument, Section
+from appliance.core.errors import ParseError
+from appliance.core.protocols import ParsedDocument, Section
 from ingest import parsers
 from ingest.ocr import OcrOptions
 from ingest.parsers import (

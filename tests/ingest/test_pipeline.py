@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.settings import IngestSettings
+from appliance.core.settings import IngestSettings
 from ingest.embedders import HashingEmbedder
 from ingest.pipeline import Indexer, collection_of
 from ingest.retrieval import search
@@ -227,7 +227,7 @@ def test_recover_undoes_half_done_writes(make_indexer, docs: Path) -> None:  # t
         for c, k in zip(ready.chunks, ready.text_keys, strict=True)
     ]
     indexer.state.add_pending(indexer.collection, rows)
-    from appliance.protocols import Point
+    from appliance.core.protocols import Point
 
     indexer.store.upsert(
         [

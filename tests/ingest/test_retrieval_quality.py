@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from appliance.protocols import Hit
+from appliance.core.protocols import Hit
 from ingest.embedders import Bm25Encoder
 from ingest.retrieval import asks_for_latest, expand_query, latest_date, rerank
 

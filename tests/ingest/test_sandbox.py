@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import IngestError, ParseError
+from appliance.core.errors import IngestError, ParseError
 from ingest.sandbox import ParserSandbox, parse_in_process
 from tests.ingest.fixtures import make_docx, make_html, make_large_text, make_pdf, make_zip_bomb
 
@@ -237,7 +237,7 @@ def test_worker_imports_no_heavy_modules() -> None:
         "from ingest import parsers, sandbox\n"
         "parsers.preload_libraries()\n"
         "heavy = {'torch', 'transformers', 'sentence_transformers', 'qdrant_client',"
-        " 'qdrant_edge', 'numpy', 'appliance.settings', 'ingest.pipeline'}\n"
+        " 'qdrant_edge', 'numpy', 'appliance.core.settings', 'ingest.pipeline'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
     result = subprocess.run(

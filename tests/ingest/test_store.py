@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import StoreError
-from appliance.protocols import Point, StoreBackend
+from appliance.core.errors import StoreError
+from appliance.core.protocols import Point, StoreBackend
 from ingest.embedders import Bm25Encoder, HashingEmbedder
 from ingest.store import EdgeBackend, ServerBackend
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from appliance.protocols import Section
+from appliance.core.protocols import Section
 from ingest.chunking import chunk_sections, extracted_text
 from ingest.parsers import DEFAULT_OPTIONS, ParseOptions, parse_file
 from ingest.pdf_tables import looks_tabular

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 import ingest.watcher as watcher_module
-from appliance.hashing import file_sha256
-from appliance.settings import IngestSettings
+from appliance.core.hashing import file_sha256
+from appliance.core.settings import IngestSettings
 from ingest.pipeline import Indexer, IngestReport
 from ingest.watcher import FolderWatcher
 from tests.ingest.exactness import index_problems

@@ -472,7 +472,7 @@ def finetune_start() -> str:
         raise RuntimeError(f"dataset build: {built.stderr.strip()[-300:]}")
     make = (
         "from pathlib import Path\n"
-        "from appliance.settings import load_settings\n"
+        "from appliance.core.settings import load_settings\n"
         "from finetune.runs import create_run\n"
         f"s = load_settings(Path('{CONFIG}'))\n"
         "print(create_run(s, 'probe', overrides={'max_steps': 2, 'batch_size': 2, "

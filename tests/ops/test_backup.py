@@ -16,8 +16,8 @@ import pytest
 from appliance.audit import AuditLog, verify
 from appliance.backup import MANIFEST, BackupError, create_backup, restore_backup
 from appliance.cli import main
+from appliance.core.settings import Settings
 from appliance.ownership import DataDirLock
-from appliance.settings import Settings
 from tests.ingest.exactness import index_problems
 from tests.ingest.fixtures import make_pdf
 

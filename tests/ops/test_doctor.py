@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from appliance.cli import EXIT_ERROR, main
+from appliance.core.errors import ModelError
+from appliance.core.settings import Settings, load_settings
 from appliance.doctor import Check, render_dropin, run_checks
-from appliance.errors import ModelError
-from appliance.settings import Settings, load_settings
 
 
 @pytest.fixture
@@ -215,8 +215,8 @@ def test_module_entry_reports_a_broken_config(tmp_path: Path) -> None:
 def test_ocr_check_names_tesseract_and_the_language_packs() -> None:
     import shutil as sh
 
+    from appliance.core.settings import load_settings
     from appliance.doctor import check_ocr
-    from appliance.settings import load_settings
 
     assert check_ocr(load_settings(env={"APPLIANCE_OCR__ENGINE": "off"})).status == "ok"
     check = check_ocr(load_settings(env={"APPLIANCE_OCR__LANGUAGES": "eng+zzz"}))

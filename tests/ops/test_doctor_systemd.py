@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from appliance import cli
+from appliance.core.settings import Settings
 from appliance.doctor import Check, check_readiness, check_sbom
-from appliance.settings import Settings
 
 CORE_READY = {
     "LoadState": "loaded",

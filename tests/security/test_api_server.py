@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from appliance.api import ApiServer, Request, ServiceClient
-from appliance.errors import ServiceError
+from appliance.core.errors import ServiceError
 
 
 def _routes() -> dict[tuple[str, str], Any]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from appliance.hashing import file_sha256
+from appliance.core.hashing import file_sha256
 from ingest.pipeline import Indexer
 from ingest.safe_open import Staging, UnsafeDocument, open_document
 

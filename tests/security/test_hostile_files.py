@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from appliance.protocols import ParsedDocument
+from appliance.core.protocols import ParsedDocument
 from ingest.pipeline import Indexer
 from ingest.retrieval import search
 from tests.ingest.fixtures import make_docx, make_html, make_pdf

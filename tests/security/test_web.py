@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from appliance.api import SESSION_HEADER, ServiceClient
-from appliance.settings import load_settings
+from appliance.core.settings import load_settings
 from tests.ui.test_app import without_own_markup
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from appliance.api import ServiceClient
-from appliance.settings import Settings, load_settings
+from appliance.core.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "ui" / "app.py"

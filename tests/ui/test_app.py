@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from appliance.errors import ServiceError
+from appliance.core.errors import ServiceError
 from tests.ui.conftest import ADMIN, APP, STAFF, Core, wait_indexed
 
 ACME = "How long does the supply contract with Acme run?"

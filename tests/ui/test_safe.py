@@ -6,7 +6,7 @@ import html
 
 import pytest
 
-from appliance.errors import ServiceError
+from appliance.core.errors import ServiceError
 from ui.formatting import collection_label, error_text, source_title, when
 from ui.safe import label, md
 

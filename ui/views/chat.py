@@ -21,7 +21,7 @@ from typing import Any
 import streamlit as st
 
 from appliance.api import ServiceClient
-from appliance.errors import ServiceError
+from appliance.core.errors import ServiceError
 from ui import evidence, session
 from ui.formatting import file_name, source_title
 from ui.safe import label, md

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from appliance.api import ServiceClient
-from appliance.errors import ServiceError
+from appliance.core.errors import ServiceError
 from ui import session
 from ui.formatting import error_text
 from ui.safe import md

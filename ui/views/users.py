@@ -7,7 +7,7 @@ from typing import Any
 import streamlit as st
 
 from appliance.api import ServiceClient
-from appliance.errors import ServiceError
+from appliance.core.errors import ServiceError
 from ui import session
 from ui.formatting import collection_label, when
 from ui.safe import md

@@ -16,11 +16,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from appliance.chat_settings import ChatSettings
-from appliance.errors import ConfigError
-from appliance.verification import LEXICAL_WEIGHT, SUPPORT_THRESHOLD
+from appliance.core.chat_settings import ChatSettings
+from appliance.core.errors import ConfigError
 
 ENV_PREFIX = "APPLIANCE_"
+
+SUPPORT_THRESHOLD = 0.70
+"""Default least wording support of a supported sentence (``appliance.verification``)."""
+LEXICAL_WEIGHT = 0.4
+"""Default weight of word overlap against embedding similarity in wording support."""
 
 
 class _Section(BaseModel):
