@@ -15,9 +15,10 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
-from appliance.chat.base import BaseChatModel, ChatMessage, GenerationParams, Usage
+from appliance.chat.base import BaseChatModel, Usage
 from appliance.chat.llamacpp import LlamaCppChatModel
 from appliance.core.errors import ApplianceError
+from appliance.core.protocols import ChatMessage, GenerationParams
 
 log = logging.getLogger(__name__)
 

@@ -25,15 +25,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from appliance.chat.base import ChatMessage, ChatModel, GenerationParams
 from appliance.conversations import ConversationStore, Exchange, standalone_question
 from appliance.core.chat_settings import ChatSettings
 from appliance.core.errors import ConfigError, missing_dependency
-from appliance.core.protocols import Embedder, Hit, SparseEncoder, VectorStore
-from appliance.core.settings import AnswerSettings
-from appliance.figures import extract_figures
-from appliance.injection import InstructionDetector
-from appliance.prompting import (
+from appliance.core.figures import extract_figures
+from appliance.core.prompting import (
     LeakGuard,
     Passage,
     clean_citations,
@@ -42,6 +38,17 @@ from appliance.prompting import (
     user_prompt,
     words,
 )
+from appliance.core.protocols import (
+    ChatMessage,
+    ChatModel,
+    Embedder,
+    GenerationParams,
+    Hit,
+    SparseEncoder,
+    VectorStore,
+)
+from appliance.core.settings import AnswerSettings
+from appliance.injection import InstructionDetector
 from appliance.turnstile import ModelQueue, Unqueued
 from appliance.verification import (
     Claim,
@@ -294,6 +301,17 @@ class Answerer:
         )
         floor = scored[0][0] - self.settings.passage_margin
         return [replace(p, score=round(cos, 4)) for cos, _i, p in scored if cos >= floor]
+
+    def with_chat(self, chat: ChatModel) -> Answerer:
+        """The same retrieval and settings answering with ``chat`` (a candidate under
+        evaluation); it shares this answerer's index and does not own ``chat``."""
+        return Answerer(
+            index=self._index,
+            chat=chat,
+            settings=self.settings,
+            chat_settings=self.chat_settings,
+            reranker=self.reranker,
+        )
 
     def retrieve(self, query: str, where: Mapping[str, Sequence[str]] | None = None) -> list[Hit]:
         k = self.settings.top_k

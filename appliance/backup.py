@@ -198,7 +198,7 @@ def _settings_summary(settings: Settings) -> dict[str, Any]:
 def _index_facts(state_copy: Path) -> dict[str, Any]:
     """The active collection and embedding model, and live chunks per collection, read from
     the copy of the ingestion state taken with the index (no model is loaded)."""
-    from appliance.wiring import ACTIVE_COLLECTION, ACTIVE_MODEL_ID
+    from ingest.state import ACTIVE_COLLECTION, ACTIVE_MODEL_ID
 
     facts: dict[str, Any] = {"collection": None, "embedding_model_id": None, "live_chunks": {}}
     if not state_copy.exists():
@@ -239,7 +239,7 @@ def create_backup(
     and the ingestion state are copied. Without it the caller must own the data folder (see
     ``backup_command``), so nothing else writes the index.
     """
-    from appliance.audit import verify
+    from appliance.core.audit import verify
 
     data = settings.data_dir
     dest = dest.resolve()
@@ -440,7 +440,7 @@ def _check_members(manifest: dict[str, Any], seen: dict[str, dict[str, Any]]) ->
 
 
 def _check_audit(manifest: dict[str, Any], staging: Path) -> dict[str, Any]:
-    from appliance.audit import verify
+    from appliance.core.audit import verify
 
     expected = manifest.get("audit") or {}
     path = staging / "audit" / "audit.jsonl"
@@ -594,7 +594,7 @@ def backup_command(args: argparse.Namespace, settings: Settings) -> int:
     """Through the running core service when there is one (it owns the index and holds its
     writes for the copy), else under the data-folder lock in this process."""
     from appliance.api import ServiceClient
-    from appliance.ownership import DataDirLock
+    from appliance.core.ownership import DataDirLock
 
     dest = Path(args.file).resolve()
     client = ServiceClient.find(settings.data_dir)
@@ -623,7 +623,7 @@ def backup_command(args: argparse.Namespace, settings: Settings) -> int:
 
 def restore_command(args: argparse.Namespace, settings: Settings) -> int:
     from appliance.api import ServiceClient
-    from appliance.ownership import DataDirLock
+    from appliance.core.ownership import DataDirLock
 
     if ServiceClient.find(settings.data_dir) is not None:
         raise BackupError(

@@ -337,9 +337,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 def _offline_status(settings: Settings) -> dict[str, Any]:
     """Status read from the ingestion state alone: no model is loaded."""
-    from appliance.ownership import DataDirLock
-    from appliance.wiring import ACTIVE_COLLECTION
-    from ingest.state import IngestState
+    from appliance.core.ownership import DataDirLock
+    from ingest.state import ACTIVE_COLLECTION, IngestState
 
     with DataDirLock(settings.data_dir, "appliance status"):
         state = IngestState(settings.state_path)
@@ -467,7 +466,7 @@ def _ask_events(settings: Settings, body: dict[str, Any]) -> Any:
 
 
 def _current_user() -> str:
-    from appliance.audit import local_identity
+    from appliance.core.audit import local_identity
 
     return local_identity()
 
@@ -534,7 +533,7 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
-    from appliance.evaluation import evaluate, gate, html_report, load_baseline, load_golden
+    from appliance.core.evaluation import evaluate, gate, html_report, load_baseline, load_golden
 
     items = load_golden(Path(args.golden), args.limit)
     if args.mode:
@@ -604,7 +603,7 @@ def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
     """Accounts live in SQLite beside the index; these commands work with or without the
     service running (SQLite serialises the writers)."""
     from appliance.accounts import Accounts
-    from appliance.audit import open_audit_log
+    from appliance.core.audit import open_audit_log
 
     audit = open_audit_log(settings)
     operator = _current_user()
@@ -681,7 +680,7 @@ def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import datetime
 
-    from appliance.audit import Anchor, load_key, parse_anchor, printable, read, verify
+    from appliance.core.audit import Anchor, load_key, parse_anchor, printable, read, verify
 
     path = settings.audit_path
     key_file = settings.audit.hmac_key_file
@@ -876,9 +875,9 @@ def build_parser() -> argparse.ArgumentParser:
 # Each module has ``add_commands(sub)``, which adds subparsers with ``func`` and ``log_file``
 # defaults like the ones above.
 _COMMAND_MODULES = (
-    "finetune.commands",
-    "finetune.dataset_commands",
-    "finetune.model_commands",
+    "appliance.commands.finetune",
+    "appliance.commands.dataset",
+    "appliance.commands.models",
     "appliance.doctor",
     "appliance.backup",
 )

@@ -266,7 +266,7 @@ def check_chat_model(settings: Settings) -> list[Check]:
     if chat.model_path is not None:
         path = chat.model_path
     else:
-        from appliance.chat.llamacpp import default_chat_model_path
+        from appliance.core.chat_settings import default_chat_model_path
 
         try:
             path = default_chat_model_path()
@@ -298,7 +298,7 @@ def check_chat_model(settings: Settings) -> list[Check]:
 
 def _count_documents_read_only(state_path: Path) -> tuple[int, int]:
     """(indexed documents, live chunks) of the active collection, read without writing."""
-    from appliance.wiring import ACTIVE_COLLECTION
+    from ingest.state import ACTIVE_COLLECTION
 
     conn = sqlite3.connect(f"{state_path.resolve().as_uri()}?mode=ro", uri=True, timeout=2)
     try:
@@ -583,7 +583,7 @@ def check_audit(settings: Settings) -> Check:
     path = settings.audit_path
     if not path.exists():
         return _ok(name, f"no records yet ({path})")
-    from appliance.audit import AuditError, load_key, verify
+    from appliance.core.audit import AuditError, load_key, verify
 
     key_file = settings.audit.hmac_key_file
     try:

@@ -68,11 +68,11 @@ def launch_run(service: CoreService, run_id: str) -> str:
 
 
 def model_routes(service: CoreService) -> dict[tuple[str, str], Callable[[Request], Any]]:
-    admin = service._as_admin
+    admin = service.as_admin
     settings = service.settings
 
     def models(_who: Identity, _body: dict[str, Any]) -> dict[str, Any]:
-        info = service._models()
+        info = service.models_info()
         chat = service.answerer.chat if service.answerer is not None else None
         info["switch_error"] = getattr(chat, "switch_error", None)
         try:
@@ -88,7 +88,7 @@ def model_routes(service: CoreService) -> dict[tuple[str, str], Callable[[Reques
             version = registry.rollback()
         else:
             registry.activate(version, force=bool(body.get("force")))
-        service._audit(
+        service.audit_event(
             "admin",
             who.username,
             action="model_rollback" if body.get("rollback") else "model_activate",
@@ -117,7 +117,7 @@ def model_routes(service: CoreService) -> dict[tuple[str, str], Callable[[Reques
             settings, str(body.get("dataset", "")), overrides=overrides, requested_by=who.username
         )
         how = launch_run(service, folder.name)
-        service._audit("finetune", who.username, action="start", run=folder.name, how=how)
+        service.audit_event("finetune", who.username, action="start", run=folder.name, how=how)
         return {"run": folder.name, "started": how}
 
     def stop(who: Identity, body: dict[str, Any]) -> dict[str, Any]:
@@ -125,7 +125,7 @@ def model_routes(service: CoreService) -> dict[tuple[str, str], Callable[[Reques
 
         folder = run_dir(settings, str(body.get("run", "")))
         (folder / "stop").touch()
-        service._audit("finetune", who.username, action="stop", run=folder.name)
+        service.audit_event("finetune", who.username, action="stop", run=folder.name)
         return {"run": folder.name, "stopping": True}
 
     def run_file(_who: Identity, body: dict[str, Any]) -> Raw:
@@ -146,8 +146,8 @@ def model_routes(service: CoreService) -> dict[tuple[str, str], Callable[[Reques
         return Raw(path.read_bytes(), content_type, path.name)
 
     def evaluate(who: Identity, body: dict[str, Any]) -> dict[str, Any]:
-        from appliance.evaluation import GoldenItem
-        from finetune.runs import evaluate_with_model
+        from appliance.core.evaluation import GoldenItem
+        from appliance.golden import evaluate_with_model
 
         if service.answerer is None:
             raise ApplianceError("this service has no answering engine to evaluate with")
@@ -166,7 +166,7 @@ def model_routes(service: CoreService) -> dict[tuple[str, str], Callable[[Reques
         ]
         # Admins obey their grants here too: the golden questions search only what they may
         # read (the host's operator, as for every route without a session, searches all).
-        service._audit(
+        service.audit_event(
             "admin", who.username, action="finetune_evaluate", target=gguf.name, items=len(items)
         )
         return evaluate_with_model(settings, service.answerer, gguf, items, who.where())

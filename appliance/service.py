@@ -29,11 +29,14 @@ from appliance.api import ApiServer, Raw, Request
 from appliance.conversations import ConversationStore
 from appliance.core.errors import AccessDenied, ApplianceError, AuthError
 from appliance.core.settings import Settings
-from appliance.wiring import Ingestion
 from ingest.retrieval import search
 
 if TYPE_CHECKING:
+    from appliance.accounts import Accounts
+    from appliance.core.audit import AuditLog
     from appliance.core.protocols import SearchMode
+    from appliance.metrics import Metrics
+    from appliance.wiring import Ingestion
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +98,7 @@ class RateLimit:
 
 def local_user(claimed: Any) -> str:
     """A local operator's name as given by a tool, always in the ``local:`` namespace."""
-    from appliance.audit import valid_user
+    from appliance.core.audit import valid_user
 
     name = str(claimed or "").strip()
     if not name.startswith("local:"):
@@ -126,9 +129,9 @@ class CoreService:
         *,
         answerer: Answerer | None = None,
         conversations: ConversationStore | None = None,
-        accounts: Any = None,
-        audit: Any = None,
-        metrics: Any = None,
+        accounts: Accounts | None = None,
+        audit: AuditLog | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         from ingest.watcher import FolderWatcher
 
@@ -143,7 +146,7 @@ class CoreService:
         self._failed_logins = RateLimit(per_minute=3)
         self.watcher = FolderWatcher(ingestion.indexer, settings.ingest, on_report=self._on_report)
         self._last_success: float | None = None
-        user, admin = self._as_user, self._as_admin
+        user, admin = self._as_user, self.as_admin
         routes: dict[tuple[str, str], Callable[[Request], Any]] = {
             ("POST", "/auth/login"): self._login,
             ("POST", "/auth/logout"): self._logout,
@@ -170,7 +173,6 @@ class CoreService:
             ("POST", "/admin/users/update"): admin(self._user_update),
             ("GET", "/admin/groups"): admin(lambda _who, _b: self._groups()),
             ("POST", "/admin/grants"): admin(self._grants),
-            ("GET", "/admin/models"): admin(lambda _who, _b: self._models()),
             ("GET", "/admin/feedback"): admin(lambda _who, _b: self._feedback_stats()),
             ("POST", "/admin/backup"): admin(self._backup),
             ("POST", "/admin/chunks"): admin(self._chunks),
@@ -226,19 +228,19 @@ class CoreService:
     ) -> Callable[[Request], Any]:
         return lambda request: handler(self._acting(request), request.body)
 
-    def _as_admin(
+    def as_admin(
         self, handler: Callable[[Identity, dict[str, Any]], Any]
     ) -> Callable[[Request], Any]:
         def check(request: Request) -> Any:
             who = self._acting(request)
             if not who.is_admin:
-                self._audit("access_denied", who.username, route="admin")
+                self.audit_event("access_denied", who.username, route="admin")
                 raise AccessDenied("this needs the admin role")
             return handler(who, request.body)
 
         return check
 
-    def _audit(self, event: str, user: str | None, **data: Any) -> None:
+    def audit_event(self, event: str, user: str | None, **data: Any) -> None:
         if self.audit is not None:
             self.audit.record(event, user, **data)
 
@@ -256,7 +258,7 @@ class CoreService:
             if self.metrics is not None:
                 self.metrics.login(False)
             raise
-        self._audit("login", session.username, client=client)
+        self.audit_event("login", session.username, client=client)
         if self.metrics is not None:
             self.metrics.login(True)
         return {
@@ -268,7 +270,7 @@ class CoreService:
     def _audit_failed_login(self, username: str, client: str, reason: str) -> None:
         """A failed sign-in, audited at most a few times a minute per name and address (a
         guessing burst must not flood the log); the next record says how many were left out."""
-        from appliance.audit import valid_user
+        from appliance.core.audit import valid_user
 
         name = username.strip().lower()
         user = name if valid_user(name) and ":" not in name else None
@@ -280,7 +282,7 @@ class CoreService:
             data["attempt"] = username[:200]  # raw and possibly hostile: data, never `user`
         if suppressed:
             data["suppressed"] = suppressed
-        self._audit("login_failed", user, **data)
+        self.audit_event("login_failed", user, **data)
 
     def _change_password(self, request: Request) -> dict[str, Any]:
         """A signed-in user sets their own password (and must, after a first sign-in)."""
@@ -293,14 +295,14 @@ class CoreService:
             request.session, str(body.get("old", "")), str(body.get("new", ""))
         )
         forget_initial_password(self.settings.data_dir, name)
-        self._audit("admin", name, action="password_change", target=name)
+        self.audit_event("admin", name, action="password_change", target=name)
         return {"ok": True, **self._me(self.identify(request))}
 
     def _logout(self, request: Request) -> dict[str, Any]:
         if request.session:
             who = self.identify(request)
             self._accounts().logout(request.session)
-            self._audit("logout", who.username)
+            self.audit_event("logout", who.username)
         return {"ok": True}
 
     def _me(self, who: Identity) -> dict[str, Any]:
@@ -394,7 +396,7 @@ class CoreService:
             for event in events:
                 if not started:
                     started = True
-                    self._audit(
+                    self.audit_event(
                         "question",
                         user,
                         question=question,
@@ -417,7 +419,7 @@ class CoreService:
             raise
         finally:
             if not started:
-                self._audit("question", user, question=question, retrieved=[])
+                self.audit_event("question", user, question=question, retrieved=[])
             end: dict[str, Any] = {"status": status}
             if final is not None:
                 answer = final["answer"]
@@ -427,7 +429,7 @@ class CoreService:
                     model=answer["model"],
                     abstained=answer["abstained"],
                 )
-            self._audit("answer_end", user, **end)
+            self.audit_event("answer_end", user, **end)
 
     # --- conversations and feedback ----------------------------------------------------------
 
@@ -489,7 +491,9 @@ class CoreService:
         user = self._owner(who, body)
         comment = str(body.get("comment") or "")[:2000]
         self._store().add_feedback(user, int(body["message"]), rating, comment)
-        self._audit("feedback", user, message=int(body["message"]), rating=rating, comment=comment)
+        self.audit_event(
+            "feedback", user, message=int(body["message"]), rating=rating, comment=comment
+        )
         if self.metrics is not None:
             self.metrics.feedback(rating)
         return {"ok": True}
@@ -515,7 +519,7 @@ class CoreService:
         if self.ingestion.state.file(self.ingestion.indexer.collection, rel) is None:
             raise AccessDenied("no such document")
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        self._audit("document_download", who.username, path=rel)
+        self.audit_event("document_download", who.username, path=rel)
         return Raw(path.read_bytes(), content_type, path.name)
 
     def _documents(self) -> dict[str, Any]:
@@ -581,7 +585,7 @@ class CoreService:
                 os.unlink(tmp)
             raise
         rel = target.relative_to(root).as_posix()
-        self._audit("document_upload", who.username, path=rel, size=len(data))
+        self.audit_event("document_upload", who.username, path=rel, size=len(data))
         return {"path": rel, "size": len(data)}
 
     # --- users and models --------------------------------------------------------------------
@@ -595,7 +599,7 @@ class CoreService:
             role=str(body.get("role", "staff")),
             groups=list(body.get("groups") or []),
         )
-        self._audit(
+        self.audit_event(
             "admin",
             who.username,
             action="user_create",
@@ -626,7 +630,9 @@ class CoreService:
             accounts.end_sessions(username)
             forget_initial_password(self.settings.data_dir, accounts.user(username)["username"])
             changes.append("password reset")
-        self._audit("admin", who.username, action="user_update", target=username, changes=changes)
+        self.audit_event(
+            "admin", who.username, action="user_update", target=username, changes=changes
+        )
         return accounts.user(username)
 
     def _groups(self) -> dict[str, Any]:
@@ -652,7 +658,7 @@ class CoreService:
             accounts.grant(group, grant)
         if revoke:
             accounts.revoke(group, revoke)
-        self._audit(
+        self.audit_event(
             "admin", who.username, action="grants", target=group, grant=grant, revoke=revoke
         )
         return self._groups()
@@ -676,7 +682,7 @@ class CoreService:
             )
         return f"{chat.backend}: {chat.url} ({chat.model})"
 
-    def _models(self) -> dict[str, Any]:
+    def models_info(self) -> dict[str, Any]:
         chat = self.settings.chat
         return {
             "active": {
@@ -701,7 +707,7 @@ class CoreService:
         confirm = bool(body.get("confirm_deletions"))
         report = self.watcher.reconcile_now(confirm_deletions=confirm)
         if confirm:
-            self._audit("deletion_confirmed", who.username, removed=report.removed)
+            self.audit_event("deletion_confirmed", who.username, removed=report.removed)
         if report.held_deletions == 0 and self.watcher.health()["state"] == "ok":
             self.ingestion.finish_switch()
         return report.as_json()
@@ -766,7 +772,7 @@ class CoreService:
         chunks = sample_chunks(
             self.ingestion.state, collection, limit, seed, readable=who.collections
         )
-        self._audit(
+        self.audit_event(
             "admin",
             who.username,
             action="chunks_read",
@@ -789,5 +795,5 @@ class CoreService:
             include_models=bool(body.get("include_models")),
             ingestion=self.ingestion,
         )
-        self._audit("admin", who.username, action="backup", target=str(path))
+        self.audit_event("admin", who.username, action="backup", target=str(path))
         return manifest

@@ -25,7 +25,7 @@ from collections.abc import Generator, Iterator
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from appliance.chat.base import ChatStream, Generation
+from appliance.core.protocols import ChatStream, Generation
 
 QueueEvents = Generator[dict[str, Any], None, ChatStream]
 """Yields ``{"type": "queue", "position": N}`` events; returns the stream, holding the turn."""

@@ -4,7 +4,7 @@
     passages ─► segments (sentences; table rows as lines)
     sentence ─► candidate passages: the ones it cites, or all when it cites none
              ─► figures: every amount, percentage, date, count and identifier of the sentence
-                must be stated by the passage (``appliance.figures``); one missing: unsupported
+                must be stated by the passage (``appliance.core.figures``); one missing: unsupported
              ─► wording: the best segment by ``w * lexical + (1 - w) * embedding``, where
                 lexical is the share of the sentence's content words found in that segment and
                 its neighbours and embedding is the cosine similarity of sentence and segment;
@@ -31,8 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from appliance.core.figures import Figure, FigureMatch, extract_figures, find_figure
 from appliance.core.settings import LEXICAL_WEIGHT, SUPPORT_THRESHOLD
-from appliance.figures import Figure, FigureMatch, extract_figures, find_figure
 
 Embed = Callable[[list[str]], list[list[float]]]
 

@@ -14,19 +14,25 @@ import re
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.core.errors import ApplianceError, ModelError
 from appliance.core.offline import allowed_hosts_from_urls, enforce_offline
+from appliance.core.ownership import DataDirLock
 from appliance.core.protocols import Embedder, StoreBackend
 from appliance.core.settings import Settings
-from appliance.ownership import DataDirLock
+from ingest.state import ACTIVE_COLLECTION, ACTIVE_MODEL_ID, ACTIVE_MODEL_PATH
+
+if TYPE_CHECKING:
+    # Annotations only: importing these at run time would load the model libraries.
+    from appliance.answering import Answerer
+    from appliance.chat.base import BaseChatModel
+    from appliance.service import CoreService
+    from ingest.parsers import ParseOptions
+    from ingest.pipeline import Indexer
+    from ingest.state import IngestState
 
 log = logging.getLogger(__name__)
-
-ACTIVE_COLLECTION = "active_collection"
-ACTIVE_MODEL_PATH = "active_model_path"
-ACTIVE_MODEL_ID = "active_model_id"
 
 
 def prepare_process(settings: Settings) -> None:
@@ -62,7 +68,7 @@ def build_backend(settings: Settings) -> StoreBackend:
     return EdgeBackend(settings.index_dir)
 
 
-def parse_options(settings: Settings) -> Any:
+def parse_options(settings: Settings) -> ParseOptions:
     """The parsers' options (``ingest.parsers.ParseOptions``) from the OCR and table settings."""
     from ingest.ocr import OcrOptions
     from ingest.parsers import ParseOptions
@@ -94,9 +100,10 @@ class Ingestion:
 
     settings: Settings
     docs_dir: Path
-    indexer: Any  # ingest.pipeline.Indexer
-    searcher: Any  # the Indexer whose collection serves searches now
-    state: Any
+    indexer: Indexer
+    searcher: Indexer
+    """The indexer whose collection serves searches now (the previous one during a switch)."""
+    state: IngestState
     backend: StoreBackend
     _stack: ExitStack = field(repr=False)
     previous: str | None = None
@@ -205,7 +212,7 @@ def open_ingestion(
         raise
 
 
-def _activate(state: Any, settings: Settings, collection: str, model_id: str) -> None:
+def _activate(state: IngestState, settings: Settings, collection: str, model_id: str) -> None:
     """Record which collection (and so which embedding model) serves searches."""
     state.set_meta(ACTIVE_COLLECTION, collection)
     state.set_meta(ACTIVE_MODEL_PATH, _model_path(settings))
@@ -230,13 +237,13 @@ def _old_embedder(settings: Settings, path: str | None, model_id: str | None) ->
     return model
 
 
-def build_active_chat_model(settings: Settings) -> Any:
+def build_active_chat_model(settings: Settings) -> BaseChatModel:
     """The chat model that answers. With llama.cpp that is the model registry's active version
     (the configured or packaged GGUF is its base), checked by hash and switched without a
     restart; server backends serve whatever model their settings name."""
-    from appliance.chat.base import GenerationParams
     from appliance.chat.factory import build_chat_model, llamacpp_chat_model
-    from appliance.chat.llamacpp import default_chat_model_path
+    from appliance.core.chat_settings import default_chat_model_path
+    from appliance.core.protocols import GenerationParams
 
     chat = settings.chat
     if chat.backend != "llamacpp":
@@ -263,7 +270,7 @@ def build_active_chat_model(settings: Settings) -> Any:
     )
 
 
-def build_answerer(settings: Settings, ingestion: Ingestion) -> Any:
+def build_answerer(settings: Settings, ingestion: Ingestion) -> Answerer:
     """The answering engine over the ingestion's searchable collection, with the configured
     chat model; the model is closed with the ingestion."""
     from appliance.answering import Answerer, CrossEncoderReranker
@@ -286,12 +293,12 @@ def build_answerer(settings: Settings, ingestion: Ingestion) -> Any:
 
 def open_core_service(
     settings: Settings, docs_dir: Path, *, role: str, answering: bool = True
-) -> Any:
+) -> CoreService:
     """The core service with everything it owns: ingestion, the chat model, conversations,
     accounts, the audit log and the metrics. Close it with ``service.ingestion.close()``."""
     from appliance.accounts import Accounts
-    from appliance.audit import journal_anchor, open_audit_log
     from appliance.conversations import ConversationStore
+    from appliance.core.audit import journal_anchor, open_audit_log
     from appliance.metrics import Metrics
     from appliance.service import CoreService
 

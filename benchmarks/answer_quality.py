@@ -113,7 +113,7 @@ def appliance_generation(answerer: Any, question: str) -> dict[str, Any]:
 
 
 def retrieval_metrics(answerer: Any, items: list[Any], k: int) -> dict[str, float]:
-    from appliance.evaluation import matches
+    from appliance.core.evaluation import matches
 
     recall = mrr = top1 = 0.0
     for item in items:
@@ -132,8 +132,8 @@ def retrieval_metrics(answerer: Any, items: list[Any], k: int) -> dict[str, floa
 
 def verification_report(answerer: Any, items: list[Any]) -> dict[str, Any]:
     """Part 5: before and after verification, and its time, from the same answers."""
-    from appliance.evaluation import containment, figure_counts
-    from appliance.figures import missing_figures
+    from appliance.core.evaluation import containment, figure_counts
+    from appliance.core.figures import missing_figures
 
     generated = supported = shown = shown_supported = 0
     figures_before = missing_before = figures_after = missing_after = 0
@@ -286,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _common.quiet_libraries()
 
+    from appliance.core.evaluation import evaluate, load_golden
     from appliance.core.settings import load_settings
-    from appliance.evaluation import evaluate, load_golden
     from appliance.wiring import build_answerer, open_ingestion, prepare_process
 
     items = load_golden(_common.SEC10Q / "qa.jsonl")

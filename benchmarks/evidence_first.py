@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _common.quiet_libraries()
 
+    from appliance.core.evaluation import load_golden
     from appliance.core.settings import load_settings
-    from appliance.evaluation import load_golden
     from appliance.wiring import build_answerer, open_ingestion, prepare_process
 
     items = load_golden(_common.SEC10Q / "qa.jsonl")

@@ -68,8 +68,8 @@ def _stage_seconds(state: dict[str, Any]) -> dict[str, float]:
 
 
 def _adherence(gguf: Path, unseen: list[dict[str, Any]]) -> float:
-    from appliance.chat.base import GenerationParams
     from appliance.chat.llamacpp import LlamaCppChatModel
+    from appliance.core.protocols import GenerationParams
     from tests.finetune.format_data import adherence
 
     params = GenerationParams(max_tokens=80, temperature=0.0, seed=0)

@@ -67,7 +67,7 @@ def decode_rate(gguf: Path, tokens: int, threads: int) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    from appliance.chat.llamacpp import default_chat_model_path
+    from appliance.core.chat_settings import default_chat_model_path
     from finetune.base_model import ensure_hf_base
     from finetune.export import convert_to_gguf, quantize_gguf
 

@@ -10,7 +10,7 @@ come back against the question's ``evidence_doc``:
 - MRR: the mean of 1 / rank of the first chunk from a gold document (0 when none is in the top 5);
 - evidence_recall: the share of questions (among those whose gold answer states figures) for
   which every amount, percentage and number of the gold answer appears in the top-5 chunks'
-  text, normalised by ``appliance.figures`` (thousands separators, "$52.9 billion" against
+  text, normalised by ``appliance.core.figures`` (thousands separators, "$52.9 billion" against
   "52,857" in a passage that says "in millions", rounding); figure_recall: the share of those
   figures found. This is what table handling is for: a figure is findable only where the chunk
   keeps its row, its column and its unit.
@@ -114,7 +114,7 @@ def figures_found(answer: str, passages: Sequence[str]) -> tuple[int, int]:
     """(figures of ``answer`` that some passage states, figures of ``answer``): amounts,
     percentages and numbers only (dates, years and identifiers such as "Q3" are in nearly
     every chunk of a filing and say nothing about evidence)."""
-    from appliance.figures import extract_figures, find_figure
+    from appliance.core.figures import extract_figures, find_figure
 
     figures = [f for f in extract_figures(answer) if f.kind in NUMERIC_KINDS]
     extracted = [(p, extract_figures(p)) for p in passages]

@@ -107,7 +107,7 @@ def idle_connections(client: Any, count: int) -> dict[str, Any]:
 
 
 def aborted_streams(client: Any, audit: Path, count: int) -> dict[str, Any]:
-    from appliance.audit import read
+    from appliance.core.audit import read
 
     login = client.call("POST", "/auth/login", {"username": "staff00", "password": PASSWORD})
     me = client.with_session(login["session"])

@@ -36,7 +36,7 @@ def is_hf_folder(path: Path) -> bool:
 
 def default_base_source() -> Path:
     """The packaged default chat model's GGUF (the base when settings name none)."""
-    from appliance.chat.llamacpp import default_chat_model_path
+    from appliance.core.chat_settings import default_chat_model_path
 
     return default_chat_model_path()
 

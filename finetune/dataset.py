@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.core.evaluation import GoldenItem, load_golden
+from appliance.core.prompting import system_prompt
 from appliance.core.settings import Settings
-from appliance.evaluation import GoldenItem, load_golden
-from appliance.prompting import system_prompt
 from finetune import near_duplicates
 from finetune.data import (
     FORMAT,

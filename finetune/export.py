@@ -30,13 +30,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.core.errors import ExportError, missing_dependency
 from appliance.core.hashing import file_sha256
+
+if TYPE_CHECKING:
+    from appliance.core.protocols import ChatModel
 
 log = logging.getLogger(__name__)
 
@@ -394,20 +397,19 @@ SMOKE_QUESTION = "How long are audit logs retained?"
 def smoke_check(
     gguf: Path,
     *,
+    load: Callable[[Path], ChatModel],
     question: str = SMOKE_QUESTION,
     context: str = SMOKE_CONTEXT,
-    n_threads: int = 2,
     max_tokens: int = 48,
 ) -> str:
-    """Load ``gguf`` in llama.cpp (through the appliance's own chat model, so its chat template
-    is checked too) and answer one grounded question; returns the answer.
+    """Load ``gguf`` with ``load`` (the appliance's own llama.cpp chat model, so its chat
+    template is checked too) and answer one grounded question; returns the answer.
 
     Raises ``ExportError`` when the file does not load or the answer is empty. The answer's
     correctness is the gate's job; this only proves the file is servable.
     """
-    from appliance.chat.base import ChatMessage, GenerationParams
-    from appliance.chat.llamacpp import LlamaCppChatModel
     from appliance.core.errors import ApplianceError
+    from appliance.core.protocols import ChatMessage, GenerationParams
 
     messages = [
         ChatMessage(
@@ -418,7 +420,7 @@ def smoke_check(
     ]
     params = GenerationParams(max_tokens=max_tokens, temperature=0.0, seed=0)
     try:
-        with LlamaCppChatModel(Path(gguf), n_ctx=512, n_threads=n_threads, seed=0) as model:
+        with load(Path(gguf)) as model:
             answer, _ = model.complete(messages, params)
     except ApplianceError as exc:
         raise ExportError(f"the exported model {gguf} failed its smoke check: {exc}") from exc
@@ -487,6 +489,7 @@ def export_run(
     out_dir: Path,
     qtype: str = "Q4_K_M",
     *,
+    load: Callable[[Path], ChatModel],
     with_lora_gguf: bool = True,
     n_threads: int | None = None,
 ) -> ExportResult:
@@ -532,7 +535,7 @@ def export_run(
         timed("quantize", started)
 
         started = time.monotonic()
-        answer = smoke_check(served, n_threads=n_threads or 2)
+        answer = smoke_check(served, load=load)
         timed("smoke_check", started)
 
         warnings: list[str] = []

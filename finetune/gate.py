@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.chat.base import BaseChatModel, ChatMessage, GenerationParams
-from appliance.evaluation import HEADLINE, GoldenItem, containment, gate, token_f1
+from appliance.core.evaluation import HEADLINE, GoldenItem, containment, gate, token_f1
+from appliance.core.protocols import ChatMessage, ChatModel, GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def heldout_prompt(record: dict[str, Any]) -> tuple[list[ChatMessage], str]:
 
 
 def score_heldout(
-    model: BaseChatModel, records: Sequence[dict[str, Any]], params: GenerationParams
+    model: ChatModel, records: Sequence[dict[str, Any]], params: GenerationParams
 ) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for record in records:
@@ -99,7 +99,7 @@ def run_gate(
     *,
     reference: tuple[str, Path],
     candidate: tuple[str, Path],
-    load: Callable[[Path], BaseChatModel],
+    load: Callable[[Path], ChatModel],
     heldout: Sequence[dict[str, Any]],
     golden: Sequence[GoldenItem] = (),
     golden_evaluator: GoldenEvaluator | None = None,

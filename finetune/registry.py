@@ -417,7 +417,7 @@ def base_gguf_for(settings: Settings) -> Path:
         return configured
     if settings.chat.model_path is not None:
         return settings.chat.model_path
-    from appliance.chat.llamacpp import default_chat_model_path
+    from appliance.core.chat_settings import default_chat_model_path
 
     return default_chat_model_path()
 

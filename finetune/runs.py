@@ -19,14 +19,18 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.core.errors import ApplianceError, ConfigError
+from appliance.core.evaluation import GoldenItem, load_golden
 from appliance.core.settings import Settings
-from appliance.evaluation import GoldenItem, evaluate, load_golden
+
+if TYPE_CHECKING:
+    from appliance.core.protocols import ChatModel
+    from finetune.gate import GoldenEvaluator
 
 log = logging.getLogger(__name__)
 
@@ -174,62 +178,27 @@ def golden_items(settings: Settings, limit: int | None = None) -> list[GoldenIte
     return load_golden(path, limit)
 
 
-def evaluate_with_model(
-    settings: Settings,
-    answerer: Any,
-    gguf: Path,
-    items: Sequence[GoldenItem],
-    where: Mapping[str, Sequence[str]] | None = None,
-) -> dict[str, Any]:
-    """The golden set through ``answerer``'s retrieval with the chat model in ``gguf``,
-    searching only the collections in ``where`` (an admin's grants; None: all, for the host's
-    operator)."""
-    from appliance.answering import Answerer
-    from appliance.chat.factory import llamacpp_chat_model
-
-    with llamacpp_chat_model(settings.chat, gguf) as model:
-        twin = Answerer(
-            index=answerer._index,
-            chat=model,
-            settings=answerer.settings,
-            chat_settings=answerer.chat_settings,
-            reranker=answerer.reranker,
-        )
-        return evaluate(
-            items, lambda q: twin.answer(q, where=where).as_json(), k=settings.answer.top_k
-        )
-
-
-def golden_evaluator(settings: Settings) -> Callable[[Path, Sequence[GoldenItem]], Any]:
-    """Evaluate through the running core service (it owns the index) or, when none runs, by
-    opening the index in this process."""
-    from appliance.api import ServiceClient
-
-    def remote(gguf: Path, items: Sequence[GoldenItem]) -> dict[str, Any]:
-        client = ServiceClient.find(settings.data_dir)
-        if client is None:
-            return local(gguf, items)
-        body = {"gguf": str(gguf), "items": [asdict(i) for i in items]}
-        result: dict[str, Any] = client.call("POST", "/admin/finetune/evaluate", body)
-        return result
-
-    def local(gguf: Path, items: Sequence[GoldenItem]) -> dict[str, Any]:
-        from appliance.wiring import build_answerer, open_ingestion
-
-        with open_ingestion(settings, settings.ingest.docs_dir, role="appliance gate") as ing:
-            answerer = build_answerer(settings, ing)
-            return evaluate_with_model(settings, answerer, gguf, items)
-
-    return remote
-
-
 # --- executing a run ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunTools:
+    """What a run needs from the application that starts it (``appliance.run_tools`` builds
+    them): chat models for a GGUF, and the golden-set evaluation, which needs the index."""
+
+    load_model: Callable[[Path], ChatModel]
+    """A GGUF as the serving settings load it: the gate's reference and candidate."""
+    load_smoke: Callable[[Path], ChatModel]
+    """A GGUF in a small context: the export's smoke check."""
+    golden_evaluator: GoldenEvaluator
+    """The golden set answered with a GGUF (used when ``finetune.golden_path`` is set)."""
 
 
 def execute(
     settings: Settings,
     folder: Path,
     *,
+    tools: RunTools,
     progress: bool = True,
     stop: threading.Event | None = None,
     activate: bool = True,
@@ -237,7 +206,7 @@ def execute(
 ) -> dict[str, Any]:
     """Run (or continue) every stage of the run in ``folder``; the final state."""
     try:
-        return _execute(settings, folder, progress, stop, activate, say)
+        return _execute(settings, folder, tools, progress, stop, activate, say)
     except ApplianceError as exc:
         _set_state(folder, "failed", error=str(exc))
         raise
@@ -250,6 +219,7 @@ def execute(
 def _execute(
     settings: Settings,
     folder: Path,
+    tools: RunTools,
     progress: bool,
     stop: threading.Event | None,
     activate: bool,
@@ -298,6 +268,7 @@ def _execute(
             Path(result["adapter_dir"]),
             folder / "export",
             settings.finetune.quantization,
+            load=tools.load_smoke,
             n_threads=settings.chat.n_threads,
         )
         exported = {"result": outcome.as_json(), "registry": outcome.registry_fields()}
@@ -307,7 +278,9 @@ def _execute(
 
     # 3. gate against the serving model
     _set_state(folder, "gating")
-    report = _gate(settings, folder, registry, dataset, Path(exported["result"]["gguf"]), say)
+    report = _gate(
+        settings, folder, tools, registry, dataset, Path(exported["result"]["gguf"]), say
+    )
 
     # 4. register with full lineage; activate only what passed
     record = {
@@ -372,12 +345,12 @@ def _train(
 def _gate(
     settings: Settings,
     folder: Path,
+    tools: RunTools,
     registry: Any,
     dataset: Any,
     candidate: Path,
     say: Callable[[str], None],
 ) -> Any:
-    from appliance.chat.factory import llamacpp_chat_model
     from finetune.gate import run_gate, write_report
 
     active = registry.active()
@@ -387,10 +360,10 @@ def _gate(
     report = run_gate(
         reference=reference,
         candidate=("candidate " + folder.name, candidate),
-        load=lambda path: llamacpp_chat_model(settings.chat, path),
+        load=tools.load_model,
         heldout=heldout,
         golden=golden,
-        golden_evaluator=golden_evaluator(settings) if golden else None,
+        golden_evaluator=tools.golden_evaluator if golden else None,
         max_drop=settings.finetune.gate_max_drop,
         max_tokens=settings.chat.max_tokens,
         progress=say,

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.core.prompting import Passage, user_prompt
 from appliance.core.settings import Settings
-from appliance.prompting import Passage, user_prompt
 from finetune import near_duplicates
 from finetune.data import ROLES, DatasetError, Example, Preference
 from finetune.near_duplicates import DEFAULT_THRESHOLD, NearDuplicateIndex
@@ -327,9 +327,8 @@ def read_chunks(settings: Settings, limit: int, seed: int) -> tuple[list[SourceC
         raise DatasetError(
             f"nothing is indexed in {settings.data_dir}: run `appliance ingest FOLDER` first"
         )
-    from appliance.ownership import DataDirLock
-    from appliance.wiring import ACTIVE_COLLECTION
-    from ingest.state import IngestState
+    from appliance.core.ownership import DataDirLock
+    from ingest.state import ACTIVE_COLLECTION, IngestState
 
     with DataDirLock(settings.data_dir, "appliance dataset build"):
         state = IngestState(settings.state_path)

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from appliance.core.chat_settings import ChatSettings
 from appliance.core.errors import ApplianceError
-from appliance.evaluation import containment, normalize
+from appliance.core.evaluation import containment, normalize
 from finetune.near_duplicates import DEFAULT_THRESHOLD, NearDuplicateIndex
 
 Generate = Callable[[str], str]
@@ -282,8 +282,8 @@ def model_generator(
 ) -> Iterator[tuple[Generate, str]]:
     """The configured chat model as a ``Generate`` (greedy, seeded) and its name; the model is
     closed on exit."""
-    from appliance.chat.base import GenerationParams
     from appliance.chat.factory import build_chat_model
+    from appliance.core.protocols import GenerationParams
 
     model = build_chat_model(chat)
     params = GenerationParams(max_tokens=max_tokens, temperature=0.0, seed=seed)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.resources
-import math
-import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,47 +108,6 @@ class SentenceTransformerEmbedder:
                 text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
             )
         return [(int(a), int(b)) for a, b in encoded["offset_mapping"] if b > a]
-
-
-_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
-
-
-class HashingEmbedder:
-    """A deterministic bag-of-words embedder with whitespace tokens.
-
-    For tests of chunk bookkeeping and for counting embed calls, where model quality is not the
-    point; retrieval quality is tested with the real model.
-    """
-
-    def __init__(self, dim: int = 64) -> None:
-        self._dim = dim
-        self.embedded_texts = 0
-
-    @property
-    def model_id(self) -> str:
-        return f"hashing-{self._dim}"
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    def _vector(self, text: str) -> list[float]:
-        vec = [0.0] * self._dim
-        for token in _WORD.findall(text.lower()):
-            h = int.from_bytes(hashlib.blake2b(token.encode(), digest_size=8).digest(), "big")
-            vec[h % self._dim] += 1.0 if (h >> 32) & 1 else -1.0
-        norm = math.sqrt(sum(v * v for v in vec)) or 1.0
-        return [v / norm for v in vec]
-
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        self.embedded_texts += len(texts)
-        return [self._vector(t) for t in texts]
-
-    def embed_query(self, text: str) -> list[float]:
-        return self._vector(text)
-
-    def token_spans(self, text: str) -> list[tuple[int, int]]:
-        return [m.span() for m in _WORD.finditer(text)]
 
 
 class Bm25Encoder:

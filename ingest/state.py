@@ -28,6 +28,12 @@ from typing import Any
 from appliance.core import sqlite
 from appliance.core.protocols import Chunk
 
+ACTIVE_COLLECTION = "active_collection"
+"""Meta key: the collection that serves searches (a new one is filled beside it, then switched)."""
+ACTIVE_MODEL_PATH = "active_model_path"
+ACTIVE_MODEL_ID = "active_model_id"
+"""Meta keys: the embedding model that filled the active collection."""
+
 FILE_STATES = ("queued", "parsing", "embedding", "indexed", "failed")
 
 _SCHEMA = """

@@ -85,12 +85,13 @@ def small_settings() -> tuple[IngestSettings, ChunkingSettings]:
 def make_indexer(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
     """Build real indexers (Qdrant Edge, SQLite state, the parser sandbox) over a folder, with
     the hashing embedder unless one is given; everything is closed at teardown."""
-    from ingest.embedders import Bm25Encoder, HashingEmbedder
+    from ingest.embedders import Bm25Encoder
     from ingest.parsers import supported_suffixes
     from ingest.pipeline import Indexer
     from ingest.sandbox import ParserSandbox
     from ingest.state import IngestState
     from ingest.store import EdgeBackend
+    from tests.embedders import HashingEmbedder
 
     opened: list = []  # type: ignore[type-arg]
 

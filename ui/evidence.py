@@ -30,7 +30,8 @@ UNVERIFIED = ":red-badge[Unverified]"
 QUOTED = ":blue-badge[:material/format_quote: Quoted from the documents]"
 
 _LINE_BREAK = re.compile(r"\r\n?|\n")
-# A citation as the answer text carries it (see appliance.prompting.clean_citations): [1], [1, 2]
+# A citation as the answer text carries it (see appliance.core.prompting.clean_citations):
+# [1], [1, 2]
 _CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 
 Href = Callable[[int], str | None]

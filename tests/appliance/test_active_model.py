@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from appliance.active_model import RegistryChatModel
-from appliance.chat.base import GenerationParams
-from appliance.chat.llamacpp import LlamaCppChatModel, default_chat_model_path
+from appliance.chat.llamacpp import LlamaCppChatModel
+from appliance.core.chat_settings import default_chat_model_path
 from appliance.core.errors import ModelError
+from appliance.core.protocols import GenerationParams
 from finetune.registry import ModelRegistry
 
 pytestmark = pytest.mark.slow

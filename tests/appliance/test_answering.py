@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from appliance.answering import Answerer
+from appliance.core.prompting import system_prompt
 from appliance.core.settings import load_settings
-from appliance.prompting import system_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -40,13 +40,17 @@ def test_an_out_of_corpus_question_abstains(sec10q_answerer: Answerer) -> None:
 
 def test_streaming_yields_before_the_answer_is_complete(sec10q_answerer: Answerer) -> None:
     events = []
-    for event in sec10q_answerer.stream("How did foreign exchange rates affect Amazon in Q3 2023?"):
+    # The question the test above shows is answered: an abstention streams nothing, so a
+    # question the answerer may abstain on would leave this test nothing to check.
+    question = (
+        "What was Apple's cash flow from operating activities as reported in the Q3 2022 10-Q?"
+    )
+    for event in sec10q_answerer.stream(question):
         events.append((time.perf_counter(), event))
     tokens = [(t, e) for t, e in events if e["type"] == "token"]
     final_time, final = events[-1]
     assert final["type"] == "answer"
-    if final["answer"].abstained:
-        pytest.skip("the question was abstained on; nothing was streamed")
+    assert not final["answer"].abstained, final["answer"].answer
     assert len(tokens) > 1
     assert tokens[0][0] < final_time
     assert "".join(e["text"] for _t, e in tokens).strip()
@@ -99,8 +103,8 @@ INVENTED = "What was Microsoft's total revenue for the quarter ended March 31, 2
 
 
 def test_an_invented_figure_is_not_shown(sec10q_answerer: Answerer) -> None:
-    from appliance.evaluation import figure_counts
-    from appliance.figures import missing_figures
+    from appliance.core.evaluation import figure_counts
+    from appliance.core.figures import missing_figures
 
     events = list(sec10q_answerer.stream(INVENTED))
     assert events[0]["type"] == "sources"

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from appliance.audit import (
+from appliance.core.audit import (
     EVENT_ADMIN,
     EVENT_LOGIN,
     EVENT_QUESTION,

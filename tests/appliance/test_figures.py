@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.figures import extract_figures, find_figure, missing_figures, table_unit
+from appliance.core.figures import extract_figures, find_figure, missing_figures, table_unit
 
 MSFT = (
     "MICROSOFT CORPORATION INCOME STATEMENTS\n"

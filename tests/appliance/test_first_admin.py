@@ -9,7 +9,7 @@ import pytest
 from argon2 import PasswordHasher
 
 from appliance.accounts import Accounts
-from appliance.audit import AuditLog, read
+from appliance.core.audit import AuditLog, read
 from appliance.first_admin import INITIAL_PASSWORD_FILE, ensure_first_admin
 
 

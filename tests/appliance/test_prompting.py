@@ -1,7 +1,6 @@
 from appliance.answering import merge_passages
 from appliance.conversations import Exchange, standalone_question
-from appliance.core.protocols import Hit
-from appliance.prompting import (
+from appliance.core.prompting import (
     LeakGuard,
     Passage,
     clean_citations,
@@ -10,6 +9,7 @@ from appliance.prompting import (
     system_prompt,
     user_prompt,
 )
+from appliance.core.protocols import Hit
 
 
 def hit(i: int, path: str, idx: int, start: int, end: int, text: str, page: int = 1) -> Hit:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from appliance.api import ServiceClient
-from appliance.audit import read, verify
+from appliance.core.audit import read, verify
 from appliance.core.errors import ServiceError
 from appliance.core.settings import load_settings
 
@@ -188,7 +188,7 @@ def test_models_are_listed_activated_and_rolled_back_through_the_service(  # typ
 ) -> None:
     import shutil
 
-    from appliance.chat.llamacpp import default_chat_model_path
+    from appliance.core.chat_settings import default_chat_model_path
     from finetune.registry import ModelRegistry
 
     admin = client_for(service, "boss")

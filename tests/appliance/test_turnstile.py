@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from appliance.chat.base import ChatStream, Generation
+from appliance.core.protocols import ChatStream, Generation
 from appliance.core.settings import load_settings
 from appliance.turnstile import Turnstile, Unqueued
 

@@ -8,9 +8,10 @@ import pytest
 
 from appliance.core.errors import StoreLockedError
 from appliance.core.settings import Settings
-from appliance.wiring import ACTIVE_COLLECTION, open_ingestion
-from ingest.embedders import HashingEmbedder
+from appliance.wiring import open_ingestion
 from ingest.retrieval import search
+from ingest.state import ACTIVE_COLLECTION
+from tests.embedders import HashingEmbedder
 
 
 def test_a_second_owner_is_refused(settings: Settings, tmp_path: Path) -> None:

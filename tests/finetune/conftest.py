@@ -15,7 +15,7 @@ from appliance.core.errors import ConfigError
 def hf_base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The packaged SmolLM2 GGUF dequantized once into pytest's cache folder (about 30 s the
     first time; later sessions reuse it, since the folder name is the GGUF's digest)."""
-    from appliance.chat.llamacpp import default_chat_model_path
+    from appliance.core.chat_settings import default_chat_model_path
     from finetune.base_model import ensure_hf_base
 
     try:

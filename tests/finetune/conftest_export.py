@@ -43,7 +43,7 @@ def make_adapter(base_dir: Path, out_dir: Path, *, scale: float, seed: int = 0) 
 
 @pytest.fixture(scope="session")
 def hf_base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from appliance.chat.llamacpp import default_chat_model_path
+    from appliance.core.chat_settings import default_chat_model_path
     from finetune.base_model import ensure_hf_base
 
     cache = request.config.cache
@@ -66,10 +66,16 @@ def zero_adapter(hf_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 @pytest.fixture(scope="session")
 def exported(hf_base: Path, lora_adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """``export_run`` of the perturbed adapter, once per session (about a minute)."""
+    from appliance.chat.factory import smoke_chat_model
     from finetune.export import export_run
 
     return export_run(
-        hf_base, lora_adapter, tmp_path_factory.mktemp("export") / "v1", "Q4_K_M", n_threads=2
+        hf_base,
+        lora_adapter,
+        tmp_path_factory.mktemp("export") / "v1",
+        "Q4_K_M",
+        load=lambda path: smoke_chat_model(path, 2),
+        n_threads=2,
     )
 
 

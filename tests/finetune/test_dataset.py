@@ -13,8 +13,8 @@ import pytest
 
 from appliance.cli import main
 from appliance.conversations import ConversationStore
+from appliance.core.prompting import SYSTEM_PROMPT, Passage, user_prompt
 from appliance.core.settings import Settings
-from appliance.prompting import SYSTEM_PROMPT, Passage, user_prompt
 from finetune.data import DatasetError, Example, list_datasets, load_dataset
 from finetune.dataset import build_dataset, dataset_from_file, split_heldout
 from finetune.sources import feedback_examples, preference_pairs, read_instruction_file
@@ -384,7 +384,7 @@ def test_a_file_becomes_a_dataset_named_after_it_reused_or_suffixed(
 def indexed(settings: Settings, tmp_path: Path) -> Iterator[Any]:
     """A real tiny index (hashing embedder) of three policies, owned by this process."""
     from appliance.wiring import open_ingestion
-    from ingest.embedders import HashingEmbedder
+    from tests.embedders import HashingEmbedder
 
     docs = tmp_path / "docs"
     docs.mkdir()

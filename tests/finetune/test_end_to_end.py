@@ -136,8 +136,8 @@ def test_every_stage_did_its_work(chain: dict[str, Any]) -> None:
 
 def test_fine_tuning_teaches_the_format(chain: dict[str, Any]) -> None:
     """Format adherence on unseen questions: base against the activated model, in llama.cpp."""
-    from appliance.chat.base import GenerationParams
     from appliance.chat.llamacpp import LlamaCppChatModel
+    from appliance.core.protocols import GenerationParams
 
     models = _read(chain["work"] / "models.json")
     base = next(Path(m["gguf"]) for m in models if m["version"] == "base")

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from appliance.chat.factory import smoke_chat_model
 from appliance.core.errors import ExportError
 from finetune import export
 from tests.finetune import conftest_export as _fixtures
@@ -91,7 +92,7 @@ def test_smoke_check_refuses_a_file_that_is_not_a_model(tmp_path: Path) -> None:
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(ExportError, match="failed its smoke check"):
-        export.smoke_check(fake)
+        export.smoke_check(fake, load=lambda path: smoke_chat_model(path, 2))
 
 
 # --- the real model --------------------------------------------------------------------------
@@ -142,7 +143,7 @@ def test_f16_copy_and_smoke_check_of_the_converted_base(
     copy = export.quantize_gguf(base_f16_gguf, tmp_path / "copy.gguf", "F16")
     assert copy.read_bytes()[:4] == b"GGUF"
     assert copy.stat().st_size == base_f16_gguf.stat().st_size
-    answer = export.smoke_check(copy)
+    answer = export.smoke_check(copy, load=lambda path: smoke_chat_model(path, 2))
     assert "7" in answer, answer  # "7 years", from the context only
 
 

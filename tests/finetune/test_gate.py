@@ -9,8 +9,9 @@ import json
 from collections.abc import Generator
 from pathlib import Path
 
-from appliance.chat.base import BaseChatModel, ChatMessage, GenerationParams, Usage
-from appliance.evaluation import GoldenItem
+from appliance.chat.base import BaseChatModel, Usage
+from appliance.core.evaluation import GoldenItem
+from appliance.core.protocols import ChatMessage, GenerationParams
 from finetune.gate import heldout_prompt, run_gate, write_report
 
 

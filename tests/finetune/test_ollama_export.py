@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from appliance.chat.llamacpp import default_chat_model_path
 from appliance.cli import main
+from appliance.core.chat_settings import default_chat_model_path
 from appliance.core.errors import ModelError
 from appliance.core.settings import load_settings
 from finetune import ollama_export as ox

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from appliance.audit import read as read_audit
 from appliance.cli import main
 from appliance.core import hashing
+from appliance.core.audit import read as read_audit
 from appliance.core.errors import ModelError
 from appliance.core.settings import load_settings
 from finetune.registry import ModelRegistry, cached_sha256

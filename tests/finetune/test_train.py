@@ -293,7 +293,7 @@ def test_without_bitsandbytes_it_falls_back_to_lora_and_says_so_then_runs_dpo(
 def test_ensure_hf_base_is_idempotent_and_passes_folders_through(
     hf_base: Path, tmp_path: Path
 ) -> None:
-    from appliance.chat.llamacpp import default_chat_model_path
+    from appliance.core.chat_settings import default_chat_model_path
     from finetune.base_model import ensure_hf_base
 
     assert hf_base.name.startswith("base-")

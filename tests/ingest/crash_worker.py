@@ -10,14 +10,15 @@ import sys
 from pathlib import Path
 
 from appliance.core.offline import enforce_offline
+from appliance.core.ownership import DataDirLock
 from appliance.core.settings import ChunkingSettings, IngestSettings
-from appliance.ownership import DataDirLock
-from ingest.embedders import Bm25Encoder, HashingEmbedder
+from ingest.embedders import Bm25Encoder
 from ingest.parsers import supported_suffixes
 from ingest.pipeline import Indexer
 from ingest.sandbox import ParserSandbox
 from ingest.state import IngestState
 from ingest.store import EdgeBackend
+from tests.embedders import HashingEmbedder
 
 COLLECTION = "appliance_crash"
 

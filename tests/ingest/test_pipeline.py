@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from appliance.core.settings import IngestSettings
-from ingest.embedders import HashingEmbedder
 from ingest.pipeline import Indexer, collection_of
 from ingest.retrieval import search
+from tests.embedders import HashingEmbedder
 from tests.ingest.exactness import index_problems
 
 POLICY = (

@@ -11,8 +11,9 @@ import pytest
 
 from appliance.core.errors import StoreError
 from appliance.core.protocols import Point, StoreBackend
-from ingest.embedders import Bm25Encoder, HashingEmbedder
+from ingest.embedders import Bm25Encoder
 from ingest.store import EdgeBackend, ServerBackend
+from tests.embedders import HashingEmbedder
 
 TEXTS = {
     "a.txt": "Apple quarterly report: iPhone revenue grew in the third quarter.",

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from appliance.audit import AuditLog, verify
 from appliance.backup import MANIFEST, BackupError, create_backup, restore_backup
 from appliance.cli import main
+from appliance.core.audit import AuditLog, verify
+from appliance.core.ownership import DataDirLock
 from appliance.core.settings import Settings
-from appliance.ownership import DataDirLock
 from tests.ingest.exactness import index_problems
 from tests.ingest.fixtures import make_pdf
 
@@ -145,7 +145,7 @@ def test_backup_through_the_running_service(
     settings: Settings, real_embedder: Any, tmp_path: Path
 ) -> None:
     """With the core service owning the folder, `appliance backup` asks it (writes held)."""
-    from appliance.audit import read
+    from appliance.core.audit import read
     from appliance.wiring import open_core_service
 
     write_docs(settings.ingest.docs_dir)

@@ -34,7 +34,7 @@ def healthy(tmp_path: Path) -> Settings:
             "metrics": {"port": 0},
         }
     )
-    from appliance.audit import AuditLog
+    from appliance.core.audit import AuditLog
     from ingest.state import IngestState
 
     IngestState(settings.state_path).close()

@@ -91,7 +91,7 @@ def test_a_second_ingest_is_refused_naming_the_running_ingest(tmp_path: Path) ->
         [
             sys.executable,
             "-c",
-            "import sys, pathlib; from appliance.ownership import DataDirLock; "
+            "import sys, pathlib; from appliance.core.ownership import DataDirLock; "
             "DataDirLock(pathlib.Path(sys.argv[1]), 'appliance ingest').acquire(); "
             "print('owned', flush=True); sys.stdin.read()",
             str(data),

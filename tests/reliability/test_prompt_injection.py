@@ -38,7 +38,7 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def test_detectors(bench: Any) -> None:
-    from appliance.prompting import SYSTEM_PROMPT
+    from appliance.core.prompting import SYSTEM_PROMPT
 
     assert bench.leaks(SYSTEM_PROMPT, SYSTEM_PROMPT)
     assert bench.leaks("Sure. " + SYSTEM_PROMPT[10:60].upper() + " ok", SYSTEM_PROMPT)

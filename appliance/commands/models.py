@@ -21,7 +21,7 @@ def _print_json(data: Any) -> None:
 
 
 def _operator() -> str:
-    from appliance.audit import local_identity
+    from appliance.core.audit import local_identity
 
     return local_identity()
 
@@ -55,7 +55,7 @@ def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_activate(args: argparse.Namespace, settings: Settings) -> int:
-    from appliance.audit import open_audit_log
+    from appliance.core.audit import open_audit_log
     from finetune.registry import registry_for
 
     registry = registry_for(settings)
@@ -77,7 +77,7 @@ def cmd_models_activate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_rollback(args: argparse.Namespace, settings: Settings) -> int:
-    from appliance.audit import open_audit_log
+    from appliance.core.audit import open_audit_log
     from finetune.registry import registry_for
 
     registry = registry_for(settings)
@@ -92,7 +92,7 @@ def cmd_models_rollback(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_export_ollama(args: argparse.Namespace, settings: Settings) -> int:
-    from appliance.prompting import system_prompt
+    from appliance.core.prompting import system_prompt
     from finetune.ollama_export import create_in_ollama, default_tag, write_modelfile
     from finetune.registry import registry_for
 
@@ -108,7 +108,7 @@ def cmd_models_export_ollama(args: argparse.Namespace, settings: Settings) -> in
         tag = args.tag or default_tag(args.version)
         result["tag"] = create_in_ollama(url, tag, record, system_prompt=system)
         registry.update(args.version, ollama_tag=tag)
-        from appliance.audit import open_audit_log
+        from appliance.core.audit import open_audit_log
 
         open_audit_log(settings).record(
             "admin", _operator(), action="model_export_ollama", target=args.version, tag=tag

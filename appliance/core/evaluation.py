@@ -40,7 +40,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from appliance.core.errors import ApplianceError
-from appliance.figures import missing_figures
+from appliance.core.figures import missing_figures
 
 HEADLINE = (
     "recall_at_k",

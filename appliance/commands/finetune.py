@@ -145,15 +145,18 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
             settings, dataset, config_path=args.run_config, overrides=overrides
         )
 
-    from appliance.audit import local_identity, open_audit_log
+    from appliance.core.audit import local_identity, open_audit_log
 
     with _one_run_at_a_time(settings), open_audit_log(settings) as audit:
         operator = local_identity()
         audit.record("finetune", operator, action=args.action, run=folder.name)
         say(f"fine-tuning run {folder.name}")
+        from appliance.run_tools import run_tools
+
         final = runs.execute(
             settings,
             folder,
+            tools=run_tools(settings),
             progress=not quiet,
             stop=_stop_event(folder),
             activate=not args.no_activate,
