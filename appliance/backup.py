@@ -593,18 +593,11 @@ def restore_backup(settings: Settings, src: Path, *, force: bool = False) -> dic
 def backup_command(args: argparse.Namespace, settings: Settings) -> int:
     """Through the running core service when there is one (it owns the index and holds its
     writes for the copy), else under the data-folder lock in this process."""
-    from appliance.api import ServiceClient
-    from appliance.ownership import DataDirLock
+    from appliance.wiring import connect
 
     dest = Path(args.file).resolve()
-    client = ServiceClient.find(settings.data_dir)
-    if client is not None:
-        manifest = client.call(
-            "POST", "/admin/backup", {"path": str(dest), "include_models": args.include_models}
-        )
-    else:
-        with DataDirLock(settings.data_dir, "appliance backup"):
-            manifest = create_backup(settings, dest, include_models=args.include_models)
+    with connect(settings, role="appliance backup") as appliance:
+        manifest = appliance.backup(dest, include_models=args.include_models)
     if args.json:
         sys.stdout.write(json.dumps(manifest) + "\n")
         return 0
@@ -622,10 +615,12 @@ def backup_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def restore_command(args: argparse.Namespace, settings: Settings) -> int:
-    from appliance.api import ServiceClient
     from appliance.ownership import DataDirLock
+    from appliance.wiring import find_service
 
-    if ServiceClient.find(settings.data_dir) is not None:
+    # Restoring replaces the data folder itself, which is no operation of an appliance: it
+    # only needs to know that no service owns the folder.
+    if find_service(settings) is not None:
         raise BackupError(
             f"the core service is running on {settings.data_dir}: stop it before restoring"
         )

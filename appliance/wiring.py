@@ -14,13 +14,17 @@ import re
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.errors import ApplianceError, ModelError
 from appliance.offline import allowed_hosts_from_urls, enforce_offline
 from appliance.ownership import DataDirLock
 from appliance.protocols import Embedder, StoreBackend
 from appliance.settings import Settings
+
+if TYPE_CHECKING:
+    from appliance.api import ServiceClient
+    from appliance.appliance import Appliance
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +140,11 @@ def open_ingestion(
     *,
     role: str,
     embedder: Embedder | None = None,
+    lock: bool = True,
 ) -> Ingestion:
-    """Own the data folder and build the indexer (and, during a model switch, the old searcher)."""
+    """Own the data folder and build the indexer (and, during a model switch, the old searcher).
+
+    ``lock=False``: the caller already holds the data folder's lock (``LocalAppliance``)."""
     from ingest.embedders import Bm25Encoder
     from ingest.parsers import supported_suffixes
     from ingest.pipeline import Indexer
@@ -146,7 +153,8 @@ def open_ingestion(
 
     stack = ExitStack()
     try:
-        stack.enter_context(DataDirLock(settings.data_dir, role))
+        if lock:
+            stack.enter_context(DataDirLock(settings.data_dir, role))
         state = IngestState(settings.state_path)
         stack.callback(state.close)
         embedder = embedder or build_embedder(settings)
@@ -329,3 +337,23 @@ def open_core_service(
     except BaseException:
         ingestion.close()
         raise
+
+
+def find_service(settings: Settings) -> ServiceClient | None:
+    """The client of the data folder's running core service, or None when none answers."""
+    from appliance.api import ServiceClient
+
+    return ServiceClient.find(settings.data_dir)
+
+
+def connect(settings: Settings, *, role: str, docs_dir: Path | None = None) -> Appliance:
+    """The data folder's appliance, chosen once: through the running core service when one
+    answers (it owns the index), else opened in this process under the data folder's lock,
+    as ``role`` (the name a second writer is told). Close it (it is a context manager)."""
+    from appliance.local import LocalAppliance
+    from appliance.remote import RemoteAppliance
+
+    client = find_service(settings)
+    if client is not None:
+        return RemoteAppliance(client)
+    return LocalAppliance(settings, role=role, docs_dir=docs_dir)

@@ -52,7 +52,6 @@ from finetune.synthetic import (
     SourceChunk,
     generate_pairs,
     model_generator,
-    sample_chunks,
 )
 
 log = logging.getLogger(__name__)
@@ -406,27 +405,16 @@ def read_chunks(settings: Settings, limit: int, seed: int) -> tuple[list[SourceC
     (the index's one owner) when there is one, else from the ingestion state under the data
     folder's ownership lock. The state keeps every chunk's text, so neither the store nor the
     embedding model is opened."""
-    from appliance.api import ServiceClient
+    from appliance.wiring import connect
 
-    client = ServiceClient.find(settings.data_dir)
-    if client is not None:
-        rows = client.call("POST", "/admin/chunks", {"limit": limit, "seed": seed})
-        return [SourceChunk.from_json(r) for r in rows], "service"
-    if not settings.state_path.exists():
-        raise DatasetError(
-            f"nothing is indexed in {settings.data_dir}: run `appliance ingest FOLDER` first"
-        )
-    from appliance.ownership import DataDirLock
-    from appliance.wiring import ACTIVE_COLLECTION
-    from ingest.state import IngestState
-
-    with DataDirLock(settings.data_dir, "appliance dataset build"):
-        state = IngestState(settings.state_path)
-        try:
-            collection = state.get_meta(ACTIVE_COLLECTION) or ""
-            return sample_chunks(state, collection, limit, seed), "local"
-        finally:
-            state.close()
+    with connect(settings, role="appliance dataset build") as appliance:
+        where = "service" if appliance.kind == "remote" else "local"
+        if where == "local" and not settings.state_path.exists():
+            raise DatasetError(
+                f"nothing is indexed in {settings.data_dir}: run `appliance ingest FOLDER` first"
+            )
+        rows = appliance.chunks(limit, seed)
+    return [SourceChunk.from_json(dict(r)) for r in rows], where
 
 
 def synthetic_examples(

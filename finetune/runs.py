@@ -20,7 +20,6 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -203,24 +202,15 @@ def evaluate_with_model(
 def golden_evaluator(settings: Settings) -> Callable[[Path, Sequence[GoldenItem]], Any]:
     """Evaluate through the running core service (it owns the index) or, when none runs, by
     opening the index in this process."""
-    from appliance.api import ServiceClient
 
-    def remote(gguf: Path, items: Sequence[GoldenItem]) -> dict[str, Any]:
-        client = ServiceClient.find(settings.data_dir)
-        if client is None:
-            return local(gguf, items)
-        body = {"gguf": str(gguf), "items": [asdict(i) for i in items]}
-        result: dict[str, Any] = client.call("POST", "/admin/finetune/evaluate", body)
-        return result
+    def evaluate_golden(gguf: Path, items: Sequence[GoldenItem]) -> dict[str, Any]:
+        from appliance.wiring import connect
 
-    def local(gguf: Path, items: Sequence[GoldenItem]) -> dict[str, Any]:
-        from appliance.wiring import build_answerer, open_ingestion
+        # Chosen at each evaluation: the service may have started or stopped meanwhile.
+        with connect(settings, role="appliance gate") as appliance:
+            return appliance.evaluate(gguf, items)
 
-        with open_ingestion(settings, settings.ingest.docs_dir, role="appliance gate") as ing:
-            answerer = build_answerer(settings, ing)
-            return evaluate_with_model(settings, answerer, gguf, items)
-
-    return remote
+    return evaluate_golden
 
 
 # --- executing a run ---------------------------------------------------------------------------
