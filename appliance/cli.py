@@ -152,7 +152,7 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
         service.api.alive,
         status=lambda: f"watching {docs}; API on {settings.service.host}:{service.api.port}",
     )
-    with service.ingestion, notifier:
+    with service, notifier:
         _ensure_first_admin(service, settings)
         print(
             f"core service: watching {docs} (data in {settings.data_dir}), API on "
@@ -251,7 +251,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     docs.mkdir(parents=True, exist_ok=True)
     stop = _stop_on_signals()
     service = open_core_service(settings, docs, role="appliance up")
-    with service.ingestion:
+    with service:
         _ensure_first_admin(service, settings)
         ui = subprocess.Popen(_ui_command(settings), env=_ui_env(settings))
         print(

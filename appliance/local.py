@@ -151,6 +151,11 @@ class LocalAppliance:
             self._stack.callback(self._conversations.close)
         return self._conversations
 
+    @property
+    def conversation_store(self) -> ConversationStore | None:
+        """The conversations, where they are kept (opened on first use by a command)."""
+        return self._conversations
+
     def _accounts_store(self) -> Accounts:
         if self._accounts is None:
             if self._serving:
@@ -187,12 +192,13 @@ class LocalAppliance:
         *,
         who: Identity = LOCAL,
     ) -> list[list[Hit]]:
-        check_search(k, mode)
-        searcher = self.ingestion().searcher
-        where = who.where()
-        return [
-            cast(list[Hit], searcher.search(str(q), k, mode=mode, where=where)) for q in queries
-        ]
+        results: list[list[Hit]] = []
+        for query in queries:  # no queries: nothing to check, nothing opened
+            check_search(k, mode)
+            searcher = self.ingestion().searcher
+            hits = searcher.search(str(query), k, mode=mode, where=who.where())
+            results.append(cast(list[Hit], hits))
+        return results
 
     def reconcile(
         self,
@@ -389,7 +395,8 @@ class LocalAppliance:
             )
         return f"{chat.backend}: {chat.url} ({chat.model})"
 
-    def models(self) -> Models:
+    def model_summary(self) -> Models:
+        """The serving chat model, the embedding model and the answers' feedback."""
         answerer = self.answerer()
         info: Models = {
             "active": ActiveModel(
@@ -407,12 +414,11 @@ class LocalAppliance:
         }
         return info
 
-    def models_with_versions(self) -> Models:
-        """``models()`` with the registry's versions and a failed switch's reason
-        (``GET /admin/models``)."""
+    def models(self) -> Models:
+        """``model_summary()`` with the registry's versions and a failed switch's reason."""
         from finetune.registry import ModelRegistry
 
-        info = self.models()
+        info = self.model_summary()
         answerer = self.answerer()
         chat = answerer.chat if answerer is not None else None
         info["switch_error"] = getattr(chat, "switch_error", None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +24,16 @@ from appliance.protocols import Embedder, StoreBackend
 from appliance.settings import Settings
 
 if TYPE_CHECKING:
-    from appliance.api import ServiceClient
+    from appliance.accounts import Accounts
+    from appliance.answering import Answerer
+    from appliance.api import ApiServer, Request, ServiceClient
     from appliance.appliance import Appliance
+    from appliance.audit import AuditLog
+    from appliance.conversations import ConversationStore
+    from appliance.metrics import Metrics, MetricsServer
+    from appliance.service import CoreService
+    from ingest.pipeline import IngestReport
+    from ingest.watcher import FolderWatcher
 
 log = logging.getLogger(__name__)
 
@@ -274,14 +283,16 @@ def build_active_chat_model(settings: Settings) -> Any:
     )
 
 
-def build_answerer(settings: Settings, ingestion: Ingestion) -> Any:
+def build_answerer(
+    settings: Settings, ingestion: Ingestion, *, owner: ExitStack | None = None
+) -> Answerer:
     """The answering engine over the ingestion's searchable collection, with the configured
-    chat model; the model is closed with the ingestion."""
+    chat model; the model is closed by ``owner`` (default: with the ingestion)."""
     from appliance.answering import Answerer, CrossEncoderReranker
     from appliance.turnstile import Turnstile
 
     chat = build_active_chat_model(settings)
-    ingestion._stack.callback(chat.close)
+    (owner or ingestion._stack).callback(chat.close)
     path = settings.answer.rerank_model_path
     return Answerer(
         index=lambda: ingestion.searcher,
@@ -295,20 +306,87 @@ def build_answerer(settings: Settings, ingestion: Ingestion) -> Any:
     )
 
 
+def build_watcher(
+    settings: Settings, ingestion: Ingestion, on_report: Callable[[IngestReport], None]
+) -> FolderWatcher:
+    """The watcher that keeps the index equal to the documents folder."""
+    from ingest.watcher import FolderWatcher
+
+    return FolderWatcher(ingestion.indexer, settings.ingest, on_report=on_report)
+
+
+def build_api_server(
+    settings: Settings, routes: dict[tuple[str, str], Callable[[Request], Any]]
+) -> ApiServer:
+    """The local API (it listens at once: a taken port fails here, before anything runs)."""
+    from appliance.api import ApiServer
+
+    service = settings.service
+    return ApiServer(
+        settings.data_dir,
+        service.host,
+        service.port,
+        routes,
+        unix_socket=service.unix_socket,
+        max_body=service.max_body_mb * 1024 * 1024,
+        max_connections=service.max_connections,
+    )
+
+
+def build_metrics_server(settings: Settings, metrics: Metrics) -> MetricsServer:
+    from appliance.metrics import MetricsServer
+
+    return MetricsServer(metrics, host=settings.metrics.host, port=settings.metrics.port)
+
+
+def assemble_core_service(
+    settings: Settings,
+    ingestion: Ingestion,
+    *,
+    role: str = "core service",
+    answerer: Answerer | None = None,
+    conversations: ConversationStore | None = None,
+    accounts: Accounts | None = None,
+    audit: AuditLog | None = None,
+    metrics: Metrics | None = None,
+    stack: ExitStack | None = None,
+) -> CoreService:
+    """The core service over parts already open (``stack`` closes them with the service):
+    its ``LocalAppliance``, and the watcher and servers that call back into it."""
+    from appliance.local import LocalAppliance
+    from appliance.service import CoreService
+
+    local = LocalAppliance(
+        settings,
+        role=role,
+        ingestion=ingestion,
+        answerer=answerer,
+        conversations=conversations,
+        accounts=accounts,
+    )
+    service = CoreService(local, accounts=accounts, audit=audit, metrics=metrics, stack=stack)
+    service.attach(
+        watcher=build_watcher(settings, ingestion, service.on_report),
+        api=build_api_server(settings, service.routes()),
+        metrics_server=build_metrics_server(settings, metrics) if metrics is not None else None,
+    )
+    return service
+
+
 def open_core_service(
     settings: Settings, docs_dir: Path, *, role: str, answering: bool = True
-) -> Any:
+) -> CoreService:
     """The core service with everything it owns: ingestion, the chat model, conversations,
-    accounts, the audit log and the metrics. Close it with ``service.ingestion.close()``."""
+    accounts, the audit log, the metrics, the watcher and the servers. Close it with
+    ``service.close()`` (or ``with service:``)."""
     from appliance.accounts import Accounts
     from appliance.audit import journal_anchor, open_audit_log
     from appliance.conversations import ConversationStore
     from appliance.metrics import Metrics
-    from appliance.service import CoreService
 
-    ingestion = open_ingestion(settings, docs_dir, role=role)
+    stack = ExitStack()
     try:
-        stack = ingestion._stack
+        ingestion = stack.enter_context(open_ingestion(settings, docs_dir, role=role))
         conversations = ConversationStore(settings.conversations_path)
         stack.callback(conversations.close)
         accounts = Accounts(settings.accounts_path, session_ttl_s=settings.session_hours * 3600)
@@ -318,24 +396,26 @@ def open_core_service(
         answerer = None
         if answering:
             try:
-                answerer = build_answerer(settings, ingestion)
+                answerer = build_answerer(settings, ingestion, owner=stack)
             except ApplianceError as exc:
                 log.error("answering is off: %s", exc)
-        owner: list[Any] = []  # the service, once built: /metrics refreshes from it per scrape
+        owner: list[CoreService] = []  # the service, once built: /metrics refreshes per scrape
         metrics = Metrics(collect=lambda: owner[0].refresh_metrics() if owner else None)
-        service = CoreService(
-            ingestion,
+        service = assemble_core_service(
             settings,
+            ingestion,
+            role=role,
             answerer=answerer,
             conversations=conversations,
             accounts=accounts,
             audit=audit,
             metrics=metrics,
+            stack=stack,
         )
         owner.append(service)
         return service
     except BaseException:
-        ingestion.close()
+        stack.close()
         raise
 
 
