@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from appliance.api import ApiServer, Request, ServiceClient
     from appliance.appliance import Appliance
     from appliance.audit import AuditLog
+    from appliance.chat_models import BaseChatModel, LlamaCppChatModel
+    from appliance.chat_settings import ChatSettings
     from appliance.conversations import ConversationStore
     from appliance.metrics import Metrics, MetricsServer
     from appliance.service import CoreService
@@ -247,40 +249,65 @@ def _old_embedder(settings: Settings, path: str | None, model_id: str | None) ->
     return model
 
 
-def build_active_chat_model(settings: Settings) -> Any:
-    """The chat model that answers. With llama.cpp that is the model registry's active version
-    (the configured or packaged GGUF is its base), checked by hash and switched without a
-    restart; server backends serve whatever model their settings name."""
-    from appliance.chat_models import (
-        GenerationParams,
-        build_chat_model,
-        default_chat_model_path,
-        llamacpp_chat_model,
-    )
+class ChatModels:
+    """The one factory of chat models, from the chat settings: the serving model (the model
+    registry's active version, switched without a restart), the configured model (synthetic
+    data), and a given GGUF (a registry version on activation, a candidate in the gate and the
+    golden evaluation, an export's smoke check). Every other module asks here, so which backend
+    and which generation defaults apply is decided in one place."""
 
-    chat = settings.chat
-    if chat.backend != "llamacpp":
-        return build_chat_model(chat)
-    from appliance.active_model import RegistryChatModel
-    from finetune.registry import ModelRegistry
+    def __init__(self, chat: ChatSettings, models_dir: Path | None = None) -> None:
+        self.chat = chat
+        self.models_dir = models_dir
 
-    base = chat.model_path or default_chat_model_path()
-    if not base.is_file():
-        return build_chat_model(chat)  # raises the actionable "not a file" error
-    registry = ModelRegistry(settings.models_dir)
-    try:
-        registry.ensure_base(base)
-    except ModelError as exc:
-        # The admin pointed chat.model_path at another model than the registry's base: serve
-        # what the settings say, and say why the registry's versions are not served.
-        log.warning("serving %s, not the model registry's active version: %s", base, exc)
-        return build_chat_model(chat)
-    params = GenerationParams(
-        max_tokens=chat.max_tokens, temperature=chat.temperature, seed=chat.seed
-    )
-    return RegistryChatModel(
-        registry, lambda path: llamacpp_chat_model(chat, path), default_params=params
-    )
+    def from_file(self, gguf: Path) -> LlamaCppChatModel:
+        """``gguf`` in llama.cpp with the settings' context, threads and generation defaults."""
+        from appliance.chat_models import llamacpp_chat_model
+
+        return llamacpp_chat_model(self.chat, Path(gguf))
+
+    def configured(self) -> BaseChatModel:
+        """The model the chat settings name, ignoring the model registry."""
+        from appliance.chat_models import build_chat_model
+
+        return build_chat_model(self.chat)
+
+    def serving(self) -> BaseChatModel:
+        """The chat model that answers. With llama.cpp that is the model registry's active
+        version (the configured or packaged GGUF is its base), checked by hash and switched
+        without a restart; server backends serve whatever model their settings name."""
+        from appliance.chat_models import GenerationParams, default_chat_model_path
+
+        chat = self.chat
+        if chat.backend != "llamacpp" or self.models_dir is None:
+            return self.configured()
+        from appliance.active_model import RegistryChatModel
+        from finetune.registry import ModelRegistry
+
+        base = chat.model_path or default_chat_model_path()
+        if not base.is_file():
+            return self.configured()  # raises the actionable "not a file" error
+        registry = ModelRegistry(self.models_dir)
+        try:
+            registry.ensure_base(base)
+        except ModelError as exc:
+            # The admin pointed chat.model_path at another model than the registry's base:
+            # serve what the settings say, and say why the registry's versions are not served.
+            log.warning("serving %s, not the model registry's active version: %s", base, exc)
+            return self.configured()
+        params = GenerationParams(
+            max_tokens=chat.max_tokens, temperature=chat.temperature, seed=chat.seed
+        )
+        return RegistryChatModel(registry, self.from_file, default_params=params)
+
+
+def chat_models(settings: Settings) -> ChatModels:
+    return ChatModels(settings.chat, settings.models_dir)
+
+
+def build_active_chat_model(settings: Settings) -> BaseChatModel:
+    """The chat model that answers (``ChatModels.serving``)."""
+    return chat_models(settings).serving()
 
 
 def build_answerer(
@@ -291,7 +318,7 @@ def build_answerer(
     from appliance.answering import Answerer, CrossEncoderReranker
     from appliance.turnstile import Turnstile
 
-    chat = build_active_chat_model(settings)
+    chat = chat_models(settings).serving()
     (owner or ingestion._stack).callback(chat.close)
     path = settings.answer.rerank_model_path
     return Answerer(

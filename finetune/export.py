@@ -405,8 +405,10 @@ def smoke_check(
     Raises ``ExportError`` when the file does not load or the answer is empty. The answer's
     correctness is the gate's job; this only proves the file is servable.
     """
-    from appliance.chat_models import ChatMessage, GenerationParams, LlamaCppChatModel
+    from appliance.chat_models import ChatMessage, GenerationParams
+    from appliance.chat_settings import ChatSettings
     from appliance.errors import ApplianceError
+    from appliance.wiring import ChatModels
 
     messages = [
         ChatMessage(
@@ -417,7 +419,9 @@ def smoke_check(
     ]
     params = GenerationParams(max_tokens=max_tokens, temperature=0.0, seed=0)
     try:
-        with LlamaCppChatModel(Path(gguf), n_ctx=512, n_threads=n_threads, seed=0) as model:
+        # A small context is enough for one short question; generation params are explicit.
+        smoke = ChatModels(ChatSettings(n_ctx=512, n_threads=n_threads, seed=0))
+        with smoke.from_file(Path(gguf)) as model:
             answer, _ = model.complete(messages, params)
     except ApplianceError as exc:
         raise ExportError(f"the exported model {gguf} failed its smoke check: {exc}") from exc

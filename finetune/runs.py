@@ -184,9 +184,9 @@ def evaluate_with_model(
     searching only the collections in ``where`` (an admin's grants; None: all, for the host's
     operator)."""
     from appliance.answering import Answerer
-    from appliance.chat_models import llamacpp_chat_model
+    from appliance.wiring import chat_models
 
-    with llamacpp_chat_model(settings.chat, gguf) as model:
+    with chat_models(settings).from_file(gguf) as model:
         twin = Answerer(
             index=answerer._index,
             chat=model,
@@ -367,7 +367,7 @@ def _gate(
     candidate: Path,
     say: Callable[[str], None],
 ) -> Any:
-    from appliance.chat_models import llamacpp_chat_model
+    from appliance.wiring import chat_models
     from finetune.gate import run_gate, write_report
 
     active = registry.active()
@@ -377,7 +377,7 @@ def _gate(
     report = run_gate(
         reference=reference,
         candidate=("candidate " + folder.name, candidate),
-        load=lambda path: llamacpp_chat_model(settings.chat, path),
+        load=chat_models(settings).from_file,
         heldout=heldout,
         golden=golden,
         golden_evaluator=golden_evaluator(settings) if golden else None,

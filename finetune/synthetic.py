@@ -282,9 +282,10 @@ def model_generator(
 ) -> Iterator[tuple[Generate, str]]:
     """The configured chat model as a ``Generate`` (greedy, seeded) and its name; the model is
     closed on exit."""
-    from appliance.chat_models import GenerationParams, build_chat_model
+    from appliance.chat_models import GenerationParams
+    from appliance.wiring import ChatModels
 
-    model = build_chat_model(chat)
+    model = ChatModels(chat).configured()
     params = GenerationParams(max_tokens=max_tokens, temperature=0.0, seed=seed)
     try:
 
