@@ -118,7 +118,7 @@ class LocalAppliance:
 
     def _read_state(self) -> IngestState:
         if self._ingestion is not None:
-            return cast("IngestState", self._ingestion.state)
+            return self._ingestion.state
         if self._state is None:
             from ingest.state import IngestState
 
@@ -242,11 +242,10 @@ class LocalAppliance:
         from appliance.wiring import ACTIVE_COLLECTION
         from finetune.synthetic import sample_chunks
 
+        state = self._read_state()
         if self._ingestion is not None:
-            state: Any = self._ingestion.state
             collection = self._ingestion.searcher.collection
         else:
-            state = self._read_state()
             collection = state.get_meta(ACTIVE_COLLECTION) or ""
         rows = sample_chunks(state, collection, limit, seed, readable=who.collections)
         return [cast(Chunk, c.as_json()) for c in rows]

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from appliance.accounts import Accounts
     from appliance.answering import Answerer
     from appliance.api import ApiServer
+    from appliance.appliance import SearchMode
     from appliance.audit import AuditLog
     from appliance.conversations import ConversationStore
     from appliance.local import LocalAppliance
@@ -82,7 +83,9 @@ def search_results(
     """One ``POST /search`` over ``ingestion``'s searchable collection."""
     k, mode = int(body.get("k", 5)), str(body.get("mode", "hybrid"))
     check_search(k, mode)
-    return ingestion.searcher.search(str(body["query"]), k, mode=mode, where=where)
+    return ingestion.searcher.search(
+        str(body["query"]), k, mode=cast("SearchMode", mode), where=where
+    )
 
 
 class CoreService:

@@ -34,7 +34,9 @@ if TYPE_CHECKING:
     from appliance.conversations import ConversationStore
     from appliance.metrics import Metrics, MetricsServer
     from appliance.service import CoreService
-    from ingest.pipeline import IngestReport
+    from ingest.parsers import ParseOptions
+    from ingest.pipeline import Indexer, IngestReport
+    from ingest.state import IngestState
     from ingest.watcher import FolderWatcher
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,7 @@ def build_backend(settings: Settings) -> StoreBackend:
     return EdgeBackend(settings.index_dir)
 
 
-def parse_options(settings: Settings) -> Any:
+def parse_options(settings: Settings) -> ParseOptions:
     """The parsers' options (``ingest.parsers.ParseOptions``) from the OCR and table settings."""
     from ingest.ocr import OcrOptions
     from ingest.parsers import ParseOptions
@@ -109,9 +111,10 @@ class Ingestion:
 
     settings: Settings
     docs_dir: Path
-    indexer: Any  # ingest.pipeline.Indexer
-    searcher: Any  # the Indexer whose collection serves searches now
-    state: Any
+    indexer: Indexer
+    searcher: Indexer
+    """The indexer whose collection serves searches now (the old one during a switch)."""
+    state: IngestState
     backend: StoreBackend
     _stack: ExitStack = field(repr=False)
     previous: str | None = None
@@ -224,7 +227,7 @@ def open_ingestion(
         raise
 
 
-def _activate(state: Any, settings: Settings, collection: str, model_id: str) -> None:
+def _activate(state: IngestState, settings: Settings, collection: str, model_id: str) -> None:
     """Record which collection (and so which embedding model) serves searches."""
     state.set_meta(ACTIVE_COLLECTION, collection)
     state.set_meta(ACTIVE_MODEL_PATH, _model_path(settings))

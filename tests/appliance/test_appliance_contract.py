@@ -73,6 +73,12 @@ def sides(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Side]]
         settings = _settings(root, docs)
         out[kind] = Side(kind, settings, settings.data_dir, docs)
     prepare_process(out["local"].settings)
+    from appliance.audit import open_audit_log
+
+    # The service audits from its start; give the other folder an audit log too, so that the
+    # backups differ in nothing but where they were made.
+    with open_audit_log(out["local"].settings) as audit:
+        audit.record("admin", "local:tests", action="contract")
     with connect(out["local"].settings, role="tests", docs_dir=out["local"].docs) as local:
         assert local.kind == "local"
         local.reconcile(out["local"].docs)
