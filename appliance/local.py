@@ -132,7 +132,7 @@ class LocalAppliance:
         if self._answerer is _UNBUILT:
             from appliance.wiring import build_answerer
 
-            self._answerer = build_answerer(self.settings, self.ingestion())
+            self._answerer = build_answerer(self.settings, self.ingestion(), owner=self._stack)
         return cast("Answerer | None", self._answerer)
 
     def _answering(self) -> Answerer:

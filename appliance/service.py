@@ -27,13 +27,11 @@ from typing import TYPE_CHECKING, Any, cast
 from appliance.api import Raw, Request
 from appliance.appliance import LOCAL, UNAVAILABLE, Identity, local_user
 from appliance.errors import AccessDenied, ApplianceError, AuthError
-from appliance.local import check_search
 
 if TYPE_CHECKING:
     from appliance.accounts import Accounts
     from appliance.answering import Answerer
     from appliance.api import ApiServer
-    from appliance.appliance import SearchMode
     from appliance.audit import AuditLog
     from appliance.conversations import ConversationStore
     from appliance.local import LocalAppliance
@@ -75,17 +73,6 @@ class RateLimit:
                 return None
             self._windows[key] = (start, admitted + 1, 0)
             return left_out
-
-
-def search_results(
-    ingestion: Ingestion, body: dict[str, Any], where: dict[str, list[str]] | None = None
-) -> list[dict[str, Any]]:
-    """One ``POST /search`` over ``ingestion``'s searchable collection."""
-    k, mode = int(body.get("k", 5)), str(body.get("mode", "hybrid"))
-    check_search(k, mode)
-    return ingestion.searcher.search(
-        str(body["query"]), k, mode=cast("SearchMode", mode), where=where
-    )
 
 
 class CoreService:
@@ -155,9 +142,7 @@ class CoreService:
             ("GET", "/auth/me"): lambda request: self._me(self.identify(request)),
             ("POST", "/auth/password"): self._change_password,
             ("GET", "/status"): admin(lambda _who, _b: self.status()),
-            ("POST", "/search"): user(
-                lambda who, b: search_results(self.ingestion, b, who.where())
-            ),
+            ("POST", "/search"): user(self._search),
             ("POST", "/search/batch"): user(self._search_batch),
             ("POST", "/reconcile"): admin(self._reconcile),
             ("POST", "/ask"): user(self._ask),
@@ -327,6 +312,11 @@ class CoreService:
                 )
 
     # --- search and answers ------------------------------------------------------------------
+
+    def _search(self, who: Identity, body: dict[str, Any]) -> list[dict[str, Any]]:
+        query = str(body["query"])
+        k, mode = int(body.get("k", 5)), str(body.get("mode", "hybrid"))
+        return cast(list[dict[str, Any]], self.local.search([query], k, mode, who=who)[0])  # type: ignore[arg-type]
 
     def _search_batch(self, who: Identity, body: dict[str, Any]) -> list[list[dict[str, Any]]]:
         queries = body["queries"]
