@@ -28,8 +28,6 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_HELD = 3
 EXIT_GATE = 4
-OPTIMIZE_AFTER = 1000
-"""Chunks written or documents removed by one ingest after which the index is optimized."""
 
 
 def _setup_logging(settings: Settings, verbose: bool, to_file: bool) -> None:
@@ -73,34 +71,23 @@ def _quiet_model_loading() -> None:
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
-    from appliance.api import ServiceClient
-    from appliance.wiring import open_ingestion
+    from appliance.wiring import connect
 
     docs = Path(args.folder)
-    client = ServiceClient.find(settings.data_dir)
-    if client is not None:
-        report = client.call(
-            "POST",
-            "/reconcile",
-            {"docs_dir": str(docs), "confirm_deletions": args.confirm_deletions},
+    _quiet_model_loading()
+    with connect(settings, role="appliance ingest", docs_dir=docs) as appliance:
+        progress = (
+            _progress_bar()
+            if appliance.kind == "local" and sys.stderr.isatty() and not args.json
+            else None
         )
-    else:
-        _quiet_model_loading()
-        with open_ingestion(settings, docs, role="appliance ingest") as ingestion:
-            progress = _progress_bar() if sys.stderr.isatty() and not args.json else None
-            try:
-                result = ingestion.indexer.reconcile(
-                    confirm_deletions=args.confirm_deletions, progress=progress
-                )
-            finally:
-                if progress is not None:
-                    progress.close()  # type: ignore[attr-defined]
-            if result.chunks + result.removed >= OPTIMIZE_AFTER:
-                # a one-shot ingest is the quiet moment to build the search index
-                ingestion.indexer.store.optimize()
-            if result.held_deletions == 0:
-                ingestion.finish_switch()
-            report = result.as_json()
+        try:
+            report = appliance.reconcile(
+                docs, confirm_deletions=args.confirm_deletions, progress=progress
+            )
+        finally:
+            if progress is not None:
+                progress.close()  # type: ignore[attr-defined]
     if args.json:
         _print_json(
             {
@@ -165,7 +152,7 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
         service.api.alive,
         status=lambda: f"watching {docs}; API on {settings.service.host}:{service.api.port}",
     )
-    with service.ingestion, notifier:
+    with service, notifier:
         _ensure_first_admin(service, settings)
         print(
             f"core service: watching {docs} (data in {settings.data_dir}), API on "
@@ -264,7 +251,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     docs.mkdir(parents=True, exist_ok=True)
     stop = _stop_on_signals()
     service = open_core_service(settings, docs, role="appliance up")
-    with service.ingestion:
+    with service:
         _ensure_first_admin(service, settings)
         ui = subprocess.Popen(_ui_command(settings), env=_ui_env(settings))
         print(
@@ -291,22 +278,11 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _local_or_service(settings: Settings) -> Any:
-    """The running service's client, or None when this process may open the store itself."""
-    from appliance.api import ServiceClient
-
-    return ServiceClient.find(settings.data_dir)
-
-
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    client = _local_or_service(settings)
-    if client is not None:
-        status = client.call("GET", "/status")
-    else:
-        if not settings.state_path.exists():
-            status = {"documents": 0, "chunks": 0, "failed": [], "in_progress": [], "stuck": []}
-        else:
-            status = _offline_status(settings)
+    from appliance.wiring import connect
+
+    with connect(settings, role="appliance status") as appliance:
+        status: dict[str, Any] = dict(appliance.status())
     if args.json:
         _print_json(status)
         return 0
@@ -335,36 +311,6 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _offline_status(settings: Settings) -> dict[str, Any]:
-    """Status read from the ingestion state alone: no model is loaded."""
-    from appliance.core.ownership import DataDirLock
-    from ingest.state import ACTIVE_COLLECTION, IngestState
-
-    with DataDirLock(settings.data_dir, "appliance status"):
-        state = IngestState(settings.state_path)
-        try:
-            collection = state.get_meta(ACTIVE_COLLECTION) or ""
-            documents, chunks = state.counts(collection)
-            files = state.files(collection)
-            return {
-                "collection": collection,
-                "documents": documents,
-                "chunks": chunks,
-                "failed": [
-                    {"path": r.path, "reason": r.reason or "failed"}
-                    for r in sorted(files.values(), key=lambda r: r.path)
-                    if r.state == "failed"
-                ],
-                "in_progress": sorted(
-                    r.path for r in files.values() if r.state in ("queued", "parsing", "embedding")
-                ),
-                "stuck": [],
-                "held_deletions": state.get_meta("held_deletions"),
-            }
-        finally:
-            state.close()
-
-
 def _read_queries(path: Path) -> list[str]:
     questions = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -385,7 +331,7 @@ def _result_view(hit: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
-    from appliance.wiring import open_ingestion
+    from appliance.wiring import connect
 
     if args.queries:
         queries = _read_queries(Path(args.queries))
@@ -393,20 +339,12 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
         queries = [args.query]
     else:
         raise ApplianceError("give a QUERY or --queries FILE")
-    client = _local_or_service(settings)
-    if client is not None:
-        batches = client.call(
-            "POST", "/search/batch", {"queries": queries, "k": args.k, "mode": args.mode}
-        )
-    else:
-        _quiet_model_loading()
-        try:
-            from ingest.retrieval import search
-
-            with open_ingestion(settings, settings.ingest.docs_dir, role="appliance search") as ing:
-                batches = [search(ing.searcher, q, args.k, mode=args.mode) for q in queries]
-        except StoreLockedError as exc:
-            raise ServiceError(f"{exc}") from exc
+    _quiet_model_loading()
+    try:
+        with connect(settings, role="appliance search") as appliance:
+            batches: list[Any] = appliance.search(queries, args.k, args.mode)
+    except StoreLockedError as exc:
+        raise ServiceError(f"{exc}") from exc
     if args.queries:
         for question, hits in zip(queries, batches, strict=True):
             _print_json({"question": question, "results": [_result_view(h) for h in hits]})
@@ -425,43 +363,14 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _local_answering(settings: Settings) -> Any:
-    """Own the data folder for one command and build the answering engine over it."""
-    from contextlib import ExitStack
-
-    from appliance.conversations import ConversationStore
-    from appliance.wiring import build_answerer, open_ingestion
-
-    _quiet_model_loading()
-    stack = ExitStack()
-    try:
-        ingestion = stack.enter_context(
-            open_ingestion(settings, settings.ingest.docs_dir, role="appliance ask")
-        )
-        conversations = ConversationStore(settings.conversations_path)
-        stack.callback(conversations.close)
-        return stack, build_answerer(settings, ingestion), conversations
-    except BaseException:
-        stack.close()
-        raise
-
-
 def _ask_events(settings: Settings, body: dict[str, Any]) -> Any:
     """Events of one question, from the running service or a local engine."""
-    from appliance.answering import ask_events
+    from appliance.wiring import connect
 
-    client = _local_or_service(settings)
-    if client is not None:
-        yield from client.stream("/ask", body | {"stream": True})
-        return
-    stack, answerer, conversations = _local_answering(settings)
-    with stack:
-        yield from ask_events(
-            answerer,
-            conversations,
-            body["question"],
-            user=body["user"],
-            conversation=body.get("conversation"),
+    _quiet_model_loading()
+    with connect(settings, role="appliance ask") as appliance:
+        yield from appliance.ask(
+            body["question"], user=body["user"], conversation=body.get("conversation")
         )
 
 
@@ -538,34 +447,26 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     items = load_golden(Path(args.golden), args.limit)
     if args.mode:
         settings.answer.retrieval_mode = args.mode
-    client = _local_or_service(settings)
     show = sys.stderr.isatty() and not args.json
 
     def progress(done: int, total: int) -> None:
         if show:
             print(f"\r{done}/{total} questions", end="", file=sys.stderr, flush=True)
 
-    def asker(answer: Any) -> Any:
-        return lambda q: answer(q)["answer"]
+    from appliance.wiring import connect
 
-    if client is not None:
-        if args.mode:
+    _quiet_model_loading()
+    with connect(settings, role="appliance ask") as appliance:
+        if args.mode and appliance.kind == "remote":
             raise ApplianceError("--mode needs the index to itself: stop the core service first")
+        # Through the service each question is a conversation of the user "eval"; locally
+        # none is saved (as before the one interface).
         result = evaluate(
             items,
-            asker(lambda q: client.call("POST", "/ask", {"question": q, "user": "eval"})),
+            lambda q: dict(appliance.answer(q, user="eval")),
             k=settings.answer.top_k,
             progress=progress,
         )
-    else:
-        stack, answerer, _ = _local_answering(settings)
-        with stack:
-            result = evaluate(
-                items,
-                lambda q: answerer.answer(q).as_json(),
-                k=settings.answer.top_k,
-                progress=progress,
-            )
     if show:
         print(file=sys.stderr)
     if args.report:
@@ -879,7 +780,7 @@ _COMMAND_MODULES = (
     "appliance.commands.dataset",
     "appliance.commands.models",
     "appliance.doctor",
-    "appliance.backup",
+    "appliance.commands.backup",
 )
 
 

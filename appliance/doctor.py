@@ -29,11 +29,14 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from appliance.core.errors import ApplianceError
 from appliance.core.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from appliance.appliance import Appliance
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -316,11 +319,13 @@ def _count_documents_read_only(state_path: Path) -> tuple[int, int]:
         conn.close()
 
 
-def check_index(settings: Settings, client: Any) -> Check:
+def check_index(settings: Settings, service: Appliance | None) -> Check:
+    """Through the running service's status; without one, a read-only look at the state (the
+    doctor never takes the data folder's lock: a one-shot command may hold it)."""
     name = "index"
-    if client is not None:
+    if service is not None:
         try:
-            status = client.call("GET", "/status", timeout=10.0)
+            status = service.status()
         except ApplianceError as exc:
             return _fail(name, f"the core service did not answer /status: {exc}", _RESTART)
         watcher = (status.get("watcher") or {}).get("state", "?")
@@ -854,7 +859,8 @@ def run_checks(
     unit_dir: Path = UNIT_DIR,
 ) -> list[Check]:
     """Every check of an installation whose settings loaded."""
-    from appliance.api import ServiceClient
+    from appliance.remote import RemoteAppliance
+    from appliance.wiring import find_service
 
     system = system or (unit_dir / UNITS[0]).is_file()
     checks = [_ok("config", f"loaded from {config_source}")]
@@ -862,8 +868,9 @@ def run_checks(
     checks.append(check_embedding_model(settings))
     checks += check_chat_model(settings)
     checks.append(check_ocr(settings))
-    client = ServiceClient.find(settings.data_dir) if settings.data_dir.is_dir() else None
-    checks.append(check_index(settings, client))
+    client = find_service(settings) if settings.data_dir.is_dir() else None
+    service = RemoteAppliance(client, timeout=10.0) if client is not None else None
+    checks.append(check_index(settings, service))
     checks += check_ports(settings, client)
     checks += check_network(settings, unit_dir, system)
     checks.append(check_offline_env())

@@ -27,12 +27,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _registry(service: CoreService) -> Any:
-    from finetune.registry import ModelRegistry
-
-    return ModelRegistry(service.settings.models_dir)
-
-
 def _inside(path: Path, folder: Path) -> bool:
     try:
         path.resolve().relative_to(folder.resolve())
@@ -72,33 +66,20 @@ def model_routes(service: CoreService) -> dict[tuple[str, str], Callable[[Reques
     settings = service.settings
 
     def models(_who: Identity, _body: dict[str, Any]) -> dict[str, Any]:
-        info = service.models_info()
-        chat = service.answerer.chat if service.answerer is not None else None
-        info["switch_error"] = getattr(chat, "switch_error", None)
-        try:
-            info["versions"] = _registry(service).versions()
-        except ApplianceError as exc:
-            info["versions"], info["registry_error"] = [], str(exc)
-        return info
+        return dict(service.local.models())
 
     def activate(who: Identity, body: dict[str, Any]) -> dict[str, Any]:
-        registry = _registry(service)
-        version = str(body.get("version", ""))
-        if body.get("rollback"):
-            version = registry.rollback()
-        else:
-            registry.activate(version, force=bool(body.get("force")))
+        rollback = bool(body.get("rollback"))
+        result = service.local.activate_model(
+            str(body.get("version", "")), force=bool(body.get("force")), rollback=rollback
+        )
         service.audit_event(
             "admin",
             who.username,
-            action="model_rollback" if body.get("rollback") else "model_activate",
-            target=version,
+            action="model_rollback" if rollback else "model_activate",
+            target=result["active"],
         )
-        chat = service.answerer.chat if service.answerer is not None else None
-        reload_now = getattr(chat, "reload_now", None)
-        if reload_now is not None:
-            reload_now()
-        return {"active": version, "switch_error": getattr(chat, "switch_error", None)}
+        return dict(result)
 
     def runs(_who: Identity, _body: dict[str, Any]) -> dict[str, Any]:
         from finetune.data import list_datasets
@@ -147,7 +128,6 @@ def model_routes(service: CoreService) -> dict[tuple[str, str], Callable[[Reques
 
     def evaluate(who: Identity, body: dict[str, Any]) -> dict[str, Any]:
         from appliance.core.evaluation import GoldenItem
-        from appliance.golden import evaluate_with_model
 
         if service.answerer is None:
             raise ApplianceError("this service has no answering engine to evaluate with")
@@ -169,7 +149,7 @@ def model_routes(service: CoreService) -> dict[tuple[str, str], Callable[[Reques
         service.audit_event(
             "admin", who.username, action="finetune_evaluate", target=gguf.name, items=len(items)
         )
-        return evaluate_with_model(settings, service.answerer, gguf, items, who.where())
+        return service.local.evaluate(gguf, items, who=who)
 
     return {
         ("GET", "/admin/models"): admin(models),

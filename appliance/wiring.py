@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +26,21 @@ from ingest.state import ACTIVE_COLLECTION, ACTIVE_MODEL_ID, ACTIVE_MODEL_PATH
 
 if TYPE_CHECKING:
     # Annotations only: importing these at run time would load the model libraries.
+    from appliance.accounts import Accounts
     from appliance.answering import Answerer
+    from appliance.api import ApiServer, Request, ServiceClient
+    from appliance.appliance import Appliance
     from appliance.chat.base import BaseChatModel
+    from appliance.chat.llamacpp import LlamaCppChatModel
+    from appliance.conversations import ConversationStore
+    from appliance.core.audit import AuditLog
+    from appliance.core.chat_settings import ChatSettings
+    from appliance.metrics import Metrics, MetricsServer
     from appliance.service import CoreService
     from ingest.parsers import ParseOptions
-    from ingest.pipeline import Indexer
+    from ingest.pipeline import Indexer, IngestReport
     from ingest.state import IngestState
+    from ingest.watcher import FolderWatcher
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +112,7 @@ class Ingestion:
     docs_dir: Path
     indexer: Indexer
     searcher: Indexer
-    """The indexer whose collection serves searches now (the previous one during a switch)."""
+    """The indexer whose collection serves searches now (the old one during a switch)."""
     state: IngestState
     backend: StoreBackend
     _stack: ExitStack = field(repr=False)
@@ -143,8 +153,11 @@ def open_ingestion(
     *,
     role: str,
     embedder: Embedder | None = None,
+    lock: bool = True,
 ) -> Ingestion:
-    """Own the data folder and build the indexer (and, during a model switch, the old searcher)."""
+    """Own the data folder and build the indexer (and, during a model switch, the old searcher).
+
+    ``lock=False``: the caller already holds the data folder's lock (``LocalAppliance``)."""
     from ingest.embedders import Bm25Encoder
     from ingest.parsers import supported_suffixes
     from ingest.pipeline import Indexer
@@ -153,7 +166,8 @@ def open_ingestion(
 
     stack = ExitStack()
     try:
-        stack.enter_context(DataDirLock(settings.data_dir, role))
+        if lock:
+            stack.enter_context(DataDirLock(settings.data_dir, role))
         state = IngestState(settings.state_path)
         stack.callback(state.close)
         embedder = embedder or build_embedder(settings)
@@ -237,47 +251,78 @@ def _old_embedder(settings: Settings, path: str | None, model_id: str | None) ->
     return model
 
 
+class ChatModels:
+    """The one factory of chat models, from the chat settings: the serving model (the model
+    registry's active version, switched without a restart), the configured model (synthetic
+    data), and a given GGUF (a registry version on activation, a candidate in the gate and the
+    golden evaluation, an export's smoke check). Every other module asks here, so which backend
+    and which generation defaults apply is decided in one place."""
+
+    def __init__(self, chat: ChatSettings, models_dir: Path | None = None) -> None:
+        self.chat = chat
+        self.models_dir = models_dir
+
+    def from_file(self, gguf: Path) -> LlamaCppChatModel:
+        """``gguf`` in llama.cpp with the settings' context, threads and generation defaults."""
+        from appliance.chat.factory import llamacpp_chat_model
+
+        return llamacpp_chat_model(self.chat, Path(gguf))
+
+    def configured(self) -> BaseChatModel:
+        """The model the chat settings name, ignoring the model registry."""
+        from appliance.chat.factory import build_chat_model
+
+        return build_chat_model(self.chat)
+
+    def serving(self) -> BaseChatModel:
+        """The chat model that answers. With llama.cpp that is the model registry's active
+        version (the configured or packaged GGUF is its base), checked by hash and switched
+        without a restart; server backends serve whatever model their settings name."""
+        from appliance.core.chat_settings import default_chat_model_path
+        from appliance.core.protocols import GenerationParams
+
+        chat = self.chat
+        if chat.backend != "llamacpp" or self.models_dir is None:
+            return self.configured()
+        from appliance.active_model import RegistryChatModel
+        from finetune.registry import ModelRegistry
+
+        base = chat.model_path or default_chat_model_path()
+        if not base.is_file():
+            return self.configured()  # raises the actionable "not a file" error
+        registry = ModelRegistry(self.models_dir)
+        try:
+            registry.ensure_base(base)
+        except ModelError as exc:
+            # The admin pointed chat.model_path at another model than the registry's base:
+            # serve what the settings say, and say why the registry's versions are not served.
+            log.warning("serving %s, not the model registry's active version: %s", base, exc)
+            return self.configured()
+        params = GenerationParams(
+            max_tokens=chat.max_tokens, temperature=chat.temperature, seed=chat.seed
+        )
+        return RegistryChatModel(registry, self.from_file, default_params=params)
+
+
+def chat_models(settings: Settings) -> ChatModels:
+    return ChatModels(settings.chat, settings.models_dir)
+
+
 def build_active_chat_model(settings: Settings) -> BaseChatModel:
-    """The chat model that answers. With llama.cpp that is the model registry's active version
-    (the configured or packaged GGUF is its base), checked by hash and switched without a
-    restart; server backends serve whatever model their settings name."""
-    from appliance.chat.factory import build_chat_model, llamacpp_chat_model
-    from appliance.core.chat_settings import default_chat_model_path
-    from appliance.core.protocols import GenerationParams
-
-    chat = settings.chat
-    if chat.backend != "llamacpp":
-        return build_chat_model(chat)
-    from appliance.active_model import RegistryChatModel
-    from finetune.registry import ModelRegistry
-
-    base = chat.model_path or default_chat_model_path()
-    if not base.is_file():
-        return build_chat_model(chat)  # raises the actionable "not a file" error
-    registry = ModelRegistry(settings.models_dir)
-    try:
-        registry.ensure_base(base)
-    except ModelError as exc:
-        # The admin pointed chat.model_path at another model than the registry's base: serve
-        # what the settings say, and say why the registry's versions are not served.
-        log.warning("serving %s, not the model registry's active version: %s", base, exc)
-        return build_chat_model(chat)
-    params = GenerationParams(
-        max_tokens=chat.max_tokens, temperature=chat.temperature, seed=chat.seed
-    )
-    return RegistryChatModel(
-        registry, lambda path: llamacpp_chat_model(chat, path), default_params=params
-    )
+    """The chat model that answers (``ChatModels.serving``)."""
+    return chat_models(settings).serving()
 
 
-def build_answerer(settings: Settings, ingestion: Ingestion) -> Answerer:
+def build_answerer(
+    settings: Settings, ingestion: Ingestion, *, owner: ExitStack | None = None
+) -> Answerer:
     """The answering engine over the ingestion's searchable collection, with the configured
-    chat model; the model is closed with the ingestion."""
+    chat model; the model is closed by ``owner`` (default: with the ingestion)."""
     from appliance.answering import Answerer, CrossEncoderReranker
     from appliance.turnstile import Turnstile
 
-    chat = build_active_chat_model(settings)
-    ingestion._stack.callback(chat.close)
+    chat = chat_models(settings).serving()
+    (owner or ingestion._stack).callback(chat.close)
     path = settings.answer.rerank_model_path
     return Answerer(
         index=lambda: ingestion.searcher,
@@ -291,20 +336,87 @@ def build_answerer(settings: Settings, ingestion: Ingestion) -> Answerer:
     )
 
 
+def build_watcher(
+    settings: Settings, ingestion: Ingestion, on_report: Callable[[IngestReport], None]
+) -> FolderWatcher:
+    """The watcher that keeps the index equal to the documents folder."""
+    from ingest.watcher import FolderWatcher
+
+    return FolderWatcher(ingestion.indexer, settings.ingest, on_report=on_report)
+
+
+def build_api_server(
+    settings: Settings, routes: dict[tuple[str, str], Callable[[Request], Any]]
+) -> ApiServer:
+    """The local API (it listens at once: a taken port fails here, before anything runs)."""
+    from appliance.api import ApiServer
+
+    service = settings.service
+    return ApiServer(
+        settings.data_dir,
+        service.host,
+        service.port,
+        routes,
+        unix_socket=service.unix_socket,
+        max_body=service.max_body_mb * 1024 * 1024,
+        max_connections=service.max_connections,
+    )
+
+
+def build_metrics_server(settings: Settings, metrics: Metrics) -> MetricsServer:
+    from appliance.metrics import MetricsServer
+
+    return MetricsServer(metrics, host=settings.metrics.host, port=settings.metrics.port)
+
+
+def assemble_core_service(
+    settings: Settings,
+    ingestion: Ingestion,
+    *,
+    role: str = "core service",
+    answerer: Answerer | None = None,
+    conversations: ConversationStore | None = None,
+    accounts: Accounts | None = None,
+    audit: AuditLog | None = None,
+    metrics: Metrics | None = None,
+    stack: ExitStack | None = None,
+) -> CoreService:
+    """The core service over parts already open (``stack`` closes them with the service):
+    its ``LocalAppliance``, and the watcher and servers that call back into it."""
+    from appliance.local import LocalAppliance
+    from appliance.service import CoreService
+
+    local = LocalAppliance(
+        settings,
+        role=role,
+        ingestion=ingestion,
+        answerer=answerer,
+        conversations=conversations,
+        accounts=accounts,
+    )
+    service = CoreService(local, accounts=accounts, audit=audit, metrics=metrics, stack=stack)
+    service.attach(
+        watcher=build_watcher(settings, ingestion, service.on_report),
+        api=build_api_server(settings, service.routes()),
+        metrics_server=build_metrics_server(settings, metrics) if metrics is not None else None,
+    )
+    return service
+
+
 def open_core_service(
     settings: Settings, docs_dir: Path, *, role: str, answering: bool = True
 ) -> CoreService:
     """The core service with everything it owns: ingestion, the chat model, conversations,
-    accounts, the audit log and the metrics. Close it with ``service.ingestion.close()``."""
+    accounts, the audit log, the metrics, the watcher and the servers. Close it with
+    ``service.close()`` (or ``with service:``)."""
     from appliance.accounts import Accounts
     from appliance.conversations import ConversationStore
     from appliance.core.audit import journal_anchor, open_audit_log
     from appliance.metrics import Metrics
-    from appliance.service import CoreService
 
-    ingestion = open_ingestion(settings, docs_dir, role=role)
+    stack = ExitStack()
     try:
-        stack = ingestion._stack
+        ingestion = stack.enter_context(open_ingestion(settings, docs_dir, role=role))
         conversations = ConversationStore(settings.conversations_path)
         stack.callback(conversations.close)
         accounts = Accounts(settings.accounts_path, session_ttl_s=settings.session_hours * 3600)
@@ -314,22 +426,50 @@ def open_core_service(
         answerer = None
         if answering:
             try:
-                answerer = build_answerer(settings, ingestion)
+                answerer = build_answerer(settings, ingestion, owner=stack)
             except ApplianceError as exc:
                 log.error("answering is off: %s", exc)
-        owner: list[Any] = []  # the service, once built: /metrics refreshes from it per scrape
+        owner: list[CoreService] = []  # the service, once built: /metrics refreshes per scrape
         metrics = Metrics(collect=lambda: owner[0].refresh_metrics() if owner else None)
-        service = CoreService(
-            ingestion,
+        service = assemble_core_service(
             settings,
+            ingestion,
+            role=role,
             answerer=answerer,
             conversations=conversations,
             accounts=accounts,
             audit=audit,
             metrics=metrics,
+            stack=stack,
         )
         owner.append(service)
         return service
     except BaseException:
-        ingestion.close()
+        stack.close()
         raise
+
+
+def find_service(settings: Settings) -> ServiceClient | None:
+    """The client of the data folder's running core service, or None when none answers."""
+    from appliance.api import ServiceClient
+
+    return ServiceClient.find(settings.data_dir)
+
+
+def connect(settings: Settings, *, role: str, docs_dir: Path | None = None) -> Appliance:
+    """The data folder's appliance, chosen once: through the running core service when one
+    answers (it owns the index), else opened in this process under the data folder's lock,
+    as ``role`` (the name a second writer is told). Close it (it is a context manager)."""
+    from appliance.local import LocalAppliance
+    from appliance.remote import RemoteAppliance
+
+    client = find_service(settings)
+    if client is not None:
+        return RemoteAppliance(client)
+    return LocalAppliance(
+        settings,
+        role=role,
+        docs_dir=docs_dir,
+        open_ingestion=open_ingestion,
+        build_answerer=build_answerer,
+    )

@@ -56,11 +56,11 @@ from ingest.identity import file_name_terms, identity_line
 from ingest.safe_open import Staging, UnsafeDocument
 from ingest.scan import FoundFile, walk
 from ingest.state import ChunkRow, FileRow, IngestState
+from ingest.status import HELD_DELETIONS, index_status
 
 log = logging.getLogger(__name__)
 
 _POINT_NS = uuid.UUID("6f1c2f0e-8d7a-4b8e-9a51-3c0d2b7e9f10")
-HELD_DELETIONS = "held_deletions"
 CACHE_TTL_S = 24 * 3600
 
 
@@ -643,32 +643,10 @@ class Indexer:
     # --- reading -----------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        files = self.state.files(self.collection)
-        documents, chunks = self.state.counts(self.collection)
-        now = time.time()
-        stuck_after = self.settings.stuck_after_s
-        return {
-            "collection": self.collection,
-            "documents": documents,
-            "chunks": chunks,
-            "failed": [
-                {"path": r.path, "reason": r.reason or "failed"}
-                for r in sorted(files.values(), key=lambda r: r.path)
-                if r.state == "failed"
-            ],
-            "in_progress": sorted(
-                r.path for r in files.values() if r.state in ("queued", "parsing", "embedding")
-            ),
-            "stuck": [
-                {"path": r.path, "state": r.state, "seconds": round(now - r.state_since)}
-                for r in sorted(files.values(), key=lambda r: r.path)
-                if r.state in ("queued", "parsing", "embedding")
-                and now - r.state_since > stuck_after
-            ],
-            "held_deletions": self.state.get_meta(HELD_DELETIONS),
-            "paused": self.paused,
-            "parsing": self._parse_progress(),
-        }
+        out = index_status(self.state, self.collection, stuck_after_s=self.settings.stuck_after_s)
+        out["paused"] = self.paused
+        out["parsing"] = self._parse_progress()
+        return out
 
     def _parse_progress(self) -> dict[str, Any] | None:
         """The file being OCR'd, as ``{"path", "pages_done", "pages"}`` (None otherwise)."""

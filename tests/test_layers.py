@@ -32,6 +32,8 @@ APPLICATION = frozenset(
         "appliance.model_routes",
         "appliance.run_tools",
         "appliance.appliance",
+        "appliance.local",
+        "appliance.remote",
         "appliance.__main__",
     }
 )

@@ -54,8 +54,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator:  # type: igno
     svc.accounts.grant("legal-team", ["legal"])
     svc.accounts.grant("hr-team", ["hr"])
     yield svc
-    svc.stop()
-    svc.ingestion.close()
+    svc.close()
 
 
 def client_for(service, username: str | None = None) -> ServiceClient:  # type: ignore[no-untyped-def]

@@ -432,10 +432,10 @@ def test_docs_source_without_an_index_says_what_to_do(settings: Settings) -> Non
 def test_docs_source_reads_chunks_through_the_service(settings: Settings, indexed: Any) -> None:
     from appliance.api import ServiceClient
     from appliance.core.errors import ServiceError
-    from appliance.service import CoreService
+    from appliance.wiring import assemble_core_service
     from finetune.synthetic import sample_chunks
 
-    service = CoreService(indexed, settings)
+    service = assemble_core_service(settings, indexed)
     service.api.start()  # the API alone: the index is already built
     try:
         client = ServiceClient.find(settings.data_dir)

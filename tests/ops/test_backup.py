@@ -163,8 +163,7 @@ def test_backup_through_the_running_service(
             for r in read(settings.audit_path)
         )
     finally:
-        service.stop()
-        service.ingestion.close()
+        service.close()
     fresh = fresh_settings(settings, tmp_path / "restored")
     with DataDirLock(fresh.data_dir, "tests"):
         result = restore_backup(fresh, backup)

@@ -60,8 +60,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     svc.accounts.add_user("chief", PASSWORD, role="admin", groups=["legal-team"])
     svc.accounts.grant("legal-team", ["legal"])
     yield svc
-    svc.stop()
-    svc.ingestion.close()
+    svc.close()
 
 
 def raw_call(

@@ -98,15 +98,13 @@ def start_core(data: Path, docs: Path, role: str) -> Core:
         service.accounts.grant("legal", ["legal"])
         service.accounts.grant("hr", ["hr"])
     except BaseException:
-        service.stop()
-        service.ingestion.close()
+        service.close()
         raise
     return Core(service, settings, docs)
 
 
 def stop_core(core: Core) -> None:
-    core.service.stop()
-    core.service.ingestion.close()
+    core.service.close()
 
 
 @pytest.fixture(scope="session")
