@@ -36,11 +36,12 @@ from __future__ import annotations
 import codecs
 import ctypes
 import logging
+import os
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,21 @@ class EngineStats:
     """Admissions that copied another slot's cache."""
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """One decode step, as told to step observers."""
+
+    sequences: int
+    """Requests in the batch (decoding or being prefilled)."""
+    tokens: int
+    prefill_tokens: int
+    seconds: float
+    """The decode call and the sampling after it."""
+
+
+StepObserver = Callable[[StepInfo], None]
+
+
 @dataclass
 class _Request:
     tokens: list[int]
@@ -182,18 +198,18 @@ class BatchedLlamaCppChatModel(LlamaCppChatModel):
         self,
         path: Path,
         *,
-        slots: int,
+        slots: int | None = None,
         n_ctx: int = 4096,
         n_threads: int | None = None,
         seed: int | None = None,
         prefill_chunk: int = 128,
         default_params: GenerationParams | None = None,
     ) -> None:
-        if slots < 1:
+        if slots is not None and slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, not {prefill_chunk}")
-        self._slots_n = slots
+        self._slots_n = slots or 0  # 0: sized in _load, once the model's KV size is known
         self._chunk = prefill_chunk
         self._ctx: Any = None
         self._batch: Any = None
@@ -209,11 +225,12 @@ class BatchedLlamaCppChatModel(LlamaCppChatModel):
             raise
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()
-        self._slots = [_Slot(seq=i) for i in range(slots)]
+        self._slots = [_Slot(seq=i) for i in range(self._slots_n)]
         self._stopping = False
         self._failure: BaseException | None = None
         self._steps = self._batched = self._last_batch = self._generated = 0
         self._prompt_total = self._reused = self._copies = 0
+        self._observers: list[StepObserver] = []
         self._thread = threading.Thread(
             target=self._run, name=f"llama-batch-{path.name}", daemon=True
         )
@@ -228,6 +245,11 @@ class BatchedLlamaCppChatModel(LlamaCppChatModel):
         model = llm._model.model
         self._slot_ctx = n_ctx
         self._kv_per_token = kv_bytes_per_token(llama_cpp, model)
+        if not self._slots_n:
+            self._slots_n, why = auto_parallel(
+                os.cpu_count() or 1, available_memory(), self._kv_per_token * n_ctx
+            )
+            log.info("chat.parallel is empty: %d slots (%s)", self._slots_n, why)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx * self._slots_n
         params.n_seq_max = self._slots_n
@@ -278,6 +300,11 @@ class BatchedLlamaCppChatModel(LlamaCppChatModel):
     @property
     def kv_bytes_per_slot(self) -> int:
         return self._kv_per_token * self._slot_ctx
+
+    def add_step_observer(self, observer: StepObserver) -> None:
+        """Call ``observer`` after every decode step, in the scheduler thread (metrics: batch
+        size per step, tokens per second). It must be quick: the next step waits for it."""
+        self._observers.append(observer)
 
     def engine_stats(self) -> EngineStats:
         with self._cond:
@@ -411,9 +438,13 @@ class BatchedLlamaCppChatModel(LlamaCppChatModel):
     def _admit(self, request: _Request, free: list[_Slot]) -> None:
         llama_cpp = self._llama_cpp
         tokens = request.tokens
-        # The free slot with the longest cached prefix; among equals the one idle longest.
+        # The free slot with the longest cached prefix; when none shares much, the one idle
+        # longest (an empty one first), so that a valuable cache is not trimmed for a few tokens.
         slot = max(free, key=lambda s: (_common_prefix(s.cached, tokens), -s.released))
         reuse = _common_prefix(slot.cached, tokens)
+        if reuse <= MIN_COPY_GAIN:
+            slot = min(free, key=lambda s: (s.released, len(s.cached)))
+            reuse = _common_prefix(slot.cached, tokens)
         donor = max(
             (s for s in self._slots if s is not slot),
             key=lambda s: _common_prefix(s.cached, tokens),
@@ -509,6 +540,7 @@ class BatchedLlamaCppChatModel(LlamaCppChatModel):
         if n == 0:
             return
         batch.n_tokens = n
+        started = time.perf_counter()
         rc = llama_cpp.llama_decode(self._ctx, batch)
         if rc != 0:
             error = ModelError(f"llama.cpp failed to decode a batch of {n} tokens (code {rc})")
@@ -534,6 +566,15 @@ class BatchedLlamaCppChatModel(LlamaCppChatModel):
             if slot.out_index >= 0:
                 token = llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, slot.out_index)
                 self._take(slot, int(token))
+        if self._observers:
+            info = StepInfo(
+                sequences=len(active),
+                tokens=n,
+                prefill_tokens=sum(take for _, take in fed),
+                seconds=time.perf_counter() - started,
+            )
+            for observer in list(self._observers):
+                observer(info)
 
     def _take(self, slot: _Slot, token: int) -> None:
         """A sampled token: text to the stream, or the end of the answer."""
@@ -568,9 +609,7 @@ class BatchedLlamaCppChatModel(LlamaCppChatModel):
         size = self._llama_cpp.llama_token_to_piece(self._vocab, token, buffer, 64, 0, False)
         if size < 0:
             buffer = ctypes.create_string_buffer(-size)
-            size = self._llama_cpp.llama_token_to_piece(
-                self._vocab, token, buffer, -size, 0, False
-            )
+            size = self._llama_cpp.llama_token_to_piece(self._vocab, token, buffer, -size, 0, False)
         return buffer.raw[:size]
 
     def _finish(

@@ -2,7 +2,9 @@
 
     ChatModel (Protocol)              what the answer service talks to
      └── BaseChatModel                message checks, default parameters, complete(), closing
-          ├── LlamaCppChatModel       a GGUF in-process through llama-cpp-python (the default)
+          ├── LlamaCppChatModel       a GGUF in-process through llama-cpp-python, serially
+          │    └── BatchedLlamaCppChatModel  (appliance.chat_batching) answers decoded together,
+          │                                  the default; chat.parallel: 1 keeps the serial one
           ├── OllamaChatModel         an Ollama server by URL, through the official client
           └── OpenAICompatibleChatModel  any server with /v1/chat/completions (vLLM, ...)
 
@@ -1113,10 +1115,23 @@ class OpenAICompatibleChatModel(BaseChatModel):
 
 def llamacpp_chat_model(chat: ChatSettings, path: Path) -> LlamaCppChatModel:
     """A GGUF in llama.cpp with the settings' context, threads and generation defaults (the
-    configured model, a registry version, or a candidate under evaluation)."""
+    configured model, a registry version, or a candidate under evaluation): the continuous-
+    batching engine, or the serial one with ``chat.parallel: 1``."""
     params = GenerationParams(
         max_tokens=chat.max_tokens, temperature=chat.temperature, seed=chat.seed
     )
+    if chat.parallel != 1:
+        from appliance.chat_batching import BatchedLlamaCppChatModel
+
+        return BatchedLlamaCppChatModel(
+            path,
+            slots=chat.parallel,
+            n_ctx=chat.n_ctx,
+            n_threads=chat.n_threads,
+            seed=chat.seed,
+            prefill_chunk=chat.prefill_chunk,
+            default_params=params,
+        )
     return LlamaCppChatModel(
         path, n_ctx=chat.n_ctx, n_threads=chat.n_threads, seed=chat.seed, default_params=params
     )
