@@ -9,6 +9,9 @@ one at a time. Rounds alternate the engines so that a change in the machine's lo
 
 - aggregate tokens/s: answer tokens of the eight prompts / the wall time to answer them all;
 - per-sequence tokens/s: each answer's decode rate after its first token, the mean;
+- tokens per CPU second: answer tokens / the process's CPU time over the same span. On a
+  machine that other jobs keep busy, wall-clock rates measure the share of the CPU this
+  process got as much as the engine; CPU time per token is what batching saves;
 - KV cache: llama.cpp's f16 cache size per slot, and the resident memory the 8-slot engine
   took beyond a 1-slot one, per added slot;
 - prefix reuse: colleagues' questions over the same passages (the prompt puts the passages
@@ -112,13 +115,13 @@ def answer_all(model: Any, prompts: Sequence[str], concurrency: int, tokens: int
             with lock:
                 stats.append(generation)
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     if errors:
         raise errors[0]
     generated = sum(g.completion_tokens for g in stats)
@@ -128,6 +131,8 @@ def answer_all(model: Any, prompts: Sequence[str], concurrency: int, tokens: int
         "tokens": generated,
         "wall_s": round(wall, 2),
         "aggregate_tokens_per_s": round(generated / wall, 2),
+        "cpu_s": round(cpu, 2),
+        "tokens_per_cpu_s": round(generated / cpu, 2) if cpu > 0 else 0.0,
         "per_sequence_tokens_per_s": round(statistics.mean(g.tokens_per_s for g in stats), 2),
         "ttft_mean_s": round(statistics.mean(g.ttft_s for g in stats), 3),
     }
@@ -221,6 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "aggregate_tokens_per_s": median(batched_rows[c], "aggregate_tokens_per_s"),
             "per_sequence_tokens_per_s": median(batched_rows[c], "per_sequence_tokens_per_s"),
             "wall_s": median(batched_rows[c], "wall_s"),
+            "tokens_per_cpu_s": median(batched_rows[c], "tokens_per_cpu_s"),
             "tokens": batched_rows[c][-1]["tokens"],
         }
         for c in CONCURRENCY
@@ -239,9 +245,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "aggregate_tokens_per_s": serial_agg,
             "per_sequence_tokens_per_s": median(serial_rows, "per_sequence_tokens_per_s"),
             "wall_s": median(serial_rows, "wall_s"),
+            "tokens_per_cpu_s": median(serial_rows, "tokens_per_cpu_s"),
         },
         "aggregate_8_over_1": ratio(eight["aggregate_tokens_per_s"], one["aggregate_tokens_per_s"]),
         "aggregate_8_over_serial": ratio(eight["aggregate_tokens_per_s"], serial_agg),
+        "cpu_efficiency_8_over_1": ratio(eight["tokens_per_cpu_s"], one["tokens_per_cpu_s"]),
         "kv_cache": kv_memory(path, args.threads, 4096),
         "prefix_reuse": prefix_reuse(path, args.threads, min(args.tokens, 24)),
         "rounds_raw": {"serial": serial_rows, "batched": batched_rows},
@@ -253,11 +261,12 @@ def print_report(r: dict[str, Any]) -> None:
         f"Continuous batching, {r['model']}: {r['prompts']} prompts, greedy, at most "
         f"{r['tokens']} tokens each, {r['threads']} threads, median of {r['rounds']} rounds"
     )
-    print("  streams  aggregate tok/s  per-sequence tok/s  wall s")
+    print("  streams  aggregate tok/s  per-sequence tok/s  tokens per CPU s  wall s")
     for row in r["batched"]:
         print(
             f"  {row['streams']:7d}  {row['aggregate_tokens_per_s']:15.1f}  "
-            f"{row['per_sequence_tokens_per_s']:18.1f}  {row['wall_s']:6.1f}"
+            f"{row['per_sequence_tokens_per_s']:18.1f}  {row['tokens_per_cpu_s']:16.1f}  "
+            f"{row['wall_s']:6.1f}"
         )
     s = r["serial_8_threads"]
     print(
@@ -267,6 +276,7 @@ def print_report(r: dict[str, Any]) -> None:
     )
     print(f"  aggregate, 8 streams / 1 stream (batched engine): {r['aggregate_8_over_1']}")
     print(f"  aggregate, 8 streams batched / serial engine:     {r['aggregate_8_over_serial']}")
+    print(f"  tokens per CPU second, 8 streams / 1 stream:      {r['cpu_efficiency_8_over_1']}")
     kv = r["kv_cache"]
     print(
         f"  KV cache: {kv['kv_mib_per_slot']} MiB per slot of {kv['n_ctx_per_slot']} tokens "
