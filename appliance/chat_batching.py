@@ -227,7 +227,6 @@ class BatchedLlamaCppChatModel(LlamaCppChatModel):
         self._waiting: deque[_Request] = deque()
         self._slots = [_Slot(seq=i) for i in range(self._slots_n)]
         self._stopping = False
-        self._failure: BaseException | None = None
         self._steps = self._batched = self._last_batch = self._generated = 0
         self._prompt_total = self._reused = self._copies = 0
         self._observers: list[StepObserver] = []
