@@ -395,6 +395,7 @@ class CoreService:
                         user,
                         question=question,
                         model=event.get("model"),
+                        model_version=(event.get("served_by") or {}).get("version"),
                         retrieved=event.get("retrieved", []),
                     )
                 if event["type"] == "answer":
@@ -421,6 +422,7 @@ class CoreService:
                     conversation=final.get("conversation"),
                     message=final.get("message"),
                     model=answer["model"],
+                    model_version=(answer.get("served_by") or {}).get("version"),
                     abstained=answer["abstained"],
                 )
             self._audit("answer_end", user, **end)
