@@ -191,7 +191,9 @@ class RegistryChatModel(BaseChatModel):
                     log.info("chat model switched: %s -> %s", self._version, candidate.version)
                 self._version = candidate.version
                 active = self._order[0].version
-                self.switch_error = self._failed.get(active) if active != candidate.version else None
+                self.switch_error = (
+                    self._failed.get(active) if active != candidate.version else None
+                )
             return candidate, model
         raise ModelError(
             "no model version this user may be answered by can be loaded"
