@@ -172,7 +172,14 @@ class RegistryChatModel(BaseChatModel):
         model. Caller holds the lock."""
         self._refresh()
         errors = []
-        for candidate in self._order:
+        order = list(self._order)
+        previous = next((c for c in order[1:] if c.version == self._version), None)
+        if order and order[0].version in self._failed and previous is not None:
+            # The new active version does not load: keep answering with the one that served
+            # before it, where the reader may use it, rather than with some other version.
+            order.remove(previous)
+            order.insert(1, previous)
+        for candidate in order:
             if not may_use(candidate.audience, readable):
                 continue
             if candidate.version in self._failed:
