@@ -104,6 +104,14 @@ def create_run(
     return folder
 
 
+def run_audience(folder: Path) -> list[str] | None:
+    """The collections a run's dataset drew on (its request), None when unknown."""
+    from appliance.audience import normalise
+
+    request = _read_json(folder / "request.json")
+    return normalise(request.get("audience")) if isinstance(request, dict) else None
+
+
 def _dataset_path(settings: Settings, dataset: str | Path) -> Path:
     from finetune.dataset import DatasetError, dataset_path
 
