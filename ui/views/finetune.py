@@ -8,6 +8,7 @@ from typing import Any
 import streamlit as st
 
 from appliance.api import ServiceClient, ServiceError
+from appliance.audience import describe
 from ui import session
 from ui.safe import md
 
