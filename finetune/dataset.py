@@ -2,7 +2,9 @@
 
     --from FILE      admin-provided pairs: JSONL of {"messages": [...]} or
                      {"instruction"|"prompt"|"question", "response"|"answer"|"output",
-                     optional "context"|"input"}; a malformed line fails the build, by number
+                     optional "context"|"input"}, each optionally with "collections": [...]
+                     (the collections its text comes from); a malformed line fails the
+                     build, by number
     --from feedback  thumbs-up answers with the passages they cited (stored with the feedback),
                      in the answering prompt format; thumbs-up and thumbs-down answers to the
                      same question become preference pairs
