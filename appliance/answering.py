@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from appliance.audience import readable_of, served_by
 from appliance.chat_models import ChatMessage, ChatModel, GenerationParams
 from appliance.chat_settings import ChatSettings
 from appliance.conversations import ConversationStore, Exchange, standalone_question
@@ -125,6 +126,9 @@ class Answer:
     """The generated sentences the passages do not support."""
     mode: str = "generated"
     """generated: the model's supported sentences; quoted: passage sentences, verbatim."""
+    served_by: dict[str, Any] = field(default_factory=dict)
+    """The model that answered: ``{"version", "name", "audience"}`` (``appliance.audience``);
+    the version is the one this reader may be answered by, which need not be the active one."""
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -311,12 +315,14 @@ class Answerer:
             hits = self.reranker.rerank(query, hits)[:k]
         return hits
 
-    def passages(self, candidates: Sequence[Passage]) -> list[Passage]:
+    def passages(
+        self, candidates: Sequence[Passage], chat: ChatModel | None = None
+    ) -> list[Passage]:
         """The passages that fit the context token budget, best first, renumbered."""
         budget = self.settings.context_tokens
         chosen: list[Passage] = []
         for passage in candidates:
-            cost = self.chat.count_tokens(passage.text) + 16
+            cost = (chat or self.chat).count_tokens(passage.text) + 16
             if cost > budget:
                 if not chosen:  # the best passage alone is too long: keep its start
                     keep = int(len(passage.text) * budget / cost)
@@ -330,14 +336,24 @@ class Answerer:
 
     # --- answering ---------------------------------------------------------------------------
 
+    def chat_for(self, where: Mapping[str, Sequence[str]] | None) -> ChatModel:
+        """The model that answers a reader bounded by ``where``: with the model registry, the
+        version whose audience the reader is granted (``appliance.audience``), held open until
+        it is closed; otherwise the one configured model."""
+        serve = getattr(self.chat, "serve", None)
+        return self.chat if serve is None else serve(readable_of(where))
+
     def prepare(
         self,
         question: str,
         *,
         history: Sequence[Exchange] = (),
         where: Mapping[str, Sequence[str]] | None = None,
+        chat: ChatModel | None = None,
     ) -> Prepared:
-        """Everything before generation: the query, the retrieval, the passages, the prompt."""
+        """Everything before generation: the query, the retrieval, the passages, the prompt.
+        ``chat``: the model that will answer (default: ``self.chat``)."""
+        chat = chat or self.chat
         started = time.perf_counter()
         query = standalone_question(question, history, self.settings.history_turns)
         hits = self.retrieve(query, where)
@@ -363,10 +379,11 @@ class Answerer:
             query=query,
             retrieved=retrieved,
             relevance=round(relevance, 4),
-            model=self.chat.name,
+            model=chat.name,
             timings=timings,
+            served_by=getattr(chat, "served_by", None) or served_by(None, chat.name, None),
         )
-        passages = self.passages(candidates)
+        passages = self.passages(candidates, chat)
         messages: list[ChatMessage] = [
             {"role": "system", "content": self.system},
             {
@@ -394,12 +411,29 @@ class Answerer:
         history: Sequence[Exchange] = (),
         where: Mapping[str, Sequence[str]] | None = None,
     ) -> Iterator[dict[str, Any]]:
+        """The events of one answer (``_stream``), by the model this reader may be answered
+        by (``chat_for``), which is held open until the answer ends or is abandoned."""
+        chat = self.chat_for(where)
+        try:
+            yield from self._stream(chat, question, history=history, where=where)
+        finally:
+            if chat is not self.chat:
+                chat.close()
+
+    def _stream(
+        self,
+        chat: ChatModel,
+        question: str,
+        *,
+        history: Sequence[Exchange] = (),
+        where: Mapping[str, Sequence[str]] | None = None,
+    ) -> Iterator[dict[str, Any]]:
         """Yield ``{"type": "sources", "sources": [...]}`` before the model is called,
         ``{"type": "queue", "position"}`` events while the question waits for the model, then
         ``{"type": "token", "text"}`` events as the answer is generated, ``{"type": "claim",
         "claim": {...}}`` as each sentence is finished and checked, and finally one
         ``{"type": "answer", "answer": Answer}``."""
-        prepared = self.prepare(question, history=history, where=where)
+        prepared = self.prepare(question, history=history, where=where, chat=chat)
         answer, passages, messages, started = (
             prepared.answer,
             prepared.passages,
@@ -417,6 +451,7 @@ class Answerer:
             # for the audit log's question record, written before any answer text is sent
             "retrieved": [{k: v for k, v in r.items() if k != "text"} for r in answer.retrieved],
             "model": answer.model,
+            "served_by": answer.served_by,
         }
         if not passages or answer.relevance < self.settings.min_relevance:
             answer.abstained = True
@@ -452,7 +487,7 @@ class Answerer:
             done = max(done, len(spans))
 
         # Waits for the model's turn, yielding {"type": "queue", "position": N} meanwhile.
-        pieces = yield from self.queue.wait(self.chat.stream(messages, params))
+        pieces = yield from self.queue.wait(chat.stream(messages, params))
         with pieces:
             for piece in pieces:
                 shown = guard.feed(piece)

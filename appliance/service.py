@@ -395,6 +395,7 @@ class CoreService:
                         user,
                         question=question,
                         model=event.get("model"),
+                        model_version=(event.get("served_by") or {}).get("version"),
                         retrieved=event.get("retrieved", []),
                     )
                 if event["type"] == "answer":
@@ -421,6 +422,7 @@ class CoreService:
                     conversation=final.get("conversation"),
                     message=final.get("message"),
                     model=answer["model"],
+                    model_version=(answer.get("served_by") or {}).get("version"),
                     abstained=answer["abstained"],
                 )
             self._audit("answer_end", user, **end)
@@ -758,14 +760,19 @@ class CoreService:
         limit, seed = int(body.get("limit", 50)), int(body.get("seed", 0))
         if not 1 <= limit <= 10_000:
             raise ValueError(f"limit must be between 1 and 10000, got {limit}")
+        readable = who.collections
+        wanted = body.get("collections")  # `dataset build --collections`: narrows, never widens
+        if wanted is not None:
+            if not isinstance(wanted, list) or not all(isinstance(c, str) for c in wanted):
+                raise ValueError("collections must be a list of collection names")
+            readable = frozenset(wanted) if readable is None else readable & frozenset(wanted)
         collection = self.ingestion.searcher.collection
-        chunks = sample_chunks(
-            self.ingestion.state, collection, limit, seed, readable=who.collections
-        )
+        chunks = sample_chunks(self.ingestion.state, collection, limit, seed, readable=readable)
         self._audit(
             "admin",
             who.username,
             action="chunks_read",
+            collections=None if wanted is None else sorted(wanted),
             count=len(chunks),
             files=sorted({c.file for c in chunks}),
         )

@@ -281,6 +281,15 @@ class FinetuneSettings(_Section):
         description="An Ollama server to register exported models with (its host must be "
         "allowed by the offline guard). Empty: export writes the Modelfile only.",
     )
+    max_loaded_versions: int = Field(
+        3,
+        ge=1,
+        le=16,
+        description="Model versions the core service keeps loaded at once (llama.cpp): users not "
+        "granted every collection the active version was trained on are answered by another "
+        "version. The active one and the base, once loaded, are always kept; the least "
+        "recently used other version is unloaded first.",
+    )
 
 
 class AuditSettings(_Section):

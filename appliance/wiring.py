@@ -231,9 +231,11 @@ def _old_embedder(settings: Settings, path: str | None, model_id: str | None) ->
 
 
 def build_active_chat_model(settings: Settings) -> Any:
-    """The chat model that answers. With llama.cpp that is the model registry's active version
-    (the configured or packaged GGUF is its base), checked by hash and switched without a
-    restart; server backends serve whatever model their settings name."""
+    """The chat model that answers. With llama.cpp that is the model registry: the active
+    version, or for a user not granted its whole audience another version they may use
+    (``appliance.audience``); the configured or packaged GGUF is the base. Versions are checked
+    by hash and switched without a restart. Server backends serve whatever model their
+    settings name, to everyone."""
     from appliance.chat_models import (
         GenerationParams,
         build_chat_model,
@@ -262,7 +264,10 @@ def build_active_chat_model(settings: Settings) -> Any:
         max_tokens=chat.max_tokens, temperature=chat.temperature, seed=chat.seed
     )
     return RegistryChatModel(
-        registry, lambda path: llamacpp_chat_model(chat, path), default_params=params
+        registry,
+        lambda path: llamacpp_chat_model(chat, path),
+        default_params=params,
+        max_loaded=settings.finetune.max_loaded_versions,
     )
 
 

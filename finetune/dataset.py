@@ -2,7 +2,9 @@
 
     --from FILE      admin-provided pairs: JSONL of {"messages": [...]} or
                      {"instruction"|"prompt"|"question", "response"|"answer"|"output",
-                     optional "context"|"input"}; a malformed line fails the build, by number
+                     optional "context"|"input"}, each optionally with "collections": [...]
+                     (the collections its text comes from); a malformed line fails the
+                     build, by number
     --from feedback  thumbs-up answers with the passages they cited (stored with the feedback),
                      in the answering prompt format; thumbs-up and thumbs-down answers to the
                      same question become preference pairs
@@ -10,11 +12,18 @@
                      indexed chunks (``finetune.synthetic``), filtered
 
     DATA/datasets/NAME/
-        train.jsonl        {"messages": [...], "source": "file"|"feedback"|"docs", "id"}
+        train.jsonl        {"messages": [...], "source": "file"|"feedback"|"docs", "id",
+                            "collections": [...], "user": the feedback's author or null}
         heldout.jsonl      the same, kept out of training (stratified by source, seeded)
-        preferences.jsonl  {"prompt": [messages], "chosen": str, "rejected": str, "id"}
+        preferences.jsonl  {"prompt": [messages], "chosen": str, "rejected": str, "id",
+                            "collections": [...], "user", "rejected_by"}
         manifest.json      sources and counts, rejections by reason, the golden-overlap drop,
-                           split sizes, the settings used and the sha256 of the content
+                           split sizes, the settings used, the audience (every collection
+                           the records drew on) and the sha256 of the content
+
+``--collections A,B`` (``collections=``) keeps only records whose collections are all among
+those: documents are sampled from them alone, and other records are counted as
+``outside_collections`` (``finetune.audience``).
 
 Supervised records use the answering prompt exactly (``prompting.system_prompt`` and
 ``prompting.user_prompt`` with numbered passages), so the model learns to answer from passages
@@ -37,13 +46,14 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from appliance.audience import normalise as normalise_audience
 from appliance.errors import ApplianceError
 from appliance.evaluation import GoldenItem, load_golden
 from appliance.prompting import Passage, system_prompt, user_prompt
 from appliance.settings import Settings
-from finetune import near_duplicates
+from finetune import audience, near_duplicates
 from finetune.near_duplicates import DEFAULT_THRESHOLD, NearDuplicateIndex
 from finetune.synthetic import (
     DEFAULT_LIMITS,
@@ -100,6 +110,10 @@ class Example:
     source: str
     question: str
     answer: str
+    collections: tuple[str, ...] = ()
+    """The collections of its passages (``finetune.audience``)."""
+    user: str | None = None
+    """Whose feedback it came from."""
 
     @property
     def id(self) -> str:
@@ -113,6 +127,8 @@ class Example:
             "id": self.id,
             "source": self.source,
             "messages": [{"role": r, "content": c} for r, c in self.messages],
+            "collections": list(self.collections),
+            "user": self.user,
         }
 
 
@@ -122,6 +138,12 @@ class Preference:
     chosen: str
     rejected: str
     question: str
+    collections: tuple[str, ...] = ()
+    """Those of both answers' passages (and models)."""
+    user: str | None = None
+    """Who approved the chosen answer."""
+    rejected_by: str | None = None
+    """Who voted the rejected answer down."""
 
     @property
     def id(self) -> str:
@@ -134,6 +156,9 @@ class Preference:
             "prompt": [{"role": r, "content": c} for r, c in self.prompt],
             "chosen": self.chosen,
             "rejected": self.rejected,
+            "collections": list(self.collections),
+            "user": self.user,
+            "rejected_by": self.rejected_by,
         }
 
 
@@ -208,10 +233,11 @@ def _messages_of(value: Any) -> tuple[tuple[str, str], ...]:
 def _file_example(record: Any, system: str) -> Example:
     if not isinstance(record, dict):
         raise ValueError("the line is not a JSON object")
+    collections = audience.of_record(record.get("collections"))
     if "messages" in record:
         messages = _messages_of(record["messages"])
         user = next(c for r, c in reversed(messages) if r == "user")
-        return Example(messages, "file", question_of(user), messages[-1][1])
+        return Example(messages, "file", question_of(user), messages[-1][1], collections)
     instruction = _first(record, _INSTRUCTION_KEYS)
     response = _first(record, _RESPONSE_KEYS)
     if not isinstance(instruction, str) or not instruction.strip():
@@ -226,7 +252,7 @@ def _file_example(record: Any, system: str) -> Example:
     else:
         # no passage to quote: the instruction is the whole user turn
         messages = (("system", system), ("user", instruction.strip()), ("assistant", response))
-    return Example(messages, "file", instruction.strip(), response)
+    return Example(messages, "file", instruction.strip(), response, collections)
 
 
 def read_instruction_file(path: Path, system: str) -> list[Example]:
@@ -310,12 +336,30 @@ def _text_key(text: str) -> str:
     return near_duplicates.key(text)
 
 
+ModelAudiences = Mapping[str, "frozenset[str] | None"]
+"""Registered versions' audiences by model name (``finetune.audience.model_audiences``)."""
+
+
+def feedback_collections(
+    row: Mapping[str, Any], passages: Sequence[Passage], models: ModelAudiences
+) -> tuple[str, ...] | None:
+    """An answer's collections: its passages', and the audience of the registered version that
+    wrote it (a fine-tune can repeat what it learned); None when that audience is unknown. A
+    model outside the registry (a model server) adds nothing."""
+    own = set(audience.of_paths(p.path for p in passages))
+    model = models.get(str(row.get("model") or ""), frozenset())
+    if model is None:
+        return None
+    return tuple(sorted(own | model))
+
+
 def feedback_examples(
-    rows: Iterable[Mapping[str, Any]], system: str
+    rows: Iterable[Mapping[str, Any]], system: str, models: ModelAudiences | None = None
 ) -> tuple[list[Example], Counter[str]]:
     """Supervised examples from thumbs-up answers; answers with no cited passage text (an
     abstention, say) are counted as ``feedback_no_context`` and left out, since the record must
-    teach answering from passages."""
+    teach answering from passages. ``models``: registered versions' audiences by name; an
+    answer by a version of unknown audience is counted as ``model_audience_unknown``."""
     examples: list[Example] = []
     rejected: Counter[str] = Counter()
     for row in rows:
@@ -325,17 +369,25 @@ def feedback_examples(
         if not passages:
             rejected["feedback_no_context"] += 1
             continue
+        collections = feedback_collections(row, passages, models or {})
+        if collections is None:
+            rejected["model_audience_unknown"] += 1
+            continue
         question, answer = str(row["question"]).strip(), _renumber(str(row["answer"]), mapping)
         if not question or not answer:
             rejected["feedback_empty"] += 1
             continue
         messages = grounded_messages(system, question, passages, answer)
-        examples.append(Example(messages, "feedback", question, answer))
+        user = str(row["user"]) if row.get("user") else None
+        examples.append(Example(messages, "feedback", question, answer, collections, user))
     return examples, rejected
 
 
 def preference_pairs(
-    rows: Sequence[Mapping[str, Any]], system: str, threshold: float = DEFAULT_THRESHOLD
+    rows: Sequence[Mapping[str, Any]],
+    system: str,
+    threshold: float = DEFAULT_THRESHOLD,
+    models: ModelAudiences | None = None,
 ) -> list[Preference]:
     """Thumbs-up against thumbs-down answers to the same question (the same normalized text,
     or a near-duplicate). The prompt is the approved answer's, with its passages; the rejected
@@ -369,8 +421,15 @@ def preference_pairs(
                 continue
             question = str(up["question"]).strip()
             chosen = _renumber(str(up["answer"]), mapping)
+            up_collections = feedback_collections(up, passages, models or {})
+            if up_collections is None:
+                continue
             by_text = {p.text.strip(): p.number for p in passages}
             for down in downs:
+                down_passages, _ = feedback_passages(down.get("sources") or [])
+                down_collections = feedback_collections(down, down_passages, models or {})
+                if down_collections is None:
+                    continue
                 down_map = {
                     int(s["number"]): by_text[str(s.get("text") or "").strip()]
                     for s in down.get("sources") or []
@@ -380,7 +439,15 @@ def preference_pairs(
                 if _text_key(strip_citations(chosen)) == _text_key(strip_citations(rejected)):
                     continue  # the same answer rated both ways: no preference to learn
                 prompt = grounded_messages(system, question, passages, "")[:2]
-                pair = Preference(prompt, chosen, rejected, question)
+                pair = Preference(
+                    prompt,
+                    chosen,
+                    rejected,
+                    question,
+                    tuple(sorted({*up_collections, *down_collections})),
+                    str(up["user"]) if up.get("user") else None,
+                    str(down["user"]) if down.get("user") else None,
+                )
                 pairs.setdefault(pair.id, pair)
     return list(pairs.values())
 
@@ -401,16 +468,21 @@ def read_feedback(settings: Settings) -> list[dict[str, Any]]:
 # --- source: the documents ----------------------------------------------------------------------
 
 
-def read_chunks(settings: Settings, limit: int, seed: int) -> tuple[list[SourceChunk], str]:
-    """A seeded sample of indexed chunks and where it was read: from the running core service
-    (the index's one owner) when there is one, else from the ingestion state under the data
-    folder's ownership lock. The state keeps every chunk's text, so neither the store nor the
-    embedding model is opened."""
+def read_chunks(
+    settings: Settings, limit: int, seed: int, collections: frozenset[str] | None = None
+) -> tuple[list[SourceChunk], str]:
+    """A seeded sample of indexed chunks (of ``collections`` only, when given) and where it was
+    read: from the running core service (the index's one owner) when there is one, else from
+    the ingestion state under the data folder's ownership lock. The state keeps every chunk's
+    text, so neither the store nor the embedding model is opened."""
     from appliance.api import ServiceClient
 
     client = ServiceClient.find(settings.data_dir)
     if client is not None:
-        rows = client.call("POST", "/admin/chunks", {"limit": limit, "seed": seed})
+        body: dict[str, Any] = {"limit": limit, "seed": seed}
+        if collections is not None:
+            body["collections"] = sorted(collections)
+        rows = client.call("POST", "/admin/chunks", body)
         return [SourceChunk.from_json(r) for r in rows], "service"
     if not settings.state_path.exists():
         raise DatasetError(
@@ -424,7 +496,8 @@ def read_chunks(settings: Settings, limit: int, seed: int) -> tuple[list[SourceC
         state = IngestState(settings.state_path)
         try:
             collection = state.get_meta(ACTIVE_COLLECTION) or ""
-            return sample_chunks(state, collection, limit, seed), "local"
+            chunks = sample_chunks(state, collection, limit, seed, readable=collections)
+            return chunks, "local"
         finally:
             state.close()
 
@@ -443,7 +516,8 @@ def synthetic_examples(
         passage = _passage(1, pair.chunk.text, pair.chunk.file, chunk_ids=(pair.chunk.chunk_id,))
         answer = pair.answer.rstrip(" .") + " [1]."
         messages = grounded_messages(system, pair.question, [passage], answer)
-        examples.append(Example(messages, "docs", pair.question, answer))
+        collections = audience.of_paths([pair.chunk.file])
+        examples.append(Example(messages, "docs", pair.question, answer, collections))
     return examples, result.rejected
 
 
@@ -540,6 +614,9 @@ class DatasetInfo:
     rejected: dict[str, int] = field(default_factory=dict)
     dropped_for_golden_overlap: int = 0
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
+    audience: list[str] | None = None
+    """Every collection the records drew on; None for a dataset built before audiences were
+    recorded (unknown: a model trained on it answers only the host's operators)."""
 
     @property
     def train_path(self) -> Path:
@@ -569,6 +646,7 @@ class DatasetInfo:
             "sources": self.sources,
             "rejected": self.rejected,
             "dropped_for_golden_overlap": self.dropped_for_golden_overlap,
+            "audience": self.audience,
         }
 
 
@@ -601,6 +679,7 @@ def load_dataset(path: Path, *, verify: bool = True) -> DatasetInfo:
         rejected=dict(manifest.get("rejected", {})),
         dropped_for_golden_overlap=int(manifest.get("dropped_for_golden_overlap", 0)),
         manifest=manifest,
+        audience=normalise_audience(manifest.get("audience")),
     )
 
 
@@ -652,13 +731,19 @@ def _collect(
     limit: int | None,
     generate: Generate | None,
     limits: FilterLimits,
+    collections: frozenset[str] | None = None,
 ) -> _Collected:
     out = _Collected()
     for spec in dict.fromkeys(sources):  # a source named twice is read once
         if spec == "feedback":
             rows = read_feedback(settings)
-            examples, rejected = feedback_examples(rows, system)
-            prefs = preference_pairs(rows, system, limits.near_duplicate_threshold)
+            models = audience.model_audiences(settings.models_dir) if rows else {}
+            examples, rejected = feedback_examples(rows, system, models)
+            prefs = preference_pairs(rows, system, limits.near_duplicate_threshold, models)
+            examples, prefs = (
+                _inside(examples, collections, rejected),
+                _inside(prefs, collections, rejected),
+            )
             examples, prefs = examples[:limit], prefs[:limit]
             out.rejected.update(rejected)
             out.preferences.extend(prefs)
@@ -674,7 +759,7 @@ def _collect(
             )
         elif spec == "docs":
             wanted = limit or DEFAULT_DOCS_LIMIT
-            chunks, origin = read_chunks(settings, wanted, seed)
+            chunks, origin = read_chunks(settings, wanted, seed, collections)
             if generate is not None:
                 examples, rejected = synthetic_examples(chunks, generate, system, limits)
                 model = "injected"
@@ -698,12 +783,27 @@ def _collect(
                 raise DatasetError(
                     f"--from {spec!r} is neither 'feedback', 'docs' nor an existing file"
                 )
-            examples = read_instruction_file(path, system)[:limit]
+            examples = _inside(read_instruction_file(path, system), collections, out.rejected)
+            examples = examples[:limit]
             out.examples.extend(examples)
             out.sources.append(
                 {"source": "file", "path": str(path.resolve()), "examples": len(examples)}
             )
     return out
+
+
+_Record = TypeVar("_Record", "Example", "Preference")
+
+
+def _inside(
+    records: list[_Record], allowed: frozenset[str] | None, rejected: Counter[str]
+) -> list[_Record]:
+    """The records whose collections are all ``allowed`` (None: all); the others counted."""
+    kept = [r for r in records if audience.within(r.collections, allowed)]
+    rejected["outside_collections"] += len(records) - len(kept)
+    if not rejected["outside_collections"]:
+        del rejected["outside_collections"]
+    return kept
 
 
 @dataclass(frozen=True)
@@ -727,6 +827,7 @@ def _prepare(
     generate: Generate | None,
     limits: FilterLimits,
     golden_threshold: float,
+    collections: frozenset[str] | None = None,
 ) -> _Prepared:
     if not sources:
         raise DatasetError("give at least one source: --from feedback, docs or a FILE")
@@ -737,8 +838,17 @@ def _prepare(
         GoldenFilter(load_golden(golden_path), golden_threshold) if golden_path else None
     )
     system = system_prompt(settings.answer.system_prompt)
+    if collections is not None:
+        audience.check_known(collections, settings.ingest.docs_dir)
     collected = _collect(
-        settings, sources, system, seed=seed, limit=limit, generate=generate, limits=limits
+        settings,
+        sources,
+        system,
+        seed=seed,
+        limit=limit,
+        generate=generate,
+        limits=limits,
+        collections=collections,
     )
 
     unique: dict[str, Example] = {}
@@ -774,6 +884,13 @@ def _prepare(
         "counts_by_source": dict(sorted(Counter(e.source for e in examples).items())),
         "rejected": dict(sorted(rejected.items())),
         "dropped_for_golden_overlap": dropped,
+        "audience": audience.union(
+            [*(e.collections for e in examples), *(p.collections for p in preferences)]
+        ),
+        "feedback_users": sorted(
+            {u for e in examples if (u := e.user)}
+            | {u for p in preferences for u in (p.user, p.rejected_by) if u}
+        ),
         "split": {
             "train": len(train),
             "heldout": len(heldout),
@@ -782,6 +899,7 @@ def _prepare(
         "settings": {
             "seed": seed,
             "limit": limit,
+            "collections": None if collections is None else sorted(collections),
             "heldout_fraction": settings.finetune.heldout_fraction,
             "golden_path": str(golden_path) if golden_path else None,
             "golden_threshold": golden_threshold,
@@ -838,11 +956,13 @@ def build_dataset(
     generate: Generate | None = None,
     limits: FilterLimits = DEFAULT_LIMITS,
     golden_threshold: float = GOLDEN_THRESHOLD,
+    collections: Iterable[str] | None = None,
 ) -> DatasetInfo:
     """Build ``settings.datasets_dir/NAME`` from ``sources`` ("feedback", "docs" or a file
     path; several combine). ``limit`` caps each source (chunks sampled, for docs);
     ``golden`` overrides ``settings.finetune.golden_path``; ``generate`` replaces the
-    configured chat model for synthetic pairs."""
+    configured chat model for synthetic pairs; ``collections`` keeps only records drawn
+    from those collections (``""`` the documents at the root)."""
     name = validate_name(name) if name is not None else _default_name(settings)
     final = settings.datasets_dir / name
     if final.exists():
@@ -859,6 +979,7 @@ def build_dataset(
         generate=generate,
         limits=limits,
         golden_threshold=golden_threshold,
+        collections=None if collections is None else frozenset(collections),
     )
     return _write(settings, name, prepared)
 

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ConfigError, ModelError, missing_dependency
+from finetune.audience import dataset_audience
 from finetune.base_model import is_hf_folder
 from finetune.config import RunConfig
 from finetune.curves import plot_loss
@@ -1113,6 +1114,7 @@ def train(
         "base_sha256": _base_digest(base),
         "dataset_dir": str(dataset_dir.resolve()),
         "dataset_sha256": dataset_sha256(dataset_dir),
+        "audience": dataset_audience(dataset_dir),  # the collections it learns from
         "created": time.time(),
     }
     _write_json_atomic(run_dir / "config.json", meta)

@@ -81,7 +81,20 @@ def _message(answer: dict[str, Any], message_id: Any, question: str) -> dict[str
         "unsupported_claims": evidence.claims_of(answer, "unsupported_claims"),
         "mode": answer.get("mode") if answer.get("mode") in ("generated", "quoted") else None,
         "waited": int(answer.get("waited") or 0),
+        "served_by": _served_by(answer),
     }
+
+
+def _served_by(answer: dict[str, Any]) -> str:
+    """Which model wrote the answer: its registry version (which depends on the collections
+    the user may read) and file, or the model's name (older messages, model servers)."""
+    served = answer.get("served_by")
+    if isinstance(served, dict) and served.get("version"):
+        name = str(served.get("name") or "").split("@", 1)[0]
+        return f"{served['version']}" + (f" ({name})" if name else "")
+    return str((served or {}).get("name") if isinstance(served, dict) else "") or str(
+        answer.get("model") or ""
+    )
 
 
 def _exchange(
@@ -211,6 +224,8 @@ def _answer(message: dict[str, Any], position: int) -> None:
     if message.get("waited"):
         ahead = "1 question" if message["waited"] == 1 else f"{message['waited']} questions"
         st.caption(f"Waited for the model behind {ahead}.")
+    if message.get("served_by") and not message.get("abstained"):
+        st.caption(md(f"Answered by model {message['served_by']}."))
 
 
 def _evidence(sources: list[dict[str, Any]]) -> None:
