@@ -69,6 +69,13 @@ class ChatSettings(BaseModel):
         le=2**31 - 1,
         description="Default sampling seed, for reproducible answers. Empty: random.",
     )
+    parallel: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Answers generated at once: the core service's queue gives out this many "
+        "slots. llamacpp: 1 is the serial engine; openai/ollama: the server's parallel slots.",
+    )
     timeout_s: float = Field(
         120,
         gt=0,

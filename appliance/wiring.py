@@ -266,11 +266,12 @@ def build_active_chat_model(settings: Settings) -> Any:
     )
 
 
-def build_answerer(settings: Settings, ingestion: Ingestion) -> Any:
+def build_answerer(settings: Settings, ingestion: Ingestion, *, observer: Any = None) -> Any:
     """The answering engine over the ingestion's searchable collection, with the configured
-    chat model; the model is closed with the ingestion."""
+    chat model; the model is closed with the ingestion. ``observer`` hears of the queue in
+    front of the model (the service's ``Metrics``)."""
     from appliance.answering import Answerer, CrossEncoderReranker
-    from appliance.turnstile import Turnstile
+    from appliance.turnstile import FairQueue
 
     chat = build_active_chat_model(settings)
     ingestion._stack.callback(chat.close)
@@ -281,9 +282,14 @@ def build_answerer(settings: Settings, ingestion: Ingestion) -> Any:
         settings=settings.answer,
         chat_settings=settings.chat,
         reranker=CrossEncoderReranker(path) if path else None,
-        # The in-process model answers one question at a time: waiting questions are told
-        # their place. Model servers queue or batch on their own.
-        queue=Turnstile() if settings.chat.backend == "llamacpp" else None,
+        # Also in front of a model server: the fair order, the per-user cap and the 503
+        # beyond the limit are the core service's, whatever generates the answers.
+        queue=FairQueue(
+            slots=settings.chat.parallel,
+            per_user=settings.service.queue_per_user,
+            limit=settings.service.queue_limit,
+            observer=observer,
+        ),
     )
 
 
@@ -307,14 +313,15 @@ def open_core_service(
         stack.callback(accounts.close)
         audit = open_audit_log(settings, on_anchor=journal_anchor)
         stack.callback(audit.close)
+        owner: list[Any] = []  # the service, once built: /metrics refreshes from it per scrape
+        metrics = Metrics(collect=lambda: owner[0].refresh_metrics() if owner else None)
+        metrics.set_slots(settings.chat.parallel)
         answerer = None
         if answering:
             try:
-                answerer = build_answerer(settings, ingestion)
+                answerer = build_answerer(settings, ingestion, observer=metrics)
             except ApplianceError as exc:
                 log.error("answering is off: %s", exc)
-        owner: list[Any] = []  # the service, once built: /metrics refreshes from it per scrape
-        metrics = Metrics(collect=lambda: owner[0].refresh_metrics() if owner else None)
         service = CoreService(
             ingestion,
             settings,
