@@ -276,6 +276,16 @@ def build_answerer(settings: Settings, ingestion: Ingestion, *, observer: Any = 
     chat = build_active_chat_model(settings)
     ingestion._stack.callback(chat.close)
     path = settings.answer.rerank_model_path
+    # An engine that sizes its own slots says how many (``slots``) and reports its decode
+    # steps to step observers; the queue hands out that many, and the metrics hear the steps.
+    slots = int(getattr(chat, "slots", 0) or settings.chat.parallel or 1)
+    add_step_observer = getattr(chat, "add_step_observer", None)
+    if observer is not None and add_step_observer is not None:
+        add_step_observer(
+            lambda step: observer.observe_decode_step(
+                step.sequences, step.tokens - step.prefill_tokens
+            )
+        )
     return Answerer(
         index=lambda: ingestion.searcher,
         chat=chat,
@@ -285,7 +295,7 @@ def build_answerer(settings: Settings, ingestion: Ingestion, *, observer: Any = 
         # Also in front of a model server: the fair order, the per-user cap and the 503
         # beyond the limit are the core service's, whatever generates the answers.
         queue=FairQueue(
-            slots=settings.chat.parallel,
+            slots=slots,
             per_user=settings.service.queue_per_user,
             limit=settings.service.queue_limit,
             observer=observer,
@@ -315,11 +325,11 @@ def open_core_service(
         stack.callback(audit.close)
         owner: list[Any] = []  # the service, once built: /metrics refreshes from it per scrape
         metrics = Metrics(collect=lambda: owner[0].refresh_metrics() if owner else None)
-        metrics.set_slots(settings.chat.parallel)
         answerer = None
         if answering:
             try:
                 answerer = build_answerer(settings, ingestion, observer=metrics)
+                metrics.set_slots(answerer.queue.slots)
             except ApplianceError as exc:
                 log.error("answering is off: %s", exc)
         service = CoreService(
