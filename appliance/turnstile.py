@@ -140,6 +140,12 @@ class FairQueue:
             return len(self._line)
 
     @property
+    def ready(self) -> int:
+        """Waiting questions whose retrieval is done: those told their place."""
+        with self._changed:
+            return sum(t.ready for t in self._line)
+
+    @property
     def running(self) -> int:
         with self._changed:
             return len(self._running)
