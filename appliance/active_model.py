@@ -118,6 +118,7 @@ class RegistryChatModel(BaseChatModel):
         self._stamp: int | None = None
         self._last_check = 0.0
         self._version = ""
+        self._step_observers: list[Any] = []
         self.switch_error: str | None = None
         with self._lock:
             self._refresh(force=True)
@@ -153,6 +154,8 @@ class RegistryChatModel(BaseChatModel):
         if model is None:
             model = self._loader(self._registry.verified_gguf(version))
             self._loaded[version] = model
+            for observer in self._step_observers:
+                _observe_steps(model, observer)
             log.info("chat model %s loaded (%s)", version, model.name)
             self._evict(keep=version)
         self._loaded.move_to_end(version)
@@ -255,6 +258,22 @@ class RegistryChatModel(BaseChatModel):
         with self._lock:
             return list(self._loaded)
 
+    # --- the engine's slots, for the queue and the metrics -----------------------------------
+
+    @property
+    def slots(self) -> int:
+        """Answers the served engine decodes together (1 for the serial one): the core
+        service's queue hands out this many turns. Without it the queue would admit one answer
+        at a time in front of a batching engine."""
+        return int(getattr(self.current(), "slots", 1) or 1)
+
+    def add_step_observer(self, observer: Any) -> None:
+        """Hear every decode step of every loaded version, also of those loaded later."""
+        with self._lock:
+            self._step_observers.append(observer)
+            for model in self._loaded.values():
+                _observe_steps(model, observer)
+
     # --- ChatModel ---------------------------------------------------------------------------
 
     @property
@@ -289,3 +308,10 @@ class RegistryChatModel(BaseChatModel):
                 model.close()
             self._loaded.clear()
             self._retired.clear()
+
+
+def _observe_steps(model: BaseChatModel, observer: Any) -> None:
+    """Register ``observer`` with an engine that reports its decode steps (the batching one)."""
+    add = getattr(model, "add_step_observer", None)
+    if add is not None:
+        add(observer)

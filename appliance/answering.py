@@ -43,7 +43,7 @@ from appliance.prompting import (
 )
 from appliance.protocols import Embedder, Hit, SparseEncoder, VectorStore
 from appliance.settings import AnswerSettings
-from appliance.turnstile import ModelQueue, Unqueued
+from appliance.turnstile import ModelQueue, Ticket, Unqueued
 from appliance.verification import (
     Claim,
     Embed,
@@ -410,12 +410,13 @@ class Answerer:
         *,
         history: Sequence[Exchange] = (),
         where: Mapping[str, Sequence[str]] | None = None,
+        ticket: Ticket | None = None,
     ) -> Iterator[dict[str, Any]]:
         """The events of one answer (``_stream``), by the model this reader may be answered
         by (``chat_for``), which is held open until the answer ends or is abandoned."""
         chat = self.chat_for(where)
         try:
-            yield from self._stream(chat, question, history=history, where=where)
+            yield from self._stream(chat, question, history=history, where=where, ticket=ticket)
         finally:
             if chat is not self.chat:
                 chat.close()
@@ -427,6 +428,7 @@ class Answerer:
         *,
         history: Sequence[Exchange] = (),
         where: Mapping[str, Sequence[str]] | None = None,
+        ticket: Ticket | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Yield ``{"type": "sources", "sources": [...]}`` before the model is called,
         ``{"type": "queue", "position"}`` events while the question waits for the model, then
@@ -487,7 +489,9 @@ class Answerer:
             done = max(done, len(spans))
 
         # Waits for the model's turn, yielding {"type": "queue", "position": N} meanwhile.
-        pieces = yield from self.queue.wait(chat.stream(messages, params))
+        # ``ticket``: the place taken in line on arrival (``ModelQueue.admit``), kept during
+        # the retrieval above.
+        pieces = yield from self.queue.wait(chat.stream(messages, params), ticket)
         with pieces:
             for piece in pieces:
                 shown = guard.feed(piece)
@@ -713,6 +717,7 @@ def ask_events(
     user: str,
     conversation: str | None = None,
     where: Mapping[str, Sequence[str]] | None = None,
+    ticket: Ticket | None = None,
 ) -> Iterator[dict[str, Any]]:
     """One question in a conversation: history in, JSON-ready events out, the exchange saved.
     The final event is ``{"type": "answer", "answer": {...}, "conversation": id}``."""
@@ -725,7 +730,7 @@ def ask_events(
             history = conversations.history(user, conversation)
         else:
             conversation = conversations.create(user, question)
-    for event in answerer.stream(question, history=history, where=where):
+    for event in answerer.stream(question, history=history, where=where, ticket=ticket):
         if event["type"] != "answer":
             yield event
             continue

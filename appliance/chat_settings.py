@@ -63,7 +63,8 @@ class ChatSettings(BaseModel):
         "in a slot of n_ctx tokens: continuous batching, where new questions join at the next "
         "step. 1: the serial engine, one answer at a time. Empty: sized from the cores (four "
         "per core, at most 8) and the memory (the slots' KV cache within a quarter of the "
-        "available memory), and logged.",
+        "available memory), and logged. openai/ollama: the server's parallel slots, which "
+        "the core service's queue gives out (empty: 1).",
     )
     prefill_chunk: int = Field(
         128,

@@ -357,18 +357,31 @@ class CoreService:
                 "(answer.max_question_chars): ask about one thing at a time"
             )
         user = self._owner(who, body)
-        events = self._audited_answer(
-            ask_events(
-                self.answerer,
-                self.conversations,
-                str(body["question"]),
-                user=user,
-                conversation=body.get("conversation"),
-                where=who.where(),
-            ),
-            user,
-            str(body["question"]),
-        )
+        answerer = self.answerer
+
+        def queued() -> Iterator[dict[str, Any]]:
+            # The place in line is taken on arrival, inside the stream so the API turns a full
+            # line into a 503 before any status is sent; local tools (the service token) are
+            # not capped per user.
+            ticket = answerer.queue.admit(user if who.collections is not None else "")
+            try:
+                yield from self._audited_answer(
+                    ask_events(
+                        answerer,
+                        self.conversations,
+                        question,
+                        user=user,
+                        conversation=body.get("conversation"),
+                        where=who.where(),
+                        ticket=ticket,
+                    ),
+                    user,
+                    question,
+                )
+            finally:
+                ticket.close()
+
+        events = queued()
         if body.get("stream"):
             return events
         final: dict[str, Any] = {}

@@ -242,6 +242,20 @@ class ServiceSettings(_Section):
     max_body_mb: int = Field(
         320, ge=1, description="Largest request body (an uploaded document, base64-encoded)."
     )
+    queue_limit: int = Field(
+        32,
+        ge=0,
+        le=100_000,
+        description="Questions that may wait for the chat model (beyond those being answered); "
+        "one more is refused with HTTP 503 and Retry-After, and the UI says when to try again.",
+    )
+    queue_per_user: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Answers of one signed-in user generated at once; their other questions "
+        "wait while other users' pass (local tools holding the service token are not capped).",
+    )
 
 
 class MetricsSettings(_Section):

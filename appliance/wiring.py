@@ -271,24 +271,40 @@ def build_active_chat_model(settings: Settings) -> Any:
     )
 
 
-def build_answerer(settings: Settings, ingestion: Ingestion) -> Any:
+def build_answerer(settings: Settings, ingestion: Ingestion, *, observer: Any = None) -> Any:
     """The answering engine over the ingestion's searchable collection, with the configured
-    chat model; the model is closed with the ingestion."""
+    chat model; the model is closed with the ingestion. ``observer`` hears of the queue in
+    front of the model (the service's ``Metrics``)."""
     from appliance.answering import Answerer, CrossEncoderReranker
-    from appliance.turnstile import Turnstile
+    from appliance.turnstile import FairQueue
 
     chat = build_active_chat_model(settings)
     ingestion._stack.callback(chat.close)
     path = settings.answer.rerank_model_path
+    # An engine that sizes its own slots says how many (``slots``) and reports its decode
+    # steps to step observers; the queue hands out that many, and the metrics hear the steps.
+    slots = int(getattr(chat, "slots", 0) or settings.chat.parallel or 1)
+    add_step_observer = getattr(chat, "add_step_observer", None)
+    if observer is not None and add_step_observer is not None:
+        add_step_observer(
+            lambda step: observer.observe_decode_step(
+                step.sequences, step.tokens - step.prefill_tokens
+            )
+        )
     return Answerer(
         index=lambda: ingestion.searcher,
         chat=chat,
         settings=settings.answer,
         chat_settings=settings.chat,
         reranker=CrossEncoderReranker(path) if path else None,
-        # The in-process model answers one question at a time: waiting questions are told
-        # their place. Model servers queue or batch on their own.
-        queue=Turnstile() if settings.chat.backend == "llamacpp" else None,
+        # Also in front of a model server: the fair order, the per-user cap and the 503
+        # beyond the limit are the core service's, whatever generates the answers.
+        queue=FairQueue(
+            slots=slots,
+            per_user=settings.service.queue_per_user,
+            limit=settings.service.queue_limit,
+            observer=observer,
+        ),
     )
 
 
@@ -312,14 +328,15 @@ def open_core_service(
         stack.callback(accounts.close)
         audit = open_audit_log(settings, on_anchor=journal_anchor)
         stack.callback(audit.close)
+        owner: list[Any] = []  # the service, once built: /metrics refreshes from it per scrape
+        metrics = Metrics(collect=lambda: owner[0].refresh_metrics() if owner else None)
         answerer = None
         if answering:
             try:
-                answerer = build_answerer(settings, ingestion)
+                answerer = build_answerer(settings, ingestion, observer=metrics)
+                metrics.set_slots(answerer.queue.slots)
             except ApplianceError as exc:
                 log.error("answering is off: %s", exc)
-        owner: list[Any] = []  # the service, once built: /metrics refreshes from it per scrape
-        metrics = Metrics(collect=lambda: owner[0].refresh_metrics() if owner else None)
         service = CoreService(
             ingestion,
             settings,

@@ -158,9 +158,9 @@ def test_a_waiting_question_is_told_its_place(app: MakeApp, core: Core) -> None:
     assert next(e for e in busy if e["type"] == "token")  # holds the model's turn
 
     def finish_later() -> None:
-        # the turnstile has the page's question in line once it is one longer
+        # the page's question waits for the model once its retrieval is done
         for _ in range(600):
-            if core.service.answerer.queue.length >= 2:
+            if core.service.answerer.queue.ready >= 1:
                 break
             threading.Event().wait(0.1)
         list(busy)

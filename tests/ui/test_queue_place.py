@@ -22,7 +22,7 @@ def test_ask_stream_prints_its_place_while_the_model_is_busy(
 
     def finish_when_queued() -> None:
         for _ in range(600):
-            if answerer.queue.length >= 2:
+            if answerer.queue.ready >= 1:  # its retrieval done, it waits for the model
                 break
             threading.Event().wait(0.1)
         list(busy)

@@ -4,6 +4,7 @@ While a question is answered the page shows, in this order, what the answer stre
 
     sources event  ─► the passages found, best-matching spans highlighted (before the model)
     queue events   ─► "Waiting for the model: N questions ahead of yours."
+    a 503 (busy)   ─► "The assistant is busy ...: try again in N s." (the queue is full)
     token events   ─► the draft, greyed out: not yet checked against the sources
     answer event   ─► the answer as the service checked it: each citation a link to its
                       source's anchor below, the supporting spans highlighted there; a quoted
@@ -15,6 +16,7 @@ delete. Everything from documents or the model is escaped (:mod:`ui.safe`, :mod:
 
 from __future__ import annotations
 
+import math
 import mimetypes
 from typing import Any
 
@@ -146,7 +148,10 @@ def _ask(api: ServiceClient, question: str) -> None:
                     final = event
         except ServiceError as exc:
             _unfinished(status, box, text)
-            session.show_error(exc)
+            if exc.status == 503:  # the queue is full: say when to come back, not an error
+                st.warning(busy(exc.retry_after_s), icon=":material/hourglass_top:")
+            else:
+                session.show_error(exc)
             return
         if final is None:
             _unfinished(status, box, text)
@@ -188,6 +193,13 @@ def _queue(position: int) -> str:
         return "The model is starting on your question…"
     ahead = "1 question" if position == 1 else f"{position} questions"
     return f"Waiting for the model: {ahead} ahead of yours."
+
+
+def busy(retry_after_s: float | None) -> str:
+    """The message for a question the service refused because too many were waiting."""
+    wait = max(1, math.ceil(retry_after_s)) if retry_after_s else None
+    when = f"try again in {wait} s" if wait else "try again in a moment"
+    return f"The assistant is busy answering other questions: {when}. Your question was not sent."
 
 
 def _draft(checked: int) -> str:
