@@ -19,6 +19,7 @@ from tests.ui.test_app import LEAVE, MakeApp, sign_in
 def full(core: Core, monkeypatch: pytest.MonkeyPatch) -> Iterator[Core]:
     """The one slot held by another question mid-answer, and no room to wait."""
     queue = core.service.answerer.queue
+    monkeypatch.setattr(queue, "slots", 1)  # whatever the engine decodes together
     monkeypatch.setattr(queue, "limit", 0)
     busy = core.service.answerer.stream(LEAVE)
     assert next(e for e in busy if e["type"] == "token")

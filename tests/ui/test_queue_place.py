@@ -17,6 +17,7 @@ def test_ask_stream_prints_its_place_while_the_model_is_busy(
 ) -> None:
     monkeypatch.setenv("APPLIANCE_DATA_DIR", str(core.data_dir))
     answerer = core.service.answerer
+    monkeypatch.setattr(answerer.queue, "slots", 1)  # whatever the engine decodes together
     busy = answerer.stream(LEAVE)
     assert next(e for e in busy if e["type"] == "token")  # another question holds the model
 
