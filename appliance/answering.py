@@ -344,8 +344,10 @@ class Answerer:
         *,
         history: Sequence[Exchange] = (),
         where: Mapping[str, Sequence[str]] | None = None,
+        prompt: bool = True,
     ) -> Prepared:
-        """Everything before generation: the query, the retrieval, the passages, the prompt."""
+        """Everything before generation: the query, the retrieval, the passages, the prompt
+        (left empty without ``prompt``: ``stream`` builds it after sending the evidence)."""
         started = time.perf_counter()
         query = standalone_question(question, history, self.settings.history_turns)
         hits = self.retrieve(query, where)
@@ -375,16 +377,21 @@ class Answerer:
             timings=timings,
         )
         passages = self.passages(candidates)
-        messages: list[ChatMessage] = [
+        messages = self.messages(question, passages) if prompt else []
+        return Prepared(answer, passages, messages, started)
+
+    def messages(self, question: str, passages: Sequence[Passage]) -> list[ChatMessage]:
+        """The prompt: the system rules, then the passages (instruction-like sentences in them
+        marked, which embeds their sentences) and the question."""
+        return [
             {"role": "system", "content": self.system},
             {
                 "role": "user",
                 "content": user_prompt(
-                    question, passages, self._detector(), self.settings.document_marking
+                    question, list(passages), self._detector(), self.settings.document_marking
                 ),
             },
         ]
-        return Prepared(answer, passages, messages, started)
 
     def verifier(self, passages: Sequence[Passage]) -> Verifier:
         """A claim verifier over one answer's passages, with the loaded embedding model."""
@@ -407,13 +414,10 @@ class Answerer:
         ``{"type": "token", "text"}`` events as the answer is generated, ``{"type": "claim",
         "claim": {...}}`` as each sentence is finished and checked, and finally one
         ``{"type": "answer", "answer": Answer}``."""
-        prepared = self.prepare(question, history=history, where=where)
-        answer, passages, messages, started = (
-            prepared.answer,
-            prepared.passages,
-            prepared.messages,
-            prepared.started,
-        )
+        # the prompt (instruction detection embeds every passage sentence) waits until the
+        # evidence is on its way
+        prepared = self.prepare(question, history=history, where=where, prompt=False)
+        answer, passages, started = prepared.answer, prepared.passages, prepared.started
         timings = answer.timings
         verifier = self.verifier(passages) if passages else None
         checked = time.perf_counter()
@@ -438,6 +442,7 @@ class Answerer:
         checking = self.settings.verify
         checks = _Checks(verifier) if checking else None
         try:
+            messages = self.messages(question, passages)
             yield from self._generate(answer, passages, messages, verifier, checks, started)
         finally:
             if checks is not None:
