@@ -391,17 +391,28 @@ class Verifier:
             shortlist += ranked[: self.candidates]
         if len(numbers) > 1:  # several passages: the best few of them all
             shortlist = sorted(shortlist, key=lambda r: -r[0])[: self.candidates * 2]
-        self._embed_all([text] + [s.compared for _lex, s in shortlist])
         w = self.lexical_weight
+
+        def anchored(seg: Segment) -> float:
+            if not figures:
+                return 0.0
+            return sum(any(seg.start <= m.start < seg.end for m in f) for f in figures) / len(
+                figures
+            )
+
+        # an embedding only matters where a perfect similarity could reach the threshold:
+        # elsewhere words and figures decide alone, and the model is not called
+        ceiling = max(
+            (w * lex + (1 - w) + FIGURE_ANCHOR * anchored(seg) for lex, seg in shortlist),
+            default=0.0,
+        )
+        compare = ceiling >= self.threshold
+        if compare:
+            self._embed_all([text] + [s.compared for _lex, s in shortlist])
         scored = []
         for lex, seg in shortlist:
-            sim = self._similarity(text, seg.compared)
-            anchored = (
-                sum(any(seg.start <= m.start < seg.end for m in f) for f in figures) / len(figures)
-                if figures
-                else 0.0
-            )
-            score = w * lex + (1 - w) * sim + FIGURE_ANCHOR * anchored
+            sim = self._similarity(text, seg.compared) if compare else 0.0
+            score = w * lex + (1 - w) * sim + FIGURE_ANCHOR * anchored(seg)
             if seg.table:
                 score = max(score, self._row_support(words, seg, cells))
             scored.append(_Scored(seg, lex, sim, score))
