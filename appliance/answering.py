@@ -742,19 +742,6 @@ def _informative(text: str) -> bool:
     return len(values) >= 2 and len(_WORDS.findall(text)) >= 2
 
 
-def _yield_to_the_model() -> None:
-    """Lower this thread's scheduling priority (Linux sets it per thread): on a machine whose
-    cores llama.cpp's decoding fills, the checks take the gaps rather than stall a decoding
-    step (its threads wait for each other)."""
-    import contextlib
-    import os
-    import threading
-
-    # not Linux, or not permitted: the default priority
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-
-
 class _Checks:
     """Claim checks off the answer's critical path: one worker thread per answer runs the
     verifier (the embedding model releases the GIL, as llama.cpp does while decoding), so a
@@ -767,9 +754,7 @@ class _Checks:
         from concurrent.futures import ThreadPoolExecutor
 
         self._verifier = verifier
-        self._pool = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="claim-check", initializer=_yield_to_the_model
-        )
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="claim-check")
         self._pending: list[tuple[str, Future[Claim]]] = []
         self._other: list[Future[Any]] = []
         self._submitted: set[str] = set()
