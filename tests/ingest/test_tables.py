@@ -55,6 +55,42 @@ def test_pdf_rows_keep_headers_caption_and_units(tmp_path: Path) -> None:
     ]
 
 
+def test_pdf_units_beside_the_column_headers_reach_every_row(tmp_path: Path) -> None:
+    """A statement laid out with its unit line at the height of a column header line (as
+    Microsoft's 10-Q income statements are): the unit names no column, and every row says it."""
+    from reportlab.pdfgen import canvas
+
+    path = tmp_path / "income.pdf"
+    pdf = canvas.Canvas(str(path), invariant=1)
+    pdf.setFont("Helvetica", 10)
+    pdf.drawCentredString(306, 740, "INCOME STATEMENTS")
+    pdf.drawRightString(436, 720, "Three Months Ended")
+    pdf.drawString(16, 708, "(In millions, except per share amounts) (Unaudited)")
+    pdf.drawRightString(436, 708, "December 31,")
+    pdf.drawRightString(363, 696, "2022")
+    pdf.drawRightString(436, 696, "2021")
+    y = 680
+    for label, now, before in (
+        ("Total revenue", "52,747", "51,728"),
+        ("Gross margin", "35,259", "34,768"),
+        ("Operating income", "20,399", "22,247"),
+    ):
+        pdf.drawString(16, y, label)
+        pdf.drawRightString(363, y, now)
+        pdf.drawRightString(436, y, before)
+        y -= 14
+    pdf.showPage()
+    pdf.save()
+    (table,) = tables_of(path)
+    assert table.header == "INCOME STATEMENTS (in millions)"
+    rows = table.text.split("\n")[1:]
+    assert len(rows) == 3
+    assert all(row.endswith("(in millions)") for row in rows)
+    assert rows[0].startswith("Total revenue | ")
+    assert "52,747" in rows[0]
+    assert "(In millions" not in table.text
+
+
 def test_pdf_tables_can_be_turned_off(tmp_path: Path) -> None:
     sections = parse_file(make_table_pdf(tmp_path / "10q.pdf"), ParseOptions(tables=False))
     assert len(sections.sections) == 1
