@@ -19,8 +19,9 @@ come back against the question's ``evidence_doc``:
 ``ingest.tables``), for the comparison before and after table handling.
 
 Two columns per mode: "retrieve" is what the appliance answers with (``Indexer.search``, that
-is ``ingest.retrieval.retrieve``: a wider candidate list re-ranked by document); "store only"
-is one store query for the top 5, the ranking before that re-ranking. The naive baseline
+is ``ingest.retrieval.retrieve``: a wider candidate list re-ranked by document, with table rows
+from a second, table-only query beside it); "store only" is one store query for the top 5, the
+ranking before that re-ranking. The naive baseline
 (no document identity in the chunks, store only) is quoted for comparison.
 
 ``--distractors`` also runs the questions against an index that holds the 40 unrelated PDFs of
