@@ -50,7 +50,7 @@ from appliance.protocols import (
 from appliance.settings import ChunkingSettings, IngestSettings
 from ingest.chunking import chunk_sections
 from ingest.identity import file_name_terms, identity_line
-from ingest.retrieval import retrieve
+from ingest.retrieval import TABLE_KIND, TEXT_KIND, retrieve
 from ingest.safe_open import Staging, UnsafeDocument
 from ingest.scan import FoundFile, walk
 from ingest.state import ChunkRow, FileRow, IngestState
@@ -687,6 +687,7 @@ class Indexer:
             "text": chunk.text,
             "identity": prep.identity,
             "ocr_confidence": chunk.ocr_confidence,
+            "kind": TABLE_KIND if chunk.table else TEXT_KIND,
         }
 
     # --- reading -----------------------------------------------------------------------------

@@ -189,6 +189,12 @@ def test_evidence_is_the_gold_figures_found_in_the_passages(script: Any) -> None
         1.0,
         1,
     )
+    assert scores.evidence_by_source is None  # the golden set names no source
+    drawn = [bench.Question("q", "?", frozenset({"a.pdf"}), answer, "Table")] * 2
+    by_source = bench.score("hybrid", [["a.pdf"]] * 2, drawn, [[row], ["nothing"]])
+    assert by_source.evidence_by_source == {
+        "Table": {"questions": 2, "evidence_recall": 0.5, "figure_recall": 0.5}
+    }
 
 
 @pytest.mark.slow
