@@ -24,7 +24,9 @@ failure are refused without looking at the password. Throttling by name *and* ad
 guesser locks out only itself, not every admin by name; without an address (a local tool) the
 name alone is the key. Each attempt is counted as a failure *before* its password is checked,
 in the same transaction as the throttle check, so parallel guesses cannot all slip through
-before the first failure lands; a success takes the count back. At most
+before the first failure lands; a success takes the count back. A sign-in refused only
+because of attempts still in progress waits for them to end instead (a burst of staff behind
+one address must all get in; a burst of guesses still gets ``max_failures``). At most
 ``max_concurrent_checks`` Argon2 verifications (64 MiB each) run at once; the rest wait.
 Failures older than ``forget_failures_after_s`` are forgotten.
 
@@ -70,6 +72,8 @@ SHARED_COLLECTION = ""
 
 INVALID_LOGIN = "invalid username or password"
 MAX_LOCKOUT_S = 15 * 60.0
+SETTLE_WAIT_S = 120.0
+"""The longest a sign-in waits for attempts in progress to settle before it is throttled."""
 MAX_PASSWORD_CHARS = 1024
 
 _NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
@@ -205,6 +209,8 @@ class Accounts:
         self._db = sqlite.connect(path, _SCHEMA, durable=True, private=True)
         self._lock = threading.Lock()
         self._checks = threading.BoundedSemaphore(max(1, max_concurrent_checks))
+        self._settled = threading.Condition()  # an attempt in progress ended
+        self._in_flight: dict[str, int] = {}  # attempts in progress per throttling key
         columns = {str(r[1]) for r in self._db.execute("PRAGMA table_info(users)")}
         if "must_change" not in columns:  # a data folder from before first-sign-in changes
             with self._write() as db:
@@ -516,16 +522,45 @@ class Accounts:
         ``client`` is the end user's address: the UI forwards the browser's. Pass "" only
         where there is none (a local tool); then the username alone is throttled.
         """
-        now = self._clock()
         name = username.lower() if isinstance(username, str) else ""
         keys = self._failure_keys(name, client)
-        wait = self._count_attempt(keys, now)
-        if wait > 0:
-            raise AuthError(
-                f"too many failed attempts; try again in {math.ceil(wait)} s",
-                reason="throttled",
-                retry_after_s=wait,
-            )
+        now = self._admit_attempt(keys)
+        try:
+            return self._login(name, password, client, keys, now)
+        finally:
+            with self._settled:
+                for key in keys:
+                    self._in_flight[key] -= 1
+                    if not self._in_flight[key]:
+                        del self._in_flight[key]
+                self._settled.notify_all()
+
+    def _admit_attempt(self, keys: list[str]) -> float:
+        """Count the attempt (pessimistically, see the module docstring) and return its time,
+        or raise the throttled :class:`AuthError`. A lockout that attempts still in progress
+        could lift (their pessimistic counts, taken back when they succeed) is waited out, not
+        refused: fifty staff signing in at once behind one address (the UI behind a proxy or
+        an office NAT) were otherwise refused after the fifth. A guesser gains nothing by it:
+        once those attempts have failed, the lockout stands and the waiters are refused."""
+        deadline = time.monotonic() + SETTLE_WAIT_S
+        with self._settled:
+            while True:
+                now = self._clock()
+                wait = self._count_attempt(keys, now)
+                if wait <= 0:
+                    for key in keys:
+                        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+                    return now
+                left = deadline - time.monotonic()
+                if left <= 0 or not any(key in self._in_flight for key in keys):
+                    raise AuthError(
+                        f"too many failed attempts; try again in {math.ceil(wait)} s",
+                        reason="throttled",
+                        retry_after_s=wait,
+                    )
+                self._settled.wait(min(left, 5.0))
+
+    def _login(self, name: str, password: str, client: str, keys: list[str], now: float) -> Session:
         with self._lock:
             row = (
                 self._db.execute(

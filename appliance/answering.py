@@ -21,11 +21,14 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from appliance.conversations import ConversationStore, Exchange, standalone_question
+from appliance.core.audience import readable_of, served_by
 from appliance.core.chat_settings import ChatSettings
 from appliance.core.errors import ConfigError, missing_dependency
 from appliance.core.figures import extract_figures
@@ -49,7 +52,7 @@ from appliance.core.protocols import (
 )
 from appliance.core.settings import AnswerSettings
 from appliance.injection import InstructionDetector
-from appliance.turnstile import ModelQueue, Unqueued
+from appliance.turnstile import ModelQueue, Ticket, Unqueued
 from appliance.verification import (
     Claim,
     Embed,
@@ -70,6 +73,12 @@ QUOTE_FIGURE_BONUS = 0.1
 """Quotes that state figures rank higher: questions about documents like these mostly ask for
 amounts, dates and rates."""
 _FIGURE = re.compile(r"\d")
+MIN_SUPPORTED = 2
+"""An answer with fewer supported sentences than this is followed by quotes of the passages
+that best answer the question: one sentence left of an answer rarely answers it."""
+QUOTE_POOL = 16
+"""Segments considered for quotes: the best by words and figures, re-scored with the embedding
+model (``Verifier.evidence``)."""
 QUOTE_MARGIN = 0.3
 """Quotes after the best one are kept while they score at most this much less."""
 
@@ -132,6 +141,9 @@ class Answer:
     """The generated sentences the passages do not support."""
     mode: str = "generated"
     """generated: the model's supported sentences; quoted: passage sentences, verbatim."""
+    served_by: dict[str, Any] = field(default_factory=dict)
+    """The model that answered: ``{"version", "name", "audience"}`` (``appliance.core.audience``);
+    the version is the one this reader may be answered by, which need not be the active one."""
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -329,12 +341,14 @@ class Answerer:
             hits = self.reranker.rerank(query, hits)[:k]
         return hits
 
-    def passages(self, candidates: Sequence[Passage]) -> list[Passage]:
+    def passages(
+        self, candidates: Sequence[Passage], chat: ChatModel | None = None
+    ) -> list[Passage]:
         """The passages that fit the context token budget, best first, renumbered."""
         budget = self.settings.context_tokens
         chosen: list[Passage] = []
         for passage in candidates:
-            cost = self.chat.count_tokens(passage.text) + 16
+            cost = (chat or self.chat).count_tokens(passage.text) + 16
             if cost > budget:
                 if not chosen:  # the best passage alone is too long: keep its start
                     keep = int(len(passage.text) * budget / cost)
@@ -348,14 +362,26 @@ class Answerer:
 
     # --- answering ---------------------------------------------------------------------------
 
+    def chat_for(self, where: Mapping[str, Sequence[str]] | None) -> ChatModel:
+        """The model that answers a reader bounded by ``where``: with the model registry, the
+        version whose audience the reader is granted (``appliance.core.audience``), held open until
+        it is closed; otherwise the one configured model."""
+        serve = getattr(self.chat, "serve", None)
+        return self.chat if serve is None else serve(readable_of(where))
+
     def prepare(
         self,
         question: str,
         *,
         history: Sequence[Exchange] = (),
         where: Mapping[str, Sequence[str]] | None = None,
+        prompt: bool = True,
+        chat: ChatModel | None = None,
     ) -> Prepared:
-        """Everything before generation: the query, the retrieval, the passages, the prompt."""
+        """Everything before generation: the query, the retrieval, the passages, the prompt
+        (left empty without ``prompt``: ``stream`` builds it after sending the evidence).
+        ``chat``: the model that will answer (default: ``self.chat``)."""
+        chat = chat or self.chat
         started = time.perf_counter()
         query = standalone_question(question, history, self.settings.history_turns)
         hits = self.retrieve(query, where)
@@ -381,20 +407,26 @@ class Answerer:
             query=query,
             retrieved=retrieved,
             relevance=round(relevance, 4),
-            model=self.chat.name,
+            model=chat.name,
             timings=timings,
+            served_by=getattr(chat, "served_by", None) or served_by(None, chat.name, None),
         )
-        passages = self.passages(candidates)
-        messages: list[ChatMessage] = [
+        passages = self.passages(candidates, chat)
+        messages = self.messages(question, passages) if prompt else []
+        return Prepared(answer, passages, messages, started)
+
+    def messages(self, question: str, passages: Sequence[Passage]) -> list[ChatMessage]:
+        """The prompt: the system rules, then the passages (instruction-like sentences in them
+        marked, which embeds their sentences) and the question."""
+        return [
             {"role": "system", "content": self.system},
             {
                 "role": "user",
                 "content": user_prompt(
-                    question, passages, self._detector(), self.settings.document_marking
+                    question, list(passages), self._detector(), self.settings.document_marking
                 ),
             },
         ]
-        return Prepared(answer, passages, messages, started)
 
     def verifier(self, passages: Sequence[Passage]) -> Verifier:
         """A claim verifier over one answer's passages, with the loaded embedding model."""
@@ -411,23 +443,40 @@ class Answerer:
         *,
         history: Sequence[Exchange] = (),
         where: Mapping[str, Sequence[str]] | None = None,
+        ticket: Ticket | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """The events of one answer (``_stream``), by the model this reader may be answered
+        by (``chat_for``), which is held open until the answer ends or is abandoned."""
+        chat = self.chat_for(where)
+        try:
+            yield from self._stream(chat, question, history=history, where=where, ticket=ticket)
+        finally:
+            if chat is not self.chat:
+                chat.close()
+
+    def _stream(
+        self,
+        chat: ChatModel,
+        question: str,
+        *,
+        history: Sequence[Exchange] = (),
+        where: Mapping[str, Sequence[str]] | None = None,
+        ticket: Ticket | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Yield ``{"type": "sources", "sources": [...]}`` before the model is called,
         ``{"type": "queue", "position"}`` events while the question waits for the model, then
         ``{"type": "token", "text"}`` events as the answer is generated, ``{"type": "claim",
         "claim": {...}}`` as each sentence is finished and checked, and finally one
         ``{"type": "answer", "answer": Answer}``."""
-        prepared = self.prepare(question, history=history, where=where)
-        answer, passages, messages, started = (
-            prepared.answer,
-            prepared.passages,
-            prepared.messages,
-            prepared.started,
-        )
+        # the prompt (instruction detection embeds every passage sentence) waits until the
+        # evidence is on its way
+        prepared = self.prepare(question, history=history, where=where, prompt=False, chat=chat)
+        answer, passages, started = prepared.answer, prepared.passages, prepared.started
         timings = answer.timings
         verifier = self.verifier(passages) if passages else None
         checked = time.perf_counter()
-        evidence = verifier.spans_for(answer.query) if verifier else {}
+        # chosen by words and figures alone: the evidence must not wait for a model call
+        evidence = verifier.spans_for(answer.query, embed=False) if verifier else {}
         verify_s = time.perf_counter() - checked
         yield {
             "type": "sources",
@@ -435,6 +484,7 @@ class Answerer:
             # for the audit log's question record, written before any answer text is sent
             "retrieved": [{k: v for k, v in r.items() if k != "text"} for r in answer.retrieved],
             "model": answer.model,
+            "served_by": answer.served_by,
         }
         if not passages or answer.relevance < self.settings.min_relevance:
             answer.abstained = True
@@ -445,46 +495,87 @@ class Answerer:
             return
         assert verifier is not None
         checking = self.settings.verify
+        checks = _Checks(verifier) if checking else None
+        try:
+            messages = self.messages(question, passages)
+            yield from self._generate(
+                chat, answer, passages, messages, verifier, checks, started, ticket
+            )
+        finally:
+            if checks is not None:
+                checks.close()
+        now = time.perf_counter()
+        timings.setdefault("ttft_s", round(now - started, 4))
+        timings["total_s"] = round(now - started, 4)
+        if checks is not None:
+            verify_s += checks.waited_s
+            timings["verify_work_s"] = round(checks.work_s, 4)
+        timings["verify_s"] = round(verify_s, 4)
+        yield {"type": "answer", "answer": answer}
+
+    def _generate(
+        self,
+        chat: ChatModel,
+        answer: Answer,
+        passages: Sequence[Passage],
+        messages: list[ChatMessage],
+        verifier: Verifier,
+        checks: _Checks | None,
+        started: float,
+        ticket: Ticket | None,
+    ) -> Iterator[dict[str, Any]]:
+        """The model's turn: tokens as they come, each finished sentence checked in the
+        background while the model writes the next (``_Checks``), then the answer that may be
+        shown, in ``answer``."""
+        timings = answer.timings
         guard = LeakGuard(self.system)
         params = GenerationParams(
             max_tokens=self.chat_settings.max_tokens,
             temperature=self.chat_settings.temperature,
             seed=self.chat_settings.seed,
         )
-        first: float | None = None
         claims: dict[str, Claim] = {}
         shown_text = ""
         done = 0
+        if checks is not None:
+            # the quotes' evidence, embedded while the question waits and the model reads
+            checks.prefetch(answer.query)
 
-        def check_finished(final: bool) -> Iterator[dict[str, Any]]:
-            """Claim events for the sentences finished since the last call."""
-            nonlocal done, verify_s
+        def submit_finished(final: bool) -> None:
+            nonlocal done
+            assert checks is not None
             spans = sentence_spans(shown_text) if final else finished_sentences(shown_text)
             for s_start, s_end in spans[done:]:
                 sentence = clean_citations(shown_text[s_start:s_end], len(passages))[0]
-                if sentence and sentence not in claims:
-                    t0 = time.perf_counter()
-                    claims[sentence] = verifier.verify(sentence)
-                    verify_s += time.perf_counter() - t0
-                    yield {"type": "claim", "claim": claims[sentence].as_json()}
+                if sentence:
+                    checks.submit(sentence)
             done = max(done, len(spans))
 
+        def claim_events(wait: bool) -> Iterator[dict[str, Any]]:
+            assert checks is not None
+            for sentence, claim in checks.finished(wait=wait):
+                claims[sentence] = claim
+                yield {"type": "claim", "claim": claim.as_json()}
+
         # Waits for the model's turn, yielding {"type": "queue", "position": N} meanwhile.
-        pieces = yield from self.queue.wait(self.chat.stream(messages, params))
+        # ``ticket``: the place taken in line on arrival (``ModelQueue.admit``), kept during
+        # the retrieval above.
+        pieces = yield from self.queue.wait(chat.stream(messages, params), ticket)
         with pieces:
             for piece in pieces:
                 shown = guard.feed(piece)
                 if shown:
-                    first = first or time.perf_counter()
+                    timings.setdefault("ttft_s", round(time.perf_counter() - started, 4))
                     yield {"type": "token", "text": shown}
                     shown_text += shown
-                    if checking:
-                        yield from check_finished(final=False)
+                    if checks is not None:
+                        submit_finished(final=False)
+                        yield from claim_events(wait=False)
                 if guard.leaked:
                     break
             tail = guard.flush()
             if tail:
-                first = first or time.perf_counter()
+                timings.setdefault("ttft_s", round(time.perf_counter() - started, 4))
                 yield {"type": "token", "text": tail}
                 shown_text += tail
             stats = pieces.stats
@@ -502,21 +593,17 @@ class Answerer:
                 answer.abstained = True
                 answer.answer = self._abstention(passages)
                 answer.sources = []
-            elif checking:
+            elif checks is not None:
                 if not guard.leaked:
-                    yield from check_finished(final=True)
-                t0 = time.perf_counter()
-                self._checked(answer, passages, verifier, claims)
-                verify_s += time.perf_counter() - t0
-        now = time.perf_counter()
-        timings["ttft_s"] = round((first or now) - started, 4)
-        timings["total_s"] = round(now - started, 4)
-        timings["verify_s"] = round(verify_s, 4)
+                    submit_finished(final=True)
+                yield from claim_events(wait=True)
+                with checks.on_critical_path():
+                    checks.wait()  # the verifier is the main thread's again
+                    self._checked(answer, passages, verifier, claims)
         if stats is not None:
             timings["tokens_per_s"] = round(stats.tokens_per_s, 2)
             timings["completion_tokens"] = stats.completion_tokens
             timings["prompt_tokens"] = stats.prompt_tokens
-        yield {"type": "answer", "answer": answer}
 
     def _checked(
         self,
@@ -526,8 +613,11 @@ class Answerer:
         known: dict[str, Claim],
     ) -> None:
         """Replace the generated text by what may be shown: its supported sentences (and, with
-        ``answer.unsupported: flag``, the others, marked), or quotes when none, or less than
-        ``answer.quote_below`` of them, is supported."""
+        ``answer.unsupported: flag``, the others, marked). When less than
+        ``answer.quote_below`` of them is supported, or fewer than ``MIN_SUPPORTED``, the
+        passage sentences that best answer the question follow them as quotes (what is left
+        of a mostly invented answer is a fragment out of context); with none supported, the
+        answer is the quotes alone."""
         text = answer.answer
         spans = sentence_spans(text)
         sentences = [text[a:b] for a, b in spans]
@@ -539,63 +629,88 @@ class Answerer:
         substantive = [c for c in claims if c.supported and c.source is not None]
         checked = [c for c in claims if c.source is not None or not c.supported]
         answer.unsupported_claims = [c.as_json() for c in claims if not c.supported]
-        if not substantive or len(substantive) < self.settings.quote_below * len(checked):
-            quotes = self._quotes(answer.query, verifier)
-            answer.mode = "quoted"
-            answer.claims = [dict(q.as_json(), shown=True) for q in quotes]
-            lines = [f'"{q.text}" [{q.source}]' for q in quotes]
-            if flag:
-                lines += [UNVERIFIED + c.text for c in claims if not c.supported]
-            answer.answer = QUOTE_LABEL + "\n" + "\n".join(lines)
-            shown_claims = quotes
-        else:
-            pieces: list[str] = []
-            shown_claims = []
+        pieces: list[str] = []
+        shown_claims: list[Claim] = []
+        if substantive:
             previous_end: int | None = None
             for (a, b), claim in zip(spans, claims, strict=True):
-                keep = claim.supported or flag
-                if keep:
+                if claim.supported or flag:
                     gap = "" if previous_end is None else text[previous_end:a]
                     if pieces:
                         pieces.append("\n" if "\n" in gap else " ")
                     pieces.append(("" if claim.supported else UNVERIFIED) + text[a:b])
                     shown_claims.append(claim)
                 previous_end = b
-            answer.answer = "".join(pieces)
-            answer.claims = [dict(c.as_json(), shown=c in shown_claims) for c in claims]
-        answer.sources = self._checked_sources(answer, passages, verifier, shown_claims)
+        dropped = len(checked) > len(substantive)
+        few = len(substantive) < max(MIN_SUPPORTED, self.settings.quote_below * len(checked))
+        quotes = self._quotes(answer.query, verifier, shown_claims) if dropped and few else []
+        if not substantive and not quotes:  # never an empty answer
+            quotes = self._quotes(answer.query, verifier, fallback=True)
+        body = "".join(pieces)
+        if quotes:
+            lines = [f'"{q.text}" [{q.source}]' for q in quotes]
+            if flag and not substantive:
+                lines += [UNVERIFIED + c.text for c in claims if not c.supported]
+            block = QUOTE_LABEL + "\n" + "\n".join(lines)
+            body = f"{body}\n\n{block}" if body else block
+        answer.answer = body
+        answer.mode = "quoted" if not shown_claims else "generated"
+        answer.claims = [dict(c.as_json(), shown=c in shown_claims) for c in claims]
+        if not shown_claims:
+            answer.claims = []
+        answer.claims += [dict(q.as_json(), shown=True) for q in quotes]
+        answer.sources = self._checked_sources(answer, passages, verifier, shown_claims + quotes)
 
-    def _quotes(self, query: str, verifier: Verifier) -> list[Claim]:
+    def _quotes(
+        self,
+        query: str,
+        verifier: Verifier,
+        said: Sequence[Claim] = (),
+        *,
+        fallback: bool = False,
+    ) -> list[Claim]:
         """The passage sentences or table lines that best answer ``query``, verbatim: each
-        said once, and only those that state something (a sentence, or a line with amounts;
-        not a heading such as "NOTE 9 — DEBT" or "Nine Months Ended March 31, 2023")."""
+        said once, none already said by ``said`` (the shown sentences' spans), and only those
+        that state something (a sentence, or a table row with a label and amounts; not a
+        heading such as "NOTE 9 — DEBT" or a page footer "Apple Inc. | Q3 2023 Form 10-Q |
+        17"). ``fallback``: the best segment when none qualifies."""
         pool = sorted(
-            verifier.best_segments(query, limit=MAX_QUOTES * 6),
+            verifier.best_segments(query, limit=QUOTE_POOL),
             key=lambda s: (
-                -(s.score + (QUOTE_FIGURE_BONUS if _FIGURE.search(s.segment.text) else 0))
+                -(s.score + (QUOTE_FIGURE_BONUS if _states_amounts(s.segment.text) else 0))
             ),
         )
+        taken = {(c.source, c.start, c.end) for c in said}
         chosen: list[Claim] = []
         seen: set[str] = set()
         for scored in pool:
             if chosen and scored.score < pool[0].score - QUOTE_MARGIN:
                 break
-            text = " ".join(scored.segment.text.split())
+            segment = scored.segment
+            text = " ".join(segment.text.split())
             key = text.lower()
-            informative = len(text.split()) >= 6 and (
-                text[-1] in ".!?"
-                or any(f.kind in ("amount", "percent", "number") for f in extract_figures(text))
-            )
-            if key in seen or not informative:
+            if (
+                key in seen
+                or not _informative(text)
+                or (
+                    any(
+                        n == segment.number
+                        and a is not None
+                        and b is not None
+                        and a <= segment.start
+                        and segment.end <= b
+                        for n, a, b in taken
+                    )
+                )
+            ):
                 continue
             seen.add(key)
-            segment = scored.segment
             chosen.append(
                 Claim(text, True, segment.number, segment.start, segment.end, reason="quoted")
             )
             if len(chosen) == MAX_QUOTES:
                 break
-        if not chosen and pool:  # nothing informative: the best segment all the same
+        if not chosen and pool and fallback:
             segment = pool[0].segment
             text = " ".join(segment.text.split())
             chosen.append(
@@ -668,6 +783,89 @@ class Answerer:
         return message
 
 
+def _states_amounts(text: str) -> bool:
+    return any(f.kind in ("amount", "percent") for f in extract_figures(text))
+
+
+_WORDS = re.compile(r"[^\W\d_]{2,}")
+
+
+def _informative(text: str) -> bool:
+    """A sentence of six words or more, or a table row with a label of two words or more and
+    at least two figures (not a heading, and not a footer with a page number and a year)."""
+    if len(text.split()) >= 6 and text[-1] in ".!?" and len(_WORDS.findall(text)) >= 5:
+        return True
+    values = [
+        f
+        for f in extract_figures(text)
+        if f.kind in ("amount", "percent") or (f.kind == "number" and abs(f.value or 0) >= 100)
+    ]  # small bare numbers are page and note numbers
+    return len(values) >= 2 and len(_WORDS.findall(text)) >= 2
+
+
+class _Checks:
+    """Claim checks off the answer's critical path: one worker thread per answer runs the
+    verifier (the embedding model releases the GIL, as llama.cpp does while decoding), so a
+    finished sentence is checked while the model writes the next one and only the last
+    sentence's check is waited for. The verifier is used by the worker alone until ``wait``
+    returns. ``waited_s`` is the time the answer waited for checks (what verification adds
+    to it), ``work_s`` the worker's time."""
+
+    def __init__(self, verifier: Verifier) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._verifier = verifier
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="claim-check")
+        self._pending: list[tuple[str, Future[Claim]]] = []
+        self._other: list[Future[Any]] = []
+        self._submitted: set[str] = set()
+        self.waited_s = 0.0
+        self.work_s = 0.0
+
+    def _timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.work_s += time.perf_counter() - t0
+
+        return run
+
+    def prefetch(self, question: str) -> None:
+        self._other.append(self._pool.submit(self._timed(self._verifier.evidence), question))
+
+    def submit(self, sentence: str) -> None:
+        if sentence not in self._submitted:
+            self._submitted.add(sentence)
+            future = self._pool.submit(self._timed(self._verifier.verify), sentence)
+            self._pending.append((sentence, future))
+
+    def finished(self, *, wait: bool) -> Iterator[tuple[str, Claim]]:
+        """Checked sentences in the order written: those done (all, waiting, with ``wait``)."""
+        while self._pending and (wait or self._pending[0][1].done()):
+            sentence, future = self._pending.pop(0)
+            with self.on_critical_path():
+                claim = future.result()
+            yield sentence, claim
+
+    def wait(self) -> None:
+        for future in self._other:
+            future.result()
+        self._other.clear()
+
+    @contextmanager
+    def on_critical_path(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.waited_s += time.perf_counter() - t0
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 def _one_thread(embed: Callable[[list[str]], list[list[float]]]) -> Embed:
     """``embed`` run with one intra-op thread in the calling thread (torch's setting is per
     thread). The verifier embeds a few short texts at a time, which gain nothing from more
@@ -696,6 +894,7 @@ def ask_events(
     user: str,
     conversation: str | None = None,
     where: Mapping[str, Sequence[str]] | None = None,
+    ticket: Ticket | None = None,
 ) -> Iterator[dict[str, Any]]:
     """One question in a conversation: history in, JSON-ready events out, the exchange saved.
     The final event is ``{"type": "answer", "answer": {...}, "conversation": id}``."""
@@ -708,7 +907,7 @@ def ask_events(
             history = conversations.history(user, conversation)
         else:
             conversation = conversations.create(user, question)
-    for event in answerer.stream(question, history=history, where=where):
+    for event in answerer.stream(question, history=history, where=where, ticket=ticket):
         if event["type"] != "answer":
             yield event
             continue

@@ -12,6 +12,7 @@ import hmac
 import http.client
 import json
 import logging
+import math
 import os
 import secrets
 import socket
@@ -180,7 +181,14 @@ class ApiServer:
             return JSONResponse(result)
         except (ApplianceError, ValueError, KeyError, TypeError) as exc:
             status = int(getattr(exc, "http_status", 400))
-            return JSONResponse({"error": str(exc), "type": type(exc).__name__}, status)
+            payload: dict[str, Any] = {"error": str(exc), "type": type(exc).__name__}
+            headers = None
+            retry = getattr(exc, "retry_after_s", None)
+            if isinstance(retry, int | float) and status in (401, 429, 503):
+                # a busy queue (503) or throttled sign-ins (401): when to try again
+                payload["retry_after_s"] = math.ceil(retry)
+                headers = {"Retry-After": str(max(1, math.ceil(retry)))}
+            return JSONResponse(payload, status, headers=headers)
         except Exception as exc:
             log.exception("api handler %s %s failed", method, path)
             return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, 500)
@@ -403,10 +411,7 @@ class ServiceClient:
         finally:
             conn.close()
         if response.status != 200:
-            message = payload.get("error") if isinstance(payload, dict) else payload
-            raise ServiceError(
-                f"the core service refused {method} {path}: {message}", status=response.status
-            )
+            raise _refusal(method, path, response, payload)
         return payload
 
     def download(self, path: str, body: dict[str, Any]) -> tuple[str, str, bytes]:
@@ -442,10 +447,7 @@ class ServiceClient:
             response = conn.getresponse()
             if response.status != 200:
                 payload = json.loads(response.read() or b"null")
-                message = payload.get("error") if isinstance(payload, dict) else payload
-                raise ServiceError(
-                    f"the core service refused POST {path}: {message}", status=response.status
-                )
+                raise _refusal("POST", path, response, payload)
             while line := response.readline():
                 event = json.loads(line)
                 if event.get("type") == "error":
@@ -457,6 +459,21 @@ class ServiceClient:
             ) from exc
         finally:
             conn.close()
+
+
+def _refusal(
+    method: str, path: str, response: http.client.HTTPResponse, payload: Any
+) -> ServiceError:
+    """The error for a non-200 reply, with its ``Retry-After`` when it has one."""
+    message = payload.get("error") if isinstance(payload, dict) else payload
+    retry: float | None = None
+    with contextlib.suppress(TypeError, ValueError):
+        retry = float(response.getheader("Retry-After") or "")
+    return ServiceError(
+        f"the core service refused {method} {path}: {message}",
+        status=response.status,
+        retry_after_s=retry,
+    )
 
 
 class _UnixConnection(http.client.HTTPConnection):

@@ -216,6 +216,8 @@ class Models(TypedDict, total=False):
     embedding: str
     feedback: FeedbackStats | None
     switch_error: str | None
+    loaded_versions: list[Any]
+    """The registry versions held open to answer (audience-aware serving)."""
     versions: list[dict[str, Any]]
     registry_error: str
 
@@ -308,8 +310,11 @@ class Appliance(Protocol):
         """Write a backup of the data folder to ``path``; its manifest."""
         ...
 
-    def chunks(self, limit: int, seed: int) -> list[Chunk]:
-        """A seeded sample of indexed chunk texts (synthetic fine-tuning data)."""
+    def chunks(
+        self, limit: int, seed: int, collections: frozenset[str] | None = None
+    ) -> list[Chunk]:
+        """A seeded sample of indexed chunk texts (synthetic fine-tuning data), of
+        ``collections`` only when given (``dataset build --collections``)."""
         ...
 
     def close(self) -> None: ...

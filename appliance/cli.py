@@ -410,6 +410,8 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
                 "claims": answer.get("claims", []),
                 "unsupported_claims": answer.get("unsupported_claims", []),
                 "mode": answer.get("mode", "generated"),
+                # which version answered: the active one, or one this user may be served
+                "served_by": answer.get("served_by") or {},
             }
         )
         return 0
@@ -435,6 +437,9 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
                 else (f", {s['heading']}" if s.get("heading") else "")
             )
             print(f"  [{s['number']}] {s['path']}{where}")
+    served = answer.get("served_by") or {}
+    if served.get("version"):
+        print(f"(answered by model version {served['version']})", file=sys.stderr)
     print(
         f"(conversation {final.get('conversation')}; continue with --conversation)", file=sys.stderr
     )
@@ -704,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json",
         action="store_true",
         help="print {answer, sources, abstained, timings, model, conversation, claims, "
-        "unsupported_claims, mode}",
+        "unsupported_claims, mode, served_by: {version, name, audience}}",
     )
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument("--conversation", help="continue this conversation (follow-up questions)")

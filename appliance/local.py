@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from appliance.conversations import ConversationStore
     from appliance.core.ownership import DataDirLock
     from appliance.core.settings import Settings
+    from appliance.turnstile import Ticket
     from appliance.wiring import Ingestion
     from ingest.state import IngestState
 
@@ -246,7 +247,14 @@ class LocalAppliance:
         ]
         return out
 
-    def chunks(self, limit: int, seed: int, *, who: Identity = LOCAL) -> list[Chunk]:
+    def chunks(
+        self,
+        limit: int,
+        seed: int,
+        collections: frozenset[str] | None = None,
+        *,
+        who: Identity = LOCAL,
+    ) -> list[Chunk]:
         from finetune.synthetic import sample_chunks
         from ingest.state import ACTIVE_COLLECTION
 
@@ -255,7 +263,10 @@ class LocalAppliance:
             collection = self._ingestion.searcher.collection
         else:
             collection = state.get_meta(ACTIVE_COLLECTION) or ""
-        rows = sample_chunks(state, collection, limit, seed, readable=who.collections)
+        readable = who.collections
+        if collections is not None:  # narrows what ``who`` may read, never widens it
+            readable = collections if readable is None else readable & collections
+        rows = sample_chunks(state, collection, limit, seed, readable=readable)
         return [cast(Chunk, c.as_json()) for c in rows]
 
     def backup(self, path: Path, *, include_models: bool = False) -> dict[str, Any]:
@@ -279,14 +290,17 @@ class LocalAppliance:
         user: str,
         conversation: str | None = None,
         who: Identity = LOCAL,
+        ticket: Ticket | None = None,
     ) -> Iterator[AskEvent]:
+        """``ticket``: the place in the model's queue the caller already took (the service
+        takes it on arrival, so a full queue is a 503 before anything is sent)."""
         from appliance.answering import ask_events
 
         answerer = self._answering()
         conversations = self._store() if not self._serving else self._conversations
         events = ask_events(
             answerer, conversations, question, user=user, conversation=conversation,
-            where=who.where(),
+            where=who.where(), ticket=ticket,
         )  # fmt: skip
         return cast(Iterator[AskEvent], events)
 
@@ -429,6 +443,8 @@ class LocalAppliance:
         answerer = self.answerer()
         chat = answerer.chat if answerer is not None else None
         info["switch_error"] = getattr(chat, "switch_error", None)
+        loaded = getattr(chat, "loaded_versions", None)
+        info["loaded_versions"] = loaded() if loaded is not None else []
         try:
             info["versions"] = ModelRegistry(self.settings.models_dir).versions()
         except ApplianceError as exc:

@@ -45,6 +45,9 @@ LATENCY_BUCKETS: Final = (
 )
 """Histogram buckets (seconds) for 10 ms retrievals up to two-minute CPU generations."""
 
+DECODE_BATCH_BUCKETS: Final = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+"""Histogram buckets of sequences per decode step, up to the largest ``chat.parallel``."""
+
 FEEDBACK_RATINGS: Final = ("up", "down")
 
 POLL_INTERVAL_S: Final = 0.1
@@ -156,6 +159,47 @@ class Metrics:
             registry=reg,
         )
 
+        # The queue in front of the chat model, and the engine's decode steps.
+        self.chat_queue_depth = prom.Gauge(
+            "appliance_chat_queue_depth",
+            "Questions waiting for a generation slot (not those being answered).",
+            registry=reg,
+        )
+        self.chat_active_slots = prom.Gauge(
+            "appliance_chat_active_slots",
+            "Generation slots answering a question now.",
+            registry=reg,
+        )
+        self.chat_slots = prom.Gauge(
+            "appliance_chat_slots",
+            "Generation slots configured (chat.parallel).",
+            registry=reg,
+        )
+        self.chat_queue_wait_seconds = prom.Histogram(
+            "appliance_chat_queue_wait_seconds",
+            "Time from a question's arrival to its generation slot (its retrieval included, "
+            "which runs while it waits).",
+            buckets=(*LATENCY_BUCKETS, 300.0, 600.0),
+            registry=reg,
+        )
+        self.chat_queue_rejected = prom.Counter(
+            "appliance_chat_queue_rejected",
+            "Questions refused with HTTP 503 because the queue was at its limit.",
+            registry=reg,
+        )
+        self.decode_batch_size = prom.Histogram(
+            "appliance_chat_decode_batch_size",
+            "Sequences decoded together in one decode step of the chat engine.",
+            buckets=DECODE_BATCH_BUCKETS,
+            registry=reg,
+        )
+        self.decode_tokens = prom.Counter(
+            "appliance_chat_decode_tokens",
+            "Tokens produced by the chat engine's decode steps, all sequences together (its "
+            "rate is the aggregate decode throughput).",
+            registry=reg,
+        )
+
         # Ingestion.
         self.documents_indexed = prom.Gauge(
             "appliance_documents_indexed", "Documents in the active index.", registry=reg
@@ -226,6 +270,30 @@ class Metrics:
         tokens = _number(timings.get("completion_tokens"))
         if tokens:
             self.generated_tokens.inc(tokens)
+
+    # --- the queue (``appliance.turnstile.QueueObserver``) and the chat engine -----------------
+
+    def queue_changed(self, waiting: int, running: int) -> None:
+        self.chat_queue_depth.set(waiting)
+        self.chat_active_slots.set(running)
+
+    def queue_waited(self, seconds: float) -> None:
+        self.chat_queue_wait_seconds.observe(max(seconds, 0.0))
+
+    def queue_rejected(self) -> None:
+        self.chat_queue_rejected.inc()
+
+    def set_slots(self, slots: int) -> None:
+        self.chat_slots.set(slots)
+
+    def observe_decode_step(self, batch_size: int, tokens: int) -> None:
+        """One decode step of the chat engine: ``batch_size`` sequences decoded together,
+        ``tokens`` tokens produced (a batched engine calls this per ``llama_decode``; answers
+        count their tokens in ``appliance_generated_tokens`` whatever the engine)."""
+        if batch_size > 0:
+            self.decode_batch_size.observe(batch_size)
+        if tokens > 0:
+            self.decode_tokens.inc(tokens)
 
     def answer_error(self, kind: str) -> None:
         """Count a question that failed; ``kind`` should come from a small fixed set."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.api import Raw, Request
-from appliance.core.errors import ApplianceError, ConfigError
+from appliance.core.errors import AccessDenied, ApplianceError, ConfigError
 
 if TYPE_CHECKING:
     from appliance.service import CoreService, Identity
@@ -109,8 +109,9 @@ def model_routes(service: CoreService) -> dict[tuple[str, str], Callable[[Reques
         service.audit_event("finetune", who.username, action="stop", run=folder.name)
         return {"run": folder.name, "stopping": True}
 
-    def run_file(_who: Identity, body: dict[str, Any]) -> Raw:
-        from finetune.runs import run_dir
+    def run_file(who: Identity, body: dict[str, Any]) -> Raw:
+        from appliance.core.audience import may_use
+        from finetune.runs import run_audience, run_dir
 
         folder = run_dir(settings, str(body.get("run", "")))
         kind = body.get("kind")
@@ -122,8 +123,22 @@ def model_routes(service: CoreService) -> dict[tuple[str, str], Callable[[Reques
         if kind not in files:
             raise ConfigError(f"kind must be one of {sorted(files)}")
         path, content_type = files[str(kind)]
+        if kind == "gate":
+            # The gate report quotes held-out records: text of the run's collections. Admins
+            # obey their grants here as in search, and each such read is audited.
+            audience = run_audience(folder)
+            if not may_use(None if audience is None else frozenset(audience), who.collections):
+                service.audit_event(
+                    "access_denied", who.username, route="finetune_gate_report", run=folder.name
+                )
+                raise AccessDenied(
+                    "this run's gate report quotes documents of collections you are not "
+                    "granted; ask for a grant of every collection it was trained on"
+                )
         if not path.is_file():
             raise ConfigError(f"run {folder.name} has no {kind} file yet")
+        if kind == "gate":
+            service.audit_event("admin", who.username, action="gate_report_read", run=folder.name)
         return Raw(path.read_bytes(), content_type, path.name)
 
     def evaluate(who: Identity, body: dict[str, Any]) -> dict[str, Any]:

@@ -132,10 +132,13 @@ class RemoteAppliance:
         body = {"path": str(path), "include_models": include_models}
         return cast(dict[str, Any], self._call("POST", "/admin/backup", body))
 
-    def chunks(self, limit: int, seed: int) -> list[Chunk]:
-        return cast(
-            list[Chunk], self._call("POST", "/admin/chunks", {"limit": limit, "seed": seed})
-        )
+    def chunks(
+        self, limit: int, seed: int, collections: frozenset[str] | None = None
+    ) -> list[Chunk]:
+        body: dict[str, Any] = {"limit": limit, "seed": seed}
+        if collections is not None:
+            body["collections"] = sorted(collections)
+        return cast(list[Chunk], self._call("POST", "/admin/chunks", body))
 
     def close(self) -> None:
         """Nothing is held between calls: each opens and closes its own connection."""

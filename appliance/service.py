@@ -336,14 +336,28 @@ class CoreService:
                 "(answer.max_question_chars): ask about one thing at a time"
             )
         user = self._owner(who, body)
-        events = self._audited_answer(
-            cast(
-                Iterator[dict[str, Any]],
-                self.local.ask(question, user=user, conversation=body.get("conversation"), who=who),
-            ),
-            user,
-            str(body["question"]),
-        )
+        answerer = self.answerer
+
+        def queued() -> Iterator[dict[str, Any]]:
+            # The place in line is taken on arrival, inside the stream so the API turns a full
+            # line into a 503 before any status is sent; local tools (the service token) are
+            # not capped per user.
+            ticket = answerer.queue.admit(user if who.collections is not None else "")
+            try:
+                events = self.local.ask(
+                    question,
+                    user=user,
+                    conversation=body.get("conversation"),
+                    who=who,
+                    ticket=ticket,
+                )
+                yield from self._audited_answer(
+                    cast(Iterator[dict[str, Any]], events), user, question
+                )
+            finally:
+                ticket.close()
+
+        events = queued()
         if body.get("stream"):
             return events
         final: dict[str, Any] = {}
@@ -370,6 +384,7 @@ class CoreService:
                         user,
                         question=question,
                         model=event.get("model"),
+                        model_version=(event.get("served_by") or {}).get("version"),
                         retrieved=event.get("retrieved", []),
                     )
                 if event["type"] == "answer":
@@ -396,6 +411,7 @@ class CoreService:
                     conversation=final.get("conversation"),
                     message=final.get("message"),
                     model=answer["model"],
+                    model_version=(answer.get("served_by") or {}).get("version"),
                     abstained=answer["abstained"],
                 )
             self.audit_event("answer_end", user, **end)
@@ -637,11 +653,18 @@ class CoreService:
         limit, seed = int(body.get("limit", 50)), int(body.get("seed", 0))
         if not 1 <= limit <= 10_000:
             raise ValueError(f"limit must be between 1 and 10000, got {limit}")
-        chunks = self.local.chunks(limit, seed, who=who)
+        wanted = body.get("collections")  # `dataset build --collections`: narrows, never widens
+        if wanted is not None and (
+            not isinstance(wanted, list) or not all(isinstance(c, str) for c in wanted)
+        ):
+            raise ValueError("collections must be a list of collection names")
+        narrowed = None if wanted is None else frozenset(wanted)
+        chunks = self.local.chunks(limit, seed, who=who, collections=narrowed)
         self.audit_event(
             "admin",
             who.username,
             action="chunks_read",
+            collections=None if wanted is None else sorted(wanted),
             count=len(chunks),
             files=sorted({c["file"] for c in chunks}),
         )

@@ -49,10 +49,18 @@ CONTRADICTION_MARGIN = 0.1
 """A segment that agrees with the sentence is preferred over one that scores up to this much
 higher but contradicts it (a passage may negate one thing and state another)."""
 CANDIDATE_SEGMENTS = 3
+"""Segments per passage whose embedding is compared with a sentence (best lexical first)."""
 LIKELY_PASSAGES = 2
 """Passages a sentence citing nothing is compared with (by word overlap, among those that
 state its figures)."""
-"""Segments per passage whose embedding is compared with a sentence (best lexical first)."""
+EVIDENCE_LEXICAL_WEIGHT = 0.4
+"""Weight of the question's words and figures against embedding similarity when choosing the
+segments that answer a question (as ``LEXICAL_WEIGHT`` for a claim)."""
+SPAN_SHARE = 0.6
+"""A passage's second highlighted span scores at least this share of its best one."""
+QUESTION_FIGURE_WEIGHT = 2.0
+"""A date, period or figure of a question weighs as much as two of its rarest words: it says
+which row or sentence answers ("... for the quarter ended March 31, 2023")."""
 
 _CITATION = re.compile(r"\s*\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
 _WORD = re.compile(r"[^\W_]+(?:[.,'\u2019][^\W_]+)*", re.UNICODE)
@@ -320,6 +328,9 @@ class Verifier:
         }
         self._figures: dict[int, list[Figure]] = {}
         self._collecting: list[str] | None = None
+        self._idf_cache: dict[str, float] | None = None
+        self._segment_count = 0
+        self._evidence: dict[tuple[str, bool, int], list[_Scored]] = {}
         self.embed_calls = 0
 
     # --- embeddings, each text once --------------------------------------------------------
@@ -379,17 +390,28 @@ class Verifier:
             shortlist += ranked[: self.candidates]
         if len(numbers) > 1:  # several passages: the best few of them all
             shortlist = sorted(shortlist, key=lambda r: -r[0])[: self.candidates * 2]
-        self._embed_all([text] + [s.compared for _lex, s in shortlist])
         w = self.lexical_weight
+
+        def anchored(seg: Segment) -> float:
+            if not figures:
+                return 0.0
+            return sum(any(seg.start <= m.start < seg.end for m in f) for f in figures) / len(
+                figures
+            )
+
+        # an embedding only matters where a perfect similarity could reach the threshold:
+        # elsewhere words and figures decide alone, and the model is not called
+        ceiling = max(
+            (w * lex + (1 - w) + FIGURE_ANCHOR * anchored(seg) for lex, seg in shortlist),
+            default=0.0,
+        )
+        compare = ceiling >= self.threshold
+        if compare:
+            self._embed_all([text] + [s.compared for _lex, s in shortlist])
         scored = []
         for lex, seg in shortlist:
-            sim = self._similarity(text, seg.compared)
-            anchored = (
-                sum(any(seg.start <= m.start < seg.end for m in f) for f in figures) / len(figures)
-                if figures
-                else 0.0
-            )
-            score = w * lex + (1 - w) * sim + FIGURE_ANCHOR * anchored
+            sim = self._similarity(text, seg.compared) if compare else 0.0
+            score = w * lex + (1 - w) * sim + FIGURE_ANCHOR * anchored(seg)
             if seg.table:
                 score = max(score, self._row_support(words, seg, cells))
             scored.append(_Scored(seg, lex, sim, score))
@@ -530,19 +552,103 @@ class Verifier:
 
     # --- evidence for a question ------------------------------------------------------------
 
-    def best_segments(self, question: str, limit: int = 3) -> list[_Scored]:
-        """The passage sentences or table lines that best answer ``question``, best first (at
-        most ``limit`` overall, one per passage first)."""
-        scored = self._score(question, sorted(self.passages))
-        return scored[:limit]
+    def _idf(self) -> dict[str, float]:
+        """Inverse segment frequency of each word over this answer's passages: a word every
+        segment repeats ("Apple", "net") says little about which one answers a question."""
+        if self._idf_cache is None:
+            df: dict[str, int] = {}
+            total = 0
+            for n, segs in self.segments.items():
+                for i in range(len(segs)):
+                    total += 1
+                    for word in self._words[n][i] | self._context_words[n][i]:
+                        df[word] = df.get(word, 0) + 1
+            self._segment_count = total
+            self._idf_cache = {w: math.log(1 + total / d) for w, d in df.items()}
+        return self._idf_cache
 
-    def spans_for(self, question: str, per_passage: int = 2) -> dict[int, list[tuple[int, int]]]:
-        """Per passage, the spans that best match ``question`` (for highlighting)."""
-        scored = self._score(question, sorted(self.passages))
+    def _question_lexical(
+        self, words: set[str], figures: Sequence[Figure], number: int, index: int
+    ) -> float:
+        """The idf-weighted share of the question's words found in segment ``index`` or its
+        caption (its neighbours count half), and of the question's figures (dates, periods,
+        amounts: the part of a question that says *which* row or sentence) stated by it."""
+        idf = self._idf()
+        rare = math.log(1 + max(1, self._segment_count))
+        weights = {w: idf.get(w, rare) for w in words}
+        # a document code ("10-Q") names the kind of document more than the answer
+        heft = [rare * (1.0 if f.kind == "identifier" else QUESTION_FIGURE_WEIGHT) for f in figures]
+        total = sum(weights.values()) + sum(heft)
+        if not total:
+            return 0.0
+        segments = self.segments[number]
+        own = self._words[number][index]
+        # a table row's caption and the text around a segment say what it is about, not it
+        near = (
+            set().union(*self._words[number][max(0, index - 1) : index + 2])
+            | self._context_words[number][index]
+        ) - own
+        found = sum(v for w, v in weights.items() if w in own)
+        found += 0.5 * sum(v for w, v in weights.items() if w in near)
+        if figures:
+            compared = segments[index].compared
+            stated = extract_figures(compared)
+            found += sum(
+                h
+                for f, h in zip(figures, heft, strict=True)
+                if find_figure(f, compared, figures=stated)
+            )
+        return found / total
+
+    def evidence(self, question: str, *, embed: bool = True, shortlist: int = 16) -> list[_Scored]:
+        """The passage segments that best answer ``question``, best first: lexical support
+        (``_question_lexical``) for every segment, then, when ``embed``, the lexically best
+        ``shortlist`` re-scored with the embedding similarity averaged in (their texts embedded
+        in one call, cached for the verifier's later checks). Without ``embed`` nothing is
+        embedded: milliseconds, for the first streamed event."""
+        key = (question, embed, shortlist)
+        if key in self._evidence:
+            return self._evidence[key]
+        words = content_words(_without_figures(question))
+        figures = [f for f in extract_figures(question) if f.kind != "number"]
+        ranked = sorted(
+            (
+                _Scored(s, lex, 0.0, lex)
+                for n in sorted(self.passages)
+                for s in self.segments[n]
+                for lex in [self._question_lexical(words, figures, n, s.index)]
+            ),
+            key=lambda r: -r.score,
+        )
+        if embed and self._embed is not None:
+            top = ranked[:shortlist]
+            self._embed_all([question] + [r.segment.compared for r in top])
+            for r in top:
+                r.similarity = self._similarity(question, r.segment.compared)
+                r.score = (
+                    EVIDENCE_LEXICAL_WEIGHT * r.lexical
+                    + (1 - EVIDENCE_LEXICAL_WEIGHT) * r.similarity
+                )
+            ranked = sorted(top, key=lambda r: -r.score) + ranked[shortlist:]
+        self._evidence[key] = ranked
+        return ranked
+
+    def best_segments(self, question: str, limit: int = 3) -> list[_Scored]:
+        """The passage sentences or table lines that best answer ``question``, best first."""
+        return self.evidence(question)[:limit]
+
+    def spans_for(
+        self, question: str, per_passage: int = 2, *, embed: bool = True
+    ) -> dict[int, list[tuple[int, int]]]:
+        """Per passage, the spans that best match ``question`` (for highlighting); without
+        ``embed``, chosen by words and figures alone (no model call)."""
         spans: dict[int, list[tuple[int, int]]] = {n: [] for n in self.passages}
-        for s in scored:
+        best: dict[int, float] = {}
+        for s in self.evidence(question, embed=embed):
             chosen = spans[s.segment.number]
-            if len(chosen) < per_passage and s.score > 0:
+            top = best.setdefault(s.segment.number, s.score)
+            # a heading sharing one word with the question is no evidence beside its text
+            if len(chosen) < per_passage and s.score > 0 and s.score >= SPAN_SHARE * top:
                 chosen.append((s.segment.start, s.segment.end))
         return {n: sorted(v) for n, v in spans.items()}
 

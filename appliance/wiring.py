@@ -258,9 +258,13 @@ class ChatModels:
     golden evaluation, an export's smoke check). Every other module asks here, so which backend
     and which generation defaults apply is decided in one place."""
 
-    def __init__(self, chat: ChatSettings, models_dir: Path | None = None) -> None:
+    def __init__(
+        self, chat: ChatSettings, models_dir: Path | None = None, *, max_loaded: int = 2
+    ) -> None:
         self.chat = chat
         self.models_dir = models_dir
+        self.max_loaded = max_loaded
+        """Registry versions the serving model keeps loaded at once (audience-aware serving)."""
 
     def from_file(self, gguf: Path) -> LlamaCppChatModel:
         """``gguf`` in llama.cpp with the settings' context, threads and generation defaults."""
@@ -275,9 +279,11 @@ class ChatModels:
         return build_chat_model(self.chat)
 
     def serving(self) -> BaseChatModel:
-        """The chat model that answers. With llama.cpp that is the model registry's active
-        version (the configured or packaged GGUF is its base), checked by hash and switched
-        without a restart; server backends serve whatever model their settings name."""
+        """The chat model that answers. With llama.cpp that is the model registry: the active
+        version, or for a user not granted its whole audience another version they may use
+        (``appliance.core.audience``); the configured or packaged GGUF is the base. Versions
+        are checked by hash and switched without a restart. Server backends serve whatever
+        model their settings name, to everyone."""
         from appliance.core.chat_settings import default_chat_model_path
         from appliance.core.protocols import GenerationParams
 
@@ -301,11 +307,15 @@ class ChatModels:
         params = GenerationParams(
             max_tokens=chat.max_tokens, temperature=chat.temperature, seed=chat.seed
         )
-        return RegistryChatModel(registry, self.from_file, default_params=params)
+        return RegistryChatModel(
+            registry, self.from_file, default_params=params, max_loaded=self.max_loaded
+        )
 
 
 def chat_models(settings: Settings) -> ChatModels:
-    return ChatModels(settings.chat, settings.models_dir)
+    return ChatModels(
+        settings.chat, settings.models_dir, max_loaded=settings.finetune.max_loaded_versions
+    )
 
 
 def build_active_chat_model(settings: Settings) -> BaseChatModel:
@@ -314,25 +324,45 @@ def build_active_chat_model(settings: Settings) -> BaseChatModel:
 
 
 def build_answerer(
-    settings: Settings, ingestion: Ingestion, *, owner: ExitStack | None = None
+    settings: Settings,
+    ingestion: Ingestion,
+    *,
+    owner: ExitStack | None = None,
+    observer: Metrics | None = None,
 ) -> Answerer:
     """The answering engine over the ingestion's searchable collection, with the configured
-    chat model; the model is closed by ``owner`` (default: with the ingestion)."""
+    chat model; the model is closed by ``owner`` (default: with the ingestion). ``observer``
+    hears of the queue in front of the model (the service's ``Metrics``)."""
     from appliance.answering import Answerer, CrossEncoderReranker
-    from appliance.turnstile import Turnstile
+    from appliance.turnstile import FairQueue
 
     chat = chat_models(settings).serving()
     (owner or ingestion._stack).callback(chat.close)
     path = settings.answer.rerank_model_path
+    # An engine that sizes its own slots says how many (``slots``) and reports its decode
+    # steps to step observers; the queue hands out that many, and the metrics hear the steps.
+    slots = int(getattr(chat, "slots", 0) or settings.chat.parallel or 1)
+    add_step_observer = getattr(chat, "add_step_observer", None)
+    if observer is not None and add_step_observer is not None:
+        add_step_observer(
+            lambda step: observer.observe_decode_step(
+                step.sequences, step.tokens - step.prefill_tokens
+            )
+        )
     return Answerer(
         index=lambda: ingestion.searcher,
         chat=chat,
         settings=settings.answer,
         chat_settings=settings.chat,
         reranker=CrossEncoderReranker(path) if path else None,
-        # The in-process model answers one question at a time: waiting questions are told
-        # their place. Model servers queue or batch on their own.
-        queue=Turnstile() if settings.chat.backend == "llamacpp" else None,
+        # Also in front of a model server: the fair order, the per-user cap and the 503
+        # beyond the limit are the core service's, whatever generates the answers.
+        queue=FairQueue(
+            slots=slots,
+            per_user=settings.service.queue_per_user,
+            limit=settings.service.queue_limit,
+            observer=observer,
+        ),
     )
 
 
@@ -423,14 +453,16 @@ def open_core_service(
         stack.callback(accounts.close)
         audit = open_audit_log(settings, on_anchor=journal_anchor)
         stack.callback(audit.close)
+        owner: list[CoreService] = []  # the service, once built: /metrics refreshes per scrape
+        metrics = Metrics(collect=lambda: owner[0].refresh_metrics() if owner else None)
         answerer = None
         if answering:
             try:
-                answerer = build_answerer(settings, ingestion, owner=stack)
+                answerer = build_answerer(settings, ingestion, owner=stack, observer=metrics)
+                # built with a FairQueue above; other queues (Unqueued) have no slot count
+                metrics.set_slots(int(getattr(answerer.queue, "slots", 1)))
             except ApplianceError as exc:
                 log.error("answering is off: %s", exc)
-        owner: list[CoreService] = []  # the service, once built: /metrics refreshes per scrape
-        metrics = Metrics(collect=lambda: owner[0].refresh_metrics() if owner else None)
         service = assemble_core_service(
             settings,
             ingestion,

@@ -1,21 +1,28 @@
-"""Many staff at once: concurrent sign-ins and streamed answers against the real core service.
+"""Many staff at once: concurrent sign-ins and streamed answers against the real core service,
+for each chat engine side by side.
 
-Starts ``appliance serve`` in a child process on free ports over a fresh data folder and a small
+Starts ``appliance serve`` in a child process on free ports over a data folder and a small
 corpus (the SEC 10-Q filings of ``../shared/eval/sec10q``, copied into the documents folder, or
 ``--generated N`` small documents when the corpus is absent or asked for), with ``--users``
-staff accounts created beforehand through the accounts API. When the startup scan is done,
-``--users`` client threads each sign in through ``/auth/login`` and ask questions in a loop for
-``--duration`` seconds through the local API with streaming (NDJSON), as the UI does.
+staff accounts created beforehand through the accounts API. The service runs once per engine
+of ``--engines`` (``chat.parallel`` values: 1 is today's serial engine; more is the batched
+engine where the build has one), one after the other over the same data folder. Each run:
 
-Reported: requests completed, errors (with their messages), abstentions, time to first token
-and total time per request (p50, p95, max), and the service's resident memory sampled every
-``--sample-every`` seconds (at the start of the load, its peak, at the end, and the slope of a
-least-squares line through the samples during the load). The chat model is one llama.cpp model
-that answers one question at a time, so latency grows with the number of users: that is
-expected, and it is what this measures.
+1. ``--asks`` real ``appliance ask`` commands against the running service, one after another,
+   then all at once: the ratio of the two wall times (1.0: served one at a time);
+2. ``--users`` client threads sign in at the same moment through ``/auth/login``, then ask
+   questions in a loop for ``--duration`` seconds through the local API with streaming
+   (NDJSON), as the UI does.
+
+Reported per engine: sign-ins, requests completed, errors (with their messages), connection
+resets, 503 answers (a full queue: the client waits the Retry-After and asks again), time to
+first evidence (the sources event), time to first token and total time per request (p50,
+p95, max), and the service's resident memory sampled every ``--sample-every`` seconds (at the
+start of the load, its peak, at the end, and the slope of a least-squares line through the
+samples during the load); then the engines' ratios against the first one.
 
     .venv/bin/python benchmarks/load_test.py [--users 20] [--duration 300] [--limit N]
-        [--generated N] [--json]
+        [--generated N] [--engines 1,8] [--asks 8] [--queue-limit N] [--json]
 """
 
 from __future__ import annotations
@@ -56,9 +63,12 @@ class Results:
 
     ttft_s: list[float] = field(default_factory=list)
     total_s: list[float] = field(default_factory=list)
+    evidence_s: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     abstained: int = 0
     logins: int = 0
+    resets: int = 0
+    busy: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -105,9 +115,19 @@ def create_users(data: Path, users: int) -> None:
             accounts.add_user(f"staff{n:02d}", PASSWORD.format(n=n), role="staff")
 
 
-def start_service(data: Path, docs: Path, log: Path) -> subprocess.Popen[bytes]:
+def engine_env(parallel: int, queue_limit: int | None) -> dict[str, str]:
     env = dict(os.environ, TQDM_DISABLE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    with log.open("wb") as err:
+    env["APPLIANCE_CHAT__PARALLEL"] = str(parallel)
+    if queue_limit is not None:
+        env["APPLIANCE_SERVICE__QUEUE_LIMIT"] = str(queue_limit)
+    return env
+
+
+def start_service(
+    data: Path, docs: Path, log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    env = env or engine_env(1, None)
+    with log.open("ab") as err:
         return subprocess.Popen(
             [
                 sys.executable,
@@ -167,17 +187,33 @@ def wait_ready(proc: subprocess.Popen[bytes], data: Path, files: int, timeout: f
     raise RuntimeError(f"the core service was not ready within {timeout:g} s")
 
 
+def is_reset(exc: BaseException) -> bool:
+    """A connection the service reset or dropped (what a burst must never cause)."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return any(w in text for w in ("reset", "broken pipe", "remotedisconnected", "refused"))
+
+
 def user_loop(
-    n: int, client: Any, questions: list[str], deadline: float, seed: int, results: Results
+    n: int,
+    client: Any,
+    questions: list[str],
+    deadline: float,
+    seed: int,
+    results: Results,
+    ready: threading.Barrier,
 ) -> None:
+    from appliance.core.errors import ServiceError
+
     rng = random.Random(seed * 1000 + n)
     try:
+        ready.wait(timeout=120)  # every user signs in at the same moment
         login = client.call(
             "POST", "/auth/login", {"username": f"staff{n:02d}", "password": PASSWORD.format(n=n)}
         )
     except Exception as exc:
         with results.lock:
             results.errors.append(f"login staff{n:02d}: {exc}")
+            results.resets += is_reset(exc)
         return
     with results.lock:
         results.logins += 1
@@ -186,24 +222,76 @@ def user_loop(
         question = rng.choice(questions)
         started = time.perf_counter()
         first: float | None = None
+        evidence: float | None = None
         final: dict[str, Any] | None = None
         try:
             for event in me.stream("/ask", {"question": question, "stream": True}):
-                if event["type"] == "token" and first is None:
+                if event["type"] == "sources" and evidence is None:
+                    evidence = time.perf_counter()
+                elif event["type"] == "token" and first is None:
                     first = time.perf_counter()
                 elif event["type"] == "answer":
                     final = event["answer"]
             if final is None:
                 raise RuntimeError("the stream ended without an answer")
+        except ServiceError as exc:
+            if exc.status == 503:  # the queue is full: not an error, wait as told
+                with results.lock:
+                    results.busy += 1
+                time.sleep(min(exc.retry_after_s or 1.0, max(deadline - time.monotonic(), 0)))
+                continue
+            with results.lock:
+                results.errors.append(f"staff{n:02d}: {type(exc).__name__}: {exc}"[:300])
+                results.resets += is_reset(exc.__cause__ or exc)
+            continue
         except Exception as exc:
             with results.lock:
                 results.errors.append(f"staff{n:02d}: {type(exc).__name__}: {exc}"[:300])
+                results.resets += is_reset(exc)
             continue
         done = time.perf_counter()
         with results.lock:
             results.total_s.append(done - started)
             results.ttft_s.append((first or done) - started)
+            results.evidence_s.append((evidence or done) - started)
             results.abstained += bool(final["abstained"])
+
+
+def cli_asks(data: Path, questions: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """``appliance ask`` commands (the real CLI, each its own process) against the running
+    service: one after another, then all at once; wall times and their ratio."""
+
+    def command(question: str) -> list[str]:
+        return [sys.executable, "-m", "appliance.cli", "--data-dir", str(data), "ask", question]
+
+    failures: list[str] = []
+
+    def check(proc: subprocess.CompletedProcess[bytes] | subprocess.Popen[bytes]) -> None:
+        if proc.returncode != 0:
+            failures.append(f"appliance ask exited with {proc.returncode}")
+
+    t0 = time.monotonic()
+    for question in questions:
+        check(subprocess.run(command(question), cwd=ROOT, env=env, capture_output=True))
+    sequential = time.monotonic() - t0
+    t0 = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            command(q), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        for q in questions
+    ]
+    for proc in procs:
+        proc.wait()
+        check(proc)
+    simultaneous = time.monotonic() - t0
+    return {
+        "count": len(questions),
+        "sequential_s": round(sequential, 2),
+        "simultaneous_s": round(simultaneous, 2),
+        "ratio": round(simultaneous / sequential, 3) if sequential else None,
+        "failures": failures,
+    }
 
 
 def sample_memory(
@@ -216,20 +304,30 @@ def sample_memory(
         stop.wait(every)
 
 
-def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+def run_engine(
+    args: argparse.Namespace,
+    root: Path,
+    parallel: int,
+    questions: list[str],
+    files: int,
+) -> dict[str, Any]:
+    """One engine: start the service with ``chat.parallel`` = ``parallel``, the ``appliance
+    ask`` phase, then the users' load; its figures."""
     docs, data = root / "docs", root / "data"
-    what, questions = corpus(args, docs)
-    files = len([p for p in docs.iterdir() if p.is_file()])
-    create_users(data, args.users)
-    proc = start_service(data, docs, root / "serve.log")
+    env = engine_env(parallel, args.queue_limit)
+    proc = start_service(data, docs, root / "serve.log", env)
+    stop = threading.Event()
+    asks: dict[str, Any] | None = None
     try:
         started = time.monotonic()
         client, status = wait_ready(proc, data, files, args.startup_timeout)
         startup_s = time.monotonic() - started
         at_start = machine()
+        if args.asks:
+            rng = random.Random(args.seed)
+            asks = cli_asks(data, [rng.choice(questions) for _ in range(args.asks)], env)
         results = Results()
         samples: list[tuple[float, float]] = []
-        stop = threading.Event()
         t0 = time.monotonic()
         sampler = threading.Thread(
             target=sample_memory,
@@ -238,10 +336,11 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         )
         sampler.start()
         deadline = t0 + args.duration
+        ready = threading.Barrier(args.users)
         threads = [
             threading.Thread(
                 target=user_loop,
-                args=(n, client, questions, deadline, args.seed, results),
+                args=(n, client, questions, deadline, args.seed, results, ready),
                 name=f"user{n}",
             )
             for n in range(args.users)
@@ -258,12 +357,14 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             samples.append((time.monotonic() - t0, final_rss))
         alive = proc.poll() is None
     finally:
+        stop.set()
         stop_service(proc)
     during = [(t, v) for t, v in samples if t <= args.duration]
     rss_values = [v for _t, v in samples]
     completed = len(results.total_s)
     return {
-        "corpus": what,
+        "parallel": parallel,
+        "corpus": None,
         "documents": status["documents"],
         "chunks": status["chunks"],
         "users": args.users,
@@ -271,12 +372,16 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "duration_s": args.duration,
         "wall_s": round(wall, 1),
         "startup_s": round(startup_s, 1),
+        "asks": asks,
         "requests_completed": completed,
         "requests_per_min": round(60 * completed / wall, 2) if wall else None,
         "errors": len(results.errors),
         "error_examples": results.errors[:5],
+        "resets": results.resets,
+        "busy_503": results.busy,
         "abstained": results.abstained,
         "ttft": latency_summary(results.ttft_s) if completed else None,
+        "first_evidence": latency_summary(results.evidence_s) if completed else None,
         "total": latency_summary(results.total_s) if completed else None,
         "rss_mb": {
             "start": round(rss_values[0], 1) if rss_values else None,
@@ -295,44 +400,166 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     }
 
 
+def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Every engine of ``--engines`` in turn over one data folder; the first engine's figures
+    at the top level (the fields of earlier runs), all of them under ``engines``, and the
+    others' ratios against the first under ``comparison``."""
+    docs, data = root / "docs", root / "data"
+    what, questions = corpus(args, docs)
+    files = len([p for p in docs.iterdir() if p.is_file()])
+    create_users(data, args.users)
+    engines = [run_engine(args, root, parallel, questions, files) for parallel in args.engines]
+    for engine in engines:
+        engine["corpus"] = what
+    base = engines[0]
+    comparison = [compare(base, other) for other in engines[1:]]
+    return {**base, "engines": engines, "comparison": comparison}
+
+
+def _p95(summary: dict[str, Any] | None) -> float | None:
+    return summary["p95_ms"] / 1000 if summary else None
+
+
+def compare(base: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """``other``'s figures over ``base``'s (below 1: ``other`` is faster)."""
+
+    def over(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a is not None and b else None
+
+    return {
+        "parallel": other["parallel"],
+        "against_parallel": base["parallel"],
+        "ttft_p95_ratio": over(_p95(other["ttft"]), _p95(base["ttft"])),
+        "requests_per_min_ratio": over(other["requests_per_min"], base["requests_per_min"]),
+        "asks_simultaneous_ratio": over(
+            (other["asks"] or {}).get("simultaneous_s"), (base["asks"] or {}).get("simultaneous_s")
+        ),
+    }
+
+
+def _cell(value: Any, unit: str = "") -> str:
+    return "-" if value is None else f"{value}{unit}"
+
+
 def print_report(r: dict[str, Any]) -> None:
+    engines = r["engines"]
     print(
-        f"Load test: {r['users']} staff users, {r['duration_s']} s, over {r['corpus']} "
-        f"({r['documents']} documents, {r['chunks']} chunks; service ready in {r['startup_s']} s)"
+        f"Load test: {r['users']} staff users, {r['duration_s']} s per engine, over "
+        f"{r['corpus']} ({r['documents']} documents, {r['chunks']} chunks)"
     )
-    print(
-        f"  sign-ins {r['logins']} of {r['users']}; requests completed {r['requests_completed']} "
-        f"in {r['wall_s']} s ({r['requests_per_min']} per minute, the last ones finishing after "
-        f"the deadline); abstained {r['abstained']}"
+
+    def seconds(summary: dict[str, Any] | None, key: str) -> str:
+        return "-" if not summary else f"{summary[key] / 1000:.2f} s"
+
+    rows: list[tuple[str, list[str]]] = [
+        ("service ready in", [f"{e['startup_s']} s" for e in engines]),
+    ]
+    if any(e["asks"] for e in engines):
+        count = max((e["asks"] or {}).get("count", 0) for e in engines)
+        rows += [
+            (
+                f"{count} `appliance ask` one by one",
+                [_cell((e["asks"] or {}).get("sequential_s"), " s") for e in engines],
+            ),
+            (
+                f"{count} `appliance ask` at once",
+                [_cell((e["asks"] or {}).get("simultaneous_s"), " s") for e in engines],
+            ),
+            ("  at once / one by one", [_cell((e["asks"] or {}).get("ratio")) for e in engines]),
+        ]
+    rows += [
+        ("sign-ins", [f"{e['logins']} of {e['users']}" for e in engines]),
+        ("requests completed", [str(e["requests_completed"]) for e in engines]),
+        ("requests per minute", [_cell(e["requests_per_min"]) for e in engines]),
+        ("errors", [str(e["errors"]) for e in engines]),
+        ("connection resets", [str(e["resets"]) for e in engines]),
+        ("503 (queue full)", [str(e["busy_503"]) for e in engines]),
+        ("abstained", [str(e["abstained"]) for e in engines]),
+    ]
+    for name, label in (
+        ("first_evidence", "first evidence"),
+        ("ttft", "first token"),
+        ("total", "total per request"),
+    ):
+        rows += [
+            (f"{label} p50", [seconds(e[name], "p50_ms") for e in engines]),
+            (f"{label} p95", [seconds(e[name], "p95_ms") for e in engines]),
+        ]
+    rows += [
+        (f"RSS {k}", [_cell(e["rss_mb"][k], " MiB") for e in engines])
+        for k in ("start", "peak", "end")
+    ]
+    rows.append(
+        (
+            "RSS slope (2nd half)",
+            [_cell(e["rss_mb"]["slope_second_half_mb_per_min"], " MiB/min") for e in engines],
+        )
     )
-    print(f"  errors {r['errors']}")
-    for example in r["error_examples"]:
-        print(f"    {example}")
-    for name, label in (("ttft", "time to first token"), ("total", "total per request")):
-        s = r[name]
-        if s:
-            print(
-                f"  {label:20s} p50 {s['p50_ms'] / 1000:6.2f} s  p95 {s['p95_ms'] / 1000:6.2f} s"
-                f"  max {s['max_ms'] / 1000:6.2f} s  (n={s['n']})"
-            )
-    m = r["rss_mb"]
-    print(
-        f"  service RSS: start {m['start']} MiB, peak {m['peak']} MiB, end {m['end']} MiB, "
-        f"slope {m['slope_mb_per_min']} MiB/min over {len(m['samples'])} samples "
-        f"({m['slope_second_half_mb_per_min']} MiB/min over the second half)"
+    rows.append(
+        ("service alive after", ["yes" if e["service_alive_after"] else "NO" for e in engines])
     )
-    print(f"  service still running at the end: {'yes' if r['service_alive_after'] else 'NO'}")
+    head = [f"chat.parallel {e['parallel']}" for e in engines]
+    width = max(len(label) for label, _ in rows) + 2
+    print("  " + " " * width + "".join(f"{h:>18s}" for h in head))
+    for label, cells in rows:
+        print("  " + f"{label:{width}s}" + "".join(f"{c:>18s}" for c in cells))
+    for c in r["comparison"]:
+        print(
+            f"  parallel {c['parallel']} / parallel {c['against_parallel']}: p95 first token "
+            f"{_cell(c['ttft_p95_ratio'])}, requests per minute "
+            f"{_cell(c['requests_per_min_ratio'])}, asks at once "
+            f"{_cell(c['asks_simultaneous_ratio'])}"
+        )
+    for e in engines:
+        for example in e["error_examples"]:
+            print(f"  parallel {e['parallel']} error: {example}")
     print(f"  {load_note(r['machine'])}")
+
+
+def engines(text: str) -> list[int]:
+    """``--engines``: comma-separated chat.parallel values, e.g. ``1,8``."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use chat.parallel values like 1,8") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: each chat.parallel value must be >= 1")
+    return values
+
+
+def default_engines() -> str:
+    """The serial engine, and the batched one where this build has it."""
+    import importlib.util
+
+    return "1,8" if importlib.util.find_spec("appliance.chat.batching") is not None else "1"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--users", type=int, default=20, help="concurrent staff users (20)")
-    parser.add_argument("--duration", type=float, default=300, help="seconds of load (300)")
+    parser.add_argument(
+        "--duration", type=float, default=300, help="seconds of load per engine (300)"
+    )
     parser.add_argument("--match", default="", help="only filings whose name contains this")
     parser.add_argument("--limit", type=int, default=0, help="only the first N filings (0: all)")
     parser.add_argument(
         "--generated", type=int, default=0, help="use N generated documents instead of sec10q"
+    )
+    parser.add_argument(
+        "--engines",
+        type=engines,
+        default=default_engines(),
+        help="chat.parallel values to run side by side, the baseline first (1: the serial "
+        "engine; default 1, and 1,8 where the batched engine is built in)",
+    )
+    parser.add_argument(
+        "--asks",
+        type=int,
+        default=8,
+        help="`appliance ask` commands run one by one, then at once, per engine (8; 0: skip)",
+    )
+    parser.add_argument(
+        "--queue-limit", type=int, help="service.queue_limit for the runs (default: the setting)"
     )
     parser.add_argument("--sample-every", type=float, default=5.0, help="RSS sampling, s (5)")
     parser.add_argument("--startup-timeout", type=float, default=1200, help="s (1200)")
@@ -347,8 +574,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     quiet_libraries()
-    if args.users < 1 or args.duration <= 0 or args.limit < 0 or args.generated < 0:
-        print("--users >= 1, --duration > 0, --limit >= 0, --generated >= 0", file=sys.stderr)
+    if (
+        args.users < 1
+        or args.duration <= 0
+        or args.limit < 0
+        or args.generated < 0
+        or args.asks < 0
+        or (args.queue_limit is not None and args.queue_limit < 0)
+    ):
+        print(
+            "--users >= 1, --duration > 0, --limit >= 0, --generated >= 0, --asks >= 0, "
+            "--queue-limit >= 0",
+            file=sys.stderr,
+        )
         return 2
     try:
         with data_folder(args.data_dir, "load-test-") as root:
@@ -360,7 +598,11 @@ def main(argv: list[str] | None = None) -> int:
         print_json(result)
     else:
         print_report(result)
-    return 0 if result["errors"] == 0 and result["service_alive_after"] else 1
+    ok = all(
+        e["errors"] == 0 and e["service_alive_after"] and not (e["asks"] or {}).get("failures")
+        for e in result["engines"]
+    )
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

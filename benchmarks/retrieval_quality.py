@@ -13,14 +13,17 @@ come back against the question's ``evidence_doc``:
   text, normalised by ``appliance.core.figures`` (thousands separators, "$52.9 billion" against
   "52,857" in a passage that says "in millions", rounding); figure_recall: the share of those
   figures found. This is what table handling is for: a figure is findable only where the chunk
-  keeps its row, its column and its unit.
+  keeps its row, its column and its unit. Both are also printed per kind of source the golden
+  set names for a question (``source_chunk_type``: "Table" or "Text"), as
+  ``evidence_recall / figure_recall (questions)``.
 
 ``--tables off`` builds the index with tables written as plain page text (the setting
 ``ingest.tables``), for the comparison before and after table handling.
 
 Two columns per mode: "retrieve" is what the appliance answers with (``Indexer.search``, that
-is ``ingest.retrieval.retrieve``: a wider candidate list re-ranked by document); "store only"
-is one store query for the top 5, the ranking before that re-ranking. The naive baseline
+is ``ingest.retrieval.retrieve``: a wider candidate list re-ranked by document, with table rows
+from a second, table-only query beside it); "store only" is one store query for the top 5, the
+ranking before that re-ranking. The naive baseline
 (no document identity in the chunks, store only) is quoted for comparison.
 
 ``--distractors`` also runs the questions against an index that holds the 40 unrelated PDFs of
@@ -72,6 +75,8 @@ class Question:
     question: str
     gold: frozenset[str]
     answer: str = ""
+    source: str = ""
+    """Where the gold answer was drawn from, when the golden set says ("Table", "Text")."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,8 @@ class Scores:
     evidence_recall: float = 0.0
     figure_recall: float = 0.0
     questions_with_figures: int = 0
+    evidence_by_source: dict[str, dict[str, float]] | None = None
+    """evidence_recall and figure_recall of the questions drawn from each kind of source."""
 
 
 def load_questions(path: Path) -> list[Question]:
@@ -97,6 +104,7 @@ def load_questions(path: Path) -> list[Question]:
                     record["question"],
                     frozenset(record["evidence_doc"]),
                     record.get("answer", ""),
+                    str(record.get("source_chunk_type") or ""),
                 )
             )
     return out
@@ -138,6 +146,7 @@ def score(
         rr += next((1 / rank for rank, n in enumerate(names, 1) if n in q.gold), 0.0)
     n = len(questions) or 1
     complete = found = stated = with_figures = 0
+    by_source: dict[str, list[int]] = {}
     for passages, q in zip(texts or [], questions, strict=False):
         hit, total = figures_found(q.answer, passages[:K])
         if total:
@@ -145,6 +154,12 @@ def score(
             complete += hit == total
             found += hit
             stated += total
+            if q.source:
+                tally = by_source.setdefault(q.source, [0, 0, 0, 0])
+                tally[0] += 1
+                tally[1] += hit == total
+                tally[2] += hit
+                tally[3] += total
     return Scores(
         mode,
         len(questions),
@@ -154,6 +169,15 @@ def score(
         evidence_recall=complete / (with_figures or 1),
         figure_recall=found / (stated or 1),
         questions_with_figures=with_figures,
+        evidence_by_source={
+            source: {
+                "questions": q_n,
+                "evidence_recall": q_complete / q_n,
+                "figure_recall": f_found / (f_total or 1),
+            }
+            for source, (q_n, q_complete, f_found, f_total) in sorted(by_source.items())
+        }
+        or None,
     )
 
 
@@ -375,9 +399,14 @@ def print_table(results: dict[str, Any]) -> None:
             "questions whose gold answer states figures):"
         )
         for mode, s in variant["modes"].items():
+            sources = "".join(
+                f"   {name}: {b['evidence_recall']:.3f} / {b['figure_recall']:.3f} "
+                f"({b['questions']})"
+                for name, b in (s.get("evidence_by_source") or {}).items()
+            )
             print(
                 f"  {mode:<8} evidence_recall {s['evidence_recall']:.3f}   "
-                f"figure_recall {s['figure_recall']:.3f}"
+                f"figure_recall {s['figure_recall']:.3f}{sources}"
             )
         print(
             f"  naive hybrid (no identity, store only): recall@5 {naive['recall@5']:.2f}, "

@@ -2,11 +2,14 @@
 of its JSONL files, and the one content hash every reader checks.
 
     DATA/datasets/NAME/
-        train.jsonl        {"messages": [...], "source": "file"|"feedback"|"docs", "id"}
+        train.jsonl        {"messages": [...], "source": "file"|"feedback"|"docs", "id",
+                            "collections": [...], "user": the feedback's author or null}
         heldout.jsonl      the same, kept out of training (stratified by source, seeded)
-        preferences.jsonl  {"prompt": [messages], "chosen": str, "rejected": str, "id"}
+        preferences.jsonl  {"prompt": [messages], "chosen": str, "rejected": str, "id",
+                            "collections": [...], "user", "rejected_by"}
         manifest.json      sources and counts, rejections by reason, the golden-overlap drop,
-                           split sizes, the settings used and the sha256 of the content
+                           split sizes, the settings used, the audience (every collection
+                           the records drew on) and the sha256 of the content
 
 Records are written canonically (sorted keys, no spaces), so equal content gives equal bytes and
 the hash (``content_sha256``: each content file's name, size and bytes in a fixed order) names
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.core.audience import normalise as normalise_audience
 from appliance.core.errors import ApplianceError, ConfigError
 from appliance.core.settings import Settings
 
@@ -61,6 +65,10 @@ class Example:
     source: str
     question: str
     answer: str
+    collections: tuple[str, ...] = ()
+    """The collections of its passages (``finetune.audience``)."""
+    user: str | None = None
+    """Whose feedback it came from."""
 
     @property
     def id(self) -> str:
@@ -74,6 +82,8 @@ class Example:
             "id": self.id,
             "source": self.source,
             "messages": [{"role": r, "content": c} for r, c in self.messages],
+            "collections": list(self.collections),
+            "user": self.user,
         }
 
 
@@ -83,6 +93,12 @@ class Preference:
     chosen: str
     rejected: str
     question: str
+    collections: tuple[str, ...] = ()
+    """Those of both answers' passages (and models)."""
+    user: str | None = None
+    """Who approved the chosen answer."""
+    rejected_by: str | None = None
+    """Who voted the rejected answer down."""
 
     @property
     def id(self) -> str:
@@ -95,6 +111,9 @@ class Preference:
             "prompt": [{"role": r, "content": c} for r, c in self.prompt],
             "chosen": self.chosen,
             "rejected": self.rejected,
+            "collections": list(self.collections),
+            "user": self.user,
+            "rejected_by": self.rejected_by,
         }
 
 
@@ -175,6 +194,9 @@ class DatasetInfo:
     rejected: dict[str, int] = field(default_factory=dict)
     dropped_for_golden_overlap: int = 0
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
+    audience: list[str] | None = None
+    """Every collection the records drew on; None for a dataset built before audiences were
+    recorded (unknown: a model trained on it answers only the host's operators)."""
 
     @property
     def train_path(self) -> Path:
@@ -204,6 +226,7 @@ class DatasetInfo:
             "sources": self.sources,
             "rejected": self.rejected,
             "dropped_for_golden_overlap": self.dropped_for_golden_overlap,
+            "audience": self.audience,
         }
 
 
@@ -236,6 +259,7 @@ def load_dataset(path: Path, *, verify: bool = True) -> DatasetInfo:
         rejected=dict(manifest.get("rejected", {})),
         dropped_for_golden_overlap=int(manifest.get("dropped_for_golden_overlap", 0)),
         manifest=manifest,
+        audience=normalise_audience(manifest.get("audience")),
     )
 
 

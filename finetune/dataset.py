@@ -5,6 +5,10 @@ folder in the format of ``finetune.data``.
 Examples that overlap the evaluation golden set (the same normalized or a near-duplicate
 question, or the same answer) are dropped, so the gate is not fooled by leakage. A folder is
 written under a temporary name and renamed, so it is complete or absent.
+
+``--collections A,B`` (``collections=``) keeps only records whose collections are all among
+those: documents are sampled from them alone, and other records are counted as
+``outside_collections`` (``finetune.audience``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ from typing import Any
 from appliance.core.evaluation import GoldenItem, load_golden
 from appliance.core.prompting import system_prompt
 from appliance.core.settings import Settings
-from finetune import near_duplicates
+from finetune import audience, near_duplicates
 from finetune.data import (
     FORMAT,
     HELDOUT,
@@ -130,6 +134,7 @@ def _prepare(
     generate: Generate | None,
     limits: FilterLimits,
     golden_threshold: float,
+    collections: frozenset[str] | None = None,
 ) -> _Prepared:
     if not sources:
         raise DatasetError("give at least one source: --from feedback, docs or a FILE")
@@ -140,8 +145,17 @@ def _prepare(
         GoldenFilter(load_golden(golden_path), golden_threshold) if golden_path else None
     )
     system = system_prompt(settings.answer.system_prompt)
+    if collections is not None:
+        audience.check_known(collections, settings.ingest.docs_dir)
     collected = collect(
-        settings, sources, system, seed=seed, limit=limit, generate=generate, limits=limits
+        settings,
+        sources,
+        system,
+        seed=seed,
+        limit=limit,
+        generate=generate,
+        limits=limits,
+        collections=collections,
     )
 
     unique: dict[str, Example] = {}
@@ -177,6 +191,13 @@ def _prepare(
         "counts_by_source": dict(sorted(Counter(e.source for e in examples).items())),
         "rejected": dict(sorted(rejected.items())),
         "dropped_for_golden_overlap": dropped,
+        "audience": audience.union(
+            [*(e.collections for e in examples), *(p.collections for p in preferences)]
+        ),
+        "feedback_users": sorted(
+            {u for e in examples if (u := e.user)}
+            | {u for p in preferences for u in (p.user, p.rejected_by) if u}
+        ),
         "split": {
             "train": len(train),
             "heldout": len(heldout),
@@ -185,6 +206,7 @@ def _prepare(
         "settings": {
             "seed": seed,
             "limit": limit,
+            "collections": None if collections is None else sorted(collections),
             "heldout_fraction": settings.finetune.heldout_fraction,
             "golden_path": str(golden_path) if golden_path else None,
             "golden_threshold": golden_threshold,
@@ -241,11 +263,13 @@ def build_dataset(
     generate: Generate | None = None,
     limits: FilterLimits = DEFAULT_LIMITS,
     golden_threshold: float = GOLDEN_THRESHOLD,
+    collections: Iterable[str] | None = None,
 ) -> DatasetInfo:
     """Build ``settings.datasets_dir/NAME`` from ``sources`` ("feedback", "docs" or a file
     path; several combine). ``limit`` caps each source (chunks sampled, for docs);
     ``golden`` overrides ``settings.finetune.golden_path``; ``generate`` replaces the
-    configured chat model for synthetic pairs."""
+    configured chat model for synthetic pairs; ``collections`` keeps only records drawn
+    from those collections (``""`` the documents at the root)."""
     name = validate_name(name) if name is not None else _default_name(settings)
     final = settings.datasets_dir / name
     if final.exists():
@@ -262,6 +286,7 @@ def build_dataset(
         generate=generate,
         limits=limits,
         golden_threshold=golden_threshold,
+        collections=None if collections is None else frozenset(collections),
     )
     return _write(settings, name, prepared)
 

@@ -15,6 +15,12 @@ atomic, so they see the old file or the new one.
 "v1", "v2", ... A registered version is not served until it is activated, and activation
 refuses a version whose gate failed (unless forced) or whose files are missing or changed:
 model files are trusted only by hash.
+
+Every version records its **audience**, the collections its training data drew on
+(``appliance.core.audience``): the base's is empty, a fine-tune's comes from its dataset's manifest,
+and a version registered without one has an unknown audience. The core service answers a user
+with the active version only when the user may read its whole audience, else with the first
+version of ``serving_order`` they may use.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from appliance.core.audience import normalise as normalise_audience
 from appliance.core.errors import ModelError
 
 if TYPE_CHECKING:
@@ -178,7 +185,7 @@ class ModelRegistry:
                         "start a new models folder"
                     )
                 return dict(known)
-            record = {
+            record: dict[str, Any] = {
                 "version": BASE,
                 "created": _now(),
                 "parent": None,
@@ -189,6 +196,7 @@ class ModelRegistry:
                     "quantization": _quantization_from_name(gguf.name),
                 },
                 "gate": None,
+                "audience": [],  # it learned nothing from the documents
                 "notes": "the model the appliance ships with (or the configured base)",
             }
             data["versions"][BASE] = record
@@ -205,7 +213,9 @@ class ModelRegistry:
         ``record`` needs ``gguf.path``; the GGUF's sha256 and size are (re)computed here, so the
         registry never trusts a hash it did not take itself. Everything else (parent, run_id,
         dataset_sha256, config, adapter, merged_model, f16_gguf, lora_gguf, ollama_tag, gate,
-        notes) is kept as given.
+        notes) is kept as given. ``audience`` (the collections the training data drew on) is
+        stored sorted; without it the version's audience is unknown (null) and it answers only
+        the host's operators.
         """
         rec = json.loads(json.dumps(dict(record), default=str))  # a JSON-clean deep copy
         gguf_info = rec.get("gguf")
@@ -219,6 +229,7 @@ class ModelRegistry:
         rec.setdefault("parent", BASE)
         rec.setdefault("created", _now())
         rec.setdefault("gate", None)
+        rec["audience"] = normalise_audience(rec.get("audience"))
         with self._transaction() as data:
             if rec["parent"] not in data["versions"]:
                 raise ModelError(
@@ -287,6 +298,37 @@ class ModelRegistry:
 
     def history(self) -> list[dict[str, Any]]:
         return list(self._read()["history"])
+
+    def serving_order(self) -> list[dict[str, Any]]:
+        """The versions a reader may be answered by, in order of preference: the active one,
+        then the newest first, the base last. Left out: versions whose gate failed (unless an
+        admin activated them anyway) and versions a rollback left (until activated again), so
+        a fallback never brings back what an admin rejected."""
+        data = self._read()
+        history = data["history"]
+        left: set[str] = set()
+        forced: set[str] = set()
+        for entry in history:
+            version = str(entry.get("version"))
+            left.discard(version)
+            if entry.get("rollback_from"):
+                left.add(str(entry["rollback_from"]))
+            if entry.get("forced"):
+                forced.add(version)
+        active = data["active"]
+        out = []
+        for version in sorted(data["versions"], key=_version_order, reverse=True):
+            record = dict(data["versions"][version])
+            gate = record.get("gate")
+            failed = isinstance(gate, dict) and gate.get("passed") is False
+            excluded = version in left or (failed and version not in forced)
+            if excluded and version not in (active, BASE):  # the base is the last resort
+                continue
+            record["active"] = version == active
+            out.append(record)
+        # the active version first; the base stays last (``_version_order`` sorts it first)
+        out.sort(key=lambda r: (not r["active"], r["version"] == BASE))
+        return out
 
     # --- activation ------------------------------------------------------------------------
 

@@ -97,6 +97,8 @@ def create_run(
             "run": run_id,
             "dataset": str(info.path),
             "dataset_sha256": info.sha256,
+            # the collections the dataset drew on; the model inherits them (None: unknown)
+            "audience": info.audience,
             "config": config.model_dump(mode="json"),
             "requested_by": requested_by,
             "created": time.time(),
@@ -104,6 +106,14 @@ def create_run(
     )
     _set_state(folder, "queued", run=run_id)
     return folder
+
+
+def run_audience(folder: Path) -> list[str] | None:
+    """The collections a run's dataset drew on (its request), None when unknown."""
+    from appliance.core.audience import normalise
+
+    request = _read_json(folder / "request.json")
+    return normalise(request.get("audience")) if isinstance(request, dict) else None
 
 
 def _dataset_path(settings: Settings, dataset: str | Path) -> Path:
@@ -147,6 +157,7 @@ def list_runs(settings: Settings) -> list[dict[str, Any]]:
                     "error": current.get("error"),
                     "version": current.get("version"),
                     "dataset": request.get("dataset"),
+                    "audience": request.get("audience"),
                     "requested_by": request.get("requested_by"),
                     "created": request.get("created"),
                     "step": progress.get("step"),
@@ -289,6 +300,9 @@ def _execute(
         "base_model": str(source),
         "dataset": str(dataset.path),
         "dataset_sha256": dataset.sha256,
+        # who may be answered by it (appliance.core.audience); a dataset without one leaves it
+        # unknown, and the version answers only the host's operators
+        "audience": dataset.audience,
         "config": request["config"],
         "train": result,
         "adapter": folder_hashes(Path(result["adapter_dir"])),

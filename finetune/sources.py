@@ -2,7 +2,9 @@
 
     --from FILE      admin-provided pairs: JSONL of {"messages": [...]} or
                      {"instruction"|"prompt"|"question", "response"|"answer"|"output",
-                     optional "context"|"input"}; a malformed line fails the build, by number
+                     optional "context"|"input"}, each optionally with "collections": [...]
+                     (the collections its text comes from); a malformed line fails the
+                     build, by number
     --from feedback  thumbs-up answers with the passages they cited (stored with the feedback),
                      in the answering prompt format; thumbs-up and thumbs-down answers to the
                      same question become preference pairs
@@ -22,11 +24,11 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from appliance.core.prompting import Passage, user_prompt
 from appliance.core.settings import Settings
-from finetune import near_duplicates
+from finetune import audience, near_duplicates
 from finetune.data import ROLES, DatasetError, Example, Preference
 from finetune.near_duplicates import DEFAULT_THRESHOLD, NearDuplicateIndex
 from finetune.synthetic import (
@@ -119,10 +121,11 @@ def _messages_of(value: Any) -> tuple[tuple[str, str], ...]:
 def _file_example(record: Any, system: str) -> Example:
     if not isinstance(record, dict):
         raise ValueError("the line is not a JSON object")
+    collections = audience.of_record(record.get("collections"))
     if "messages" in record:
         messages = _messages_of(record["messages"])
         user = next(c for r, c in reversed(messages) if r == "user")
-        return Example(messages, "file", question_of(user), messages[-1][1])
+        return Example(messages, "file", question_of(user), messages[-1][1], collections)
     instruction = _first(record, _INSTRUCTION_KEYS)
     response = _first(record, _RESPONSE_KEYS)
     if not isinstance(instruction, str) or not instruction.strip():
@@ -137,7 +140,7 @@ def _file_example(record: Any, system: str) -> Example:
     else:
         # no passage to quote: the instruction is the whole user turn
         messages = (("system", system), ("user", instruction.strip()), ("assistant", response))
-    return Example(messages, "file", instruction.strip(), response)
+    return Example(messages, "file", instruction.strip(), response, collections)
 
 
 def read_instruction_file(path: Path, system: str) -> list[Example]:
@@ -221,12 +224,30 @@ def _text_key(text: str) -> str:
     return near_duplicates.key(text)
 
 
+ModelAudiences = Mapping[str, "frozenset[str] | None"]
+"""Registered versions' audiences by model name (``finetune.audience.model_audiences``)."""
+
+
+def feedback_collections(
+    row: Mapping[str, Any], passages: Sequence[Passage], models: ModelAudiences
+) -> tuple[str, ...] | None:
+    """An answer's collections: its passages', and the audience of the registered version that
+    wrote it (a fine-tune can repeat what it learned); None when that audience is unknown. A
+    model outside the registry (a model server) adds nothing."""
+    own = set(audience.of_paths(p.path for p in passages))
+    model = models.get(str(row.get("model") or ""), frozenset())
+    if model is None:
+        return None
+    return tuple(sorted(own | model))
+
+
 def feedback_examples(
-    rows: Iterable[Mapping[str, Any]], system: str
+    rows: Iterable[Mapping[str, Any]], system: str, models: ModelAudiences | None = None
 ) -> tuple[list[Example], Counter[str]]:
     """Supervised examples from thumbs-up answers; answers with no cited passage text (an
     abstention, say) are counted as ``feedback_no_context`` and left out, since the record must
-    teach answering from passages."""
+    teach answering from passages. ``models``: registered versions' audiences by name; an
+    answer by a version of unknown audience is counted as ``model_audience_unknown``."""
     examples: list[Example] = []
     rejected: Counter[str] = Counter()
     for row in rows:
@@ -236,17 +257,25 @@ def feedback_examples(
         if not passages:
             rejected["feedback_no_context"] += 1
             continue
+        collections = feedback_collections(row, passages, models or {})
+        if collections is None:
+            rejected["model_audience_unknown"] += 1
+            continue
         question, answer = str(row["question"]).strip(), _renumber(str(row["answer"]), mapping)
         if not question or not answer:
             rejected["feedback_empty"] += 1
             continue
         messages = grounded_messages(system, question, passages, answer)
-        examples.append(Example(messages, "feedback", question, answer))
+        user = str(row["user"]) if row.get("user") else None
+        examples.append(Example(messages, "feedback", question, answer, collections, user))
     return examples, rejected
 
 
 def preference_pairs(
-    rows: Sequence[Mapping[str, Any]], system: str, threshold: float = DEFAULT_THRESHOLD
+    rows: Sequence[Mapping[str, Any]],
+    system: str,
+    threshold: float = DEFAULT_THRESHOLD,
+    models: ModelAudiences | None = None,
 ) -> list[Preference]:
     """Thumbs-up against thumbs-down answers to the same question (the same normalized text,
     or a near-duplicate). The prompt is the approved answer's, with its passages; the rejected
@@ -280,8 +309,15 @@ def preference_pairs(
                 continue
             question = str(up["question"]).strip()
             chosen = _renumber(str(up["answer"]), mapping)
+            up_collections = feedback_collections(up, passages, models or {})
+            if up_collections is None:
+                continue
             by_text = {p.text.strip(): p.number for p in passages}
             for down in downs:
+                down_passages, _ = feedback_passages(down.get("sources") or [])
+                down_collections = feedback_collections(down, down_passages, models or {})
+                if down_collections is None:
+                    continue
                 down_map = {
                     int(s["number"]): by_text[str(s.get("text") or "").strip()]
                     for s in down.get("sources") or []
@@ -291,7 +327,15 @@ def preference_pairs(
                 if _text_key(strip_citations(chosen)) == _text_key(strip_citations(rejected)):
                     continue  # the same answer rated both ways: no preference to learn
                 prompt = grounded_messages(system, question, passages, "")[:2]
-                pair = Preference(prompt, chosen, rejected, question)
+                pair = Preference(
+                    prompt,
+                    chosen,
+                    rejected,
+                    question,
+                    tuple(sorted({*up_collections, *down_collections})),
+                    str(up["user"]) if up.get("user") else None,
+                    str(down["user"]) if down.get("user") else None,
+                )
                 pairs.setdefault(pair.id, pair)
     return list(pairs.values())
 
@@ -312,16 +356,21 @@ def read_feedback(settings: Settings) -> list[dict[str, Any]]:
 # --- source: the documents ----------------------------------------------------------------------
 
 
-def read_chunks(settings: Settings, limit: int, seed: int) -> tuple[list[SourceChunk], str]:
-    """A seeded sample of indexed chunks and where it was read: from the running core service
-    (the index's one owner) when there is one, else from the ingestion state under the data
-    folder's ownership lock. The state keeps every chunk's text, so neither the store nor the
-    embedding model is opened."""
+def read_chunks(
+    settings: Settings, limit: int, seed: int, collections: frozenset[str] | None = None
+) -> tuple[list[SourceChunk], str]:
+    """A seeded sample of indexed chunks (of ``collections`` only, when given) and where it was
+    read: from the running core service (the index's one owner) when there is one, else from
+    the ingestion state under the data folder's ownership lock. The state keeps every chunk's
+    text, so neither the store nor the embedding model is opened."""
     from appliance.api import ServiceClient
 
     client = ServiceClient.find(settings.data_dir)
     if client is not None:
-        rows = client.call("POST", "/admin/chunks", {"limit": limit, "seed": seed})
+        body: dict[str, Any] = {"limit": limit, "seed": seed}
+        if collections is not None:
+            body["collections"] = sorted(collections)
+        rows = client.call("POST", "/admin/chunks", body)
         return [SourceChunk.from_json(r) for r in rows], "service"
     if not settings.state_path.exists():
         raise DatasetError(
@@ -334,7 +383,8 @@ def read_chunks(settings: Settings, limit: int, seed: int) -> tuple[list[SourceC
         state = IngestState(settings.state_path)
         try:
             collection = state.get_meta(ACTIVE_COLLECTION) or ""
-            return sample_chunks(state, collection, limit, seed), "local"
+            chunks = sample_chunks(state, collection, limit, seed, readable=collections)
+            return chunks, "local"
         finally:
             state.close()
 
@@ -353,7 +403,8 @@ def synthetic_examples(
         passage = _passage(1, pair.chunk.text, pair.chunk.file, chunk_ids=(pair.chunk.chunk_id,))
         answer = pair.answer.rstrip(" .") + " [1]."
         messages = grounded_messages(system, pair.question, [passage], answer)
-        examples.append(Example(messages, "docs", pair.question, answer))
+        collections = audience.of_paths([pair.chunk.file])
+        examples.append(Example(messages, "docs", pair.question, answer, collections))
     return examples, result.rejected
 
 
@@ -377,13 +428,19 @@ def collect(
     limit: int | None,
     generate: Generate | None,
     limits: FilterLimits,
+    collections: frozenset[str] | None = None,
 ) -> Collected:
     out = Collected()
     for spec in dict.fromkeys(sources):  # a source named twice is read once
         if spec == "feedback":
             rows = read_feedback(settings)
-            examples, rejected = feedback_examples(rows, system)
-            prefs = preference_pairs(rows, system, limits.near_duplicate_threshold)
+            models = audience.model_audiences(settings.models_dir) if rows else {}
+            examples, rejected = feedback_examples(rows, system, models)
+            prefs = preference_pairs(rows, system, limits.near_duplicate_threshold, models)
+            examples, prefs = (
+                _inside(examples, collections, rejected),
+                _inside(prefs, collections, rejected),
+            )
             examples, prefs = examples[:limit], prefs[:limit]
             out.rejected.update(rejected)
             out.preferences.extend(prefs)
@@ -399,7 +456,7 @@ def collect(
             )
         elif spec == "docs":
             wanted = limit or DEFAULT_DOCS_LIMIT
-            chunks, origin = read_chunks(settings, wanted, seed)
+            chunks, origin = read_chunks(settings, wanted, seed, collections)
             if generate is not None:
                 examples, rejected = synthetic_examples(chunks, generate, system, limits)
                 model = "injected"
@@ -423,9 +480,24 @@ def collect(
                 raise DatasetError(
                     f"--from {spec!r} is neither 'feedback', 'docs' nor an existing file"
                 )
-            examples = read_instruction_file(path, system)[:limit]
+            examples = _inside(read_instruction_file(path, system), collections, out.rejected)
+            examples = examples[:limit]
             out.examples.extend(examples)
             out.sources.append(
                 {"source": "file", "path": str(path.resolve()), "examples": len(examples)}
             )
     return out
+
+
+_Record = TypeVar("_Record", "Example", "Preference")
+
+
+def _inside(
+    records: list[_Record], allowed: frozenset[str] | None, rejected: Counter[str]
+) -> list[_Record]:
+    """The records whose collections are all ``allowed`` (None: all); the others counted."""
+    kept = [r for r in records if audience.within(r.collections, allowed)]
+    rejected["outside_collections"] += len(records) - len(kept)
+    if not rejected["outside_collections"]:
+        del rejected["outside_collections"]
+    return kept

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core.errors import ConfigError
+from finetune.audience import dataset_audience
 from finetune.base_model import is_hf_folder
 from finetune.batches import (
     IGNORE_INDEX,
@@ -516,6 +517,7 @@ def train(
         "base_sha256": base_digest(base),
         "dataset_dir": str(dataset_dir.resolve()),
         "dataset_sha256": dataset_sha256(dataset_dir),
+        "audience": dataset_audience(dataset_dir),  # the collections it learns from
         "created": time.time(),
     }
     write_json_atomic(run_dir / "config.json", meta)

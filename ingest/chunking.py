@@ -151,6 +151,7 @@ def _chunk_table(
                 page=section.page,
                 heading=section.heading,
                 ocr_confidence=section.ocr_confidence,
+                table=True,
             )
         )
 

@@ -274,16 +274,25 @@ def _table(lines: list[_Line], start: int, end: int, style: TableStyle) -> Table
         if any(len(c.text) > _MAX_HEADER_CELL for c in line.cells):
             break  # prose above the table
         h -= 1
-    headers = _headers(lines[h:start], columns)
-    caption_lines: list[str] = []
+    # "(In millions, except per share amounts)" may stand among the header lines, centred or
+    # beside a column header: it gives the table's unit and names no column.
+    header_lines: list[_Line] = []
     units = None
+    for line in lines[h:start]:
+        stated = [c for c in line.cells if units_in(c.text)]
+        if stated:
+            units = units or units_in(*(c.text for c in stated))
+            line = _Line(line.top, line.bottom, [c for c in line.cells if c not in stated])
+        header_lines.append(line)
+    headers = _headers(header_lines, columns)
+    caption_lines: list[str] = []
     for line in reversed(lines[max(0, h - _MAX_CAPTION_LINES) : h]):
         if line.is_row:
             break
         text = line.text.strip()
         found = units_in(text)
-        if found and units is None:
-            units = found
+        if found:
+            units = units or found
             # "(In millions, except number of shares ...)" says only the unit: the header
             # carries that as "(in millions)"
             if len(text) < 120 and not text.startswith("("):

@@ -53,6 +53,7 @@ from ingest.disk_guard import (
     free_bytes,
 )
 from ingest.identity import file_name_terms, identity_line
+from ingest.retrieval import TABLE_KIND, TEXT_KIND
 from ingest.safe_open import Staging, UnsafeDocument
 from ingest.scan import FoundFile, walk
 from ingest.state import ChunkRow, FileRow, IngestState
@@ -638,6 +639,7 @@ class Indexer:
             "text": chunk.text,
             "identity": prep.identity,
             "ocr_confidence": chunk.ocr_confidence,
+            "kind": TABLE_KIND if chunk.table else TEXT_KIND,
         }
 
     # --- reading -----------------------------------------------------------------------------

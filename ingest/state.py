@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     collection TEXT NOT NULL, point_id TEXT NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL,
     idx INTEGER NOT NULL, status TEXT NOT NULL, text_key TEXT NOT NULL, text TEXT NOT NULL,
     start INTEGER NOT NULL, end_ INTEGER NOT NULL, page INTEGER, heading TEXT,
-    ocr_confidence REAL,
+    ocr_confidence REAL, is_table INTEGER,
     PRIMARY KEY (collection, point_id));
 CREATE INDEX IF NOT EXISTS chunks_by_path ON chunks (collection, path, status);
 CREATE INDEX IF NOT EXISTS chunks_by_hash ON chunks (collection, sha256, status);
@@ -109,6 +109,9 @@ class IngestState:
         if "ocr_confidence" not in have:
             with self.transaction() as db:
                 db.execute("ALTER TABLE chunks ADD COLUMN ocr_confidence REAL")
+        if "is_table" not in have:
+            with self.transaction() as db:
+                db.execute("ALTER TABLE chunks ADD COLUMN is_table INTEGER")
 
     def close(self) -> None:
         with self._lock:
@@ -209,7 +212,7 @@ class IngestState:
     ) -> list[ChunkRow]:
         sql = (
             "SELECT point_id, path, sha256, idx, text, start, end_, page, heading, text_key, "
-            "ocr_confidence "
+            "ocr_confidence, is_table "
             "FROM chunks WHERE collection = ? AND path = ? AND status = 'live'"
         )
         args: list[Any] = [collection, path]
@@ -230,6 +233,7 @@ class IngestState:
                     page=r[7],
                     heading=r[8],
                     ocr_confidence=r[10],
+                    table=bool(r[11]),
                 ),
                 text_key=r[9],
             )
@@ -241,8 +245,8 @@ class IngestState:
         with self.transaction() as db:
             db.executemany(
                 "INSERT OR IGNORE INTO chunks (collection, point_id, path, sha256, idx, status, "
-                "text_key, text, start, end_, page, heading, ocr_confidence) "
-                "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
+                "text_key, text, start, end_, page, heading, ocr_confidence, is_table) "
+                "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         collection,
@@ -257,6 +261,7 @@ class IngestState:
                         r.chunk.page,
                         r.chunk.heading,
                         r.chunk.ocr_confidence,
+                        int(r.chunk.table),
                     )
                     for r in rows
                 ],

@@ -189,3 +189,20 @@ def test_evidence_is_the_gold_figures_found_in_the_passages(script: Any) -> None
         1.0,
         1,
     )
+    assert scores.evidence_by_source is None  # the golden set names no source
+    drawn = [bench.Question("q", "?", frozenset({"a.pdf"}), answer, "Table")] * 2
+    by_source = bench.score("hybrid", [["a.pdf"]] * 2, drawn, [[row], ["nothing"]])
+    assert by_source.evidence_by_source == {
+        "Table": {"questions": 2, "evidence_recall": 0.5, "figure_recall": 0.5}
+    }
+
+
+@pytest.mark.slow
+def test_batching_throughput_at_tiny_size(script: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_json(script("batching_throughput"), ["--tokens", "2", "--threads", "1"], capsys)
+    assert [row["streams"] for row in result["batched"]] == [1, 2, 4, 8]
+    assert all(row["tokens"] > 0 for row in result["batched"])
+    assert result["aggregate_8_over_1"] > 0
+    assert result["kv_cache"]["kv_mib_per_slot"] > 0
+    reuse = result["prefix_reuse"]
+    assert 0 < reuse["reused_prompt_tokens"] < reuse["prompt_tokens"]

@@ -2,7 +2,10 @@
 
     ChatModel (Protocol)              what the answer service talks to
      └── BaseChatModel                message checks, default parameters, complete(), closing
-          ├── chat.llamacpp.LlamaCppChatModel           a GGUF in-process (the default)
+          ├── chat.llamacpp.LlamaCppChatModel           a GGUF in-process, serially
+          │    └── chat.batching.BatchedLlamaCppChatModel  answers decoded together, the
+          │                                                default; chat.parallel: 1 keeps
+          │                                                the serial one
           └── chat.servers.ServerChatModel              a model server by URL
                ├── OllamaChatModel                     Ollama, through the official client
                └── OpenAICompatibleChatModel           any /v1/chat/completions (vLLM, ...)

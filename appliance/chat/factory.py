@@ -15,10 +15,23 @@ from appliance.core.protocols import GenerationParams
 
 def llamacpp_chat_model(chat: ChatSettings, path: Path) -> LlamaCppChatModel:
     """A GGUF in llama.cpp with the settings' context, threads and generation defaults (the
-    configured model, a registry version, or a candidate under evaluation)."""
+    configured model, a registry version, or a candidate under evaluation): the continuous-
+    batching engine, or the serial one with ``chat.parallel: 1``."""
     params = GenerationParams(
         max_tokens=chat.max_tokens, temperature=chat.temperature, seed=chat.seed
     )
+    if chat.parallel != 1:
+        from appliance.chat.batching import BatchedLlamaCppChatModel
+
+        return BatchedLlamaCppChatModel(
+            path,
+            slots=chat.parallel,
+            n_ctx=chat.n_ctx,
+            n_threads=chat.n_threads,
+            seed=chat.seed,
+            prefill_chunk=chat.prefill_chunk,
+            default_params=params,
+        )
     return LlamaCppChatModel(
         path, n_ctx=chat.n_ctx, n_threads=chat.n_threads, seed=chat.seed, default_params=params
     )

@@ -28,7 +28,7 @@ from appliance.core.protocols import ChatMessage, GenerationParams
 log = logging.getLogger(__name__)
 
 
-def _split_at_stop(pending: str, stops: Sequence[str]) -> tuple[str, str, bool]:
+def split_at_stop(pending: str, stops: Sequence[str]) -> tuple[str, str, bool]:
     """Split decoded text into (safe to yield, held back, a stop string was found).
 
     Text up to the earliest stop string is yielded and the rest dropped; without one, a tail
@@ -255,7 +255,7 @@ class LlamaCppChatModel(BaseChatModel):
                     if at_start:  # the answer starts at its first non-blank character
                         pending = pending.lstrip()
                         at_start = not pending
-                    ready, pending, stopped = _split_at_stop(pending, stops)
+                    ready, pending, stopped = split_at_stop(pending, stops)
                     if ready:
                         yield ready
                     if stopped:
@@ -267,7 +267,7 @@ class LlamaCppChatModel(BaseChatModel):
                 tokens_out.close()
             if not stopped:
                 rest = pending + decoder.decode(b"", final=True)
-                ready, _, _ = _split_at_stop(rest, stops)
+                ready, _, _ = split_at_stop(rest, stops)
                 if ready:
                     yield ready
             return Usage(

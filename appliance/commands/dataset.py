@@ -23,6 +23,7 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 def cmd_build(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.audience import parse_collections
     from finetune.dataset import build_dataset
 
     info = build_dataset(
@@ -32,6 +33,7 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> int:
         seed=args.seed,
         limit=args.limit,
         golden=Path(args.golden) if args.golden else None,
+        collections=parse_collections(args.collections),
     )
     if args.json:
         _print_json(info.summary())
@@ -43,8 +45,15 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> int:
     print(f"  examples by source: {_counts(info.sources)}")
     print(f"  rejected: {_counts(info.rejected)}")
     print(f"  dropped for golden overlap: {info.dropped_for_golden_overlap}")
+    print(f"  audience (collections it draws on): {describe(info.audience)}")
     print(f"  in {info.path}")
     return 0
+
+
+def describe(audience: list[str] | None) -> str:
+    from appliance.core.audience import describe as words
+
+    return words(audience)
 
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
@@ -98,6 +107,14 @@ def add_commands(sub: Any) -> None:  # argparse._SubParsersAction
     b.add_argument("--seed", type=int, default=0, help="seeds sampling and the split")
     b.add_argument(
         "--golden", help="the evaluation golden set to keep out (default: finetune.golden_path)"
+    )
+    b.add_argument(
+        "--collections",
+        action="append",
+        metavar="A,B",
+        help="only records drawn from these collections (top-level folders; '.' the root "
+        "documents); repeat or separate with commas. A model trained on the dataset answers "
+        "only users granted all of them",
     )
     b.add_argument("--json", action="store_true", help="print the summary as JSON")
     b.set_defaults(func=cmd_build, log_file=True)

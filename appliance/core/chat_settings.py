@@ -48,14 +48,34 @@ class ChatSettings(BaseModel):
         4096,
         ge=256,
         le=1_048_576,
-        description="Context window in tokens. llamacpp: allocated, and capped at the model's "
-        "training context; ollama: sent as num_ctx; openai: the size prompts are budgeted for.",
+        description="Context window in tokens. llamacpp: allocated per slot (see parallel), and "
+        "capped at the model's training context; ollama: sent as num_ctx; openai: the size "
+        "prompts are budgeted for.",
     )
     n_threads: int | None = Field(
         None,
         ge=1,
         le=1024,
         description="CPU threads for llama.cpp (backend=llamacpp). Empty: all cores.",
+    )
+    parallel: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Answers decoded together by the in-process model (backend=llamacpp), each "
+        "in a slot of n_ctx tokens: continuous batching, where new questions join at the next "
+        "step. 1: the serial engine, one answer at a time. Empty: sized from the cores (four "
+        "per core, at most 8) and the memory (the slots' KV cache within a quarter of the "
+        "available memory), and logged. openai/ollama: the server's parallel slots, which "
+        "the core service's queue gives out (empty: 1).",
+    )
+    prefill_chunk: int = Field(
+        128,
+        ge=8,
+        le=4096,
+        description="Prompt tokens fed per decode step while other answers are being written "
+        "(backend=llamacpp, parallel > 1): smaller keeps their tokens flowing while a long "
+        "prompt is read; larger reads a prompt sooner.",
     )
     max_tokens: int = Field(
         200, ge=1, le=32_768, description="Default upper bound on the tokens of one answer."

@@ -7,6 +7,7 @@
      ├── StoreError           the vector store failed or is unusable
      │    └── StoreLockedError  another process owns the data folder
      ├── ServiceError         the core service's local API failed or answered an error
+ ├── Busy                 too many questions wait for the chat model: try later (HTTP 503)
      ├── AuthError            not signed in, wrong password, expired session (HTTP 401)
      ├── AccessDenied         signed in but not allowed, e.g. staff on an admin action (403)
      ├── ModelError           a model could not be loaded or run
@@ -50,9 +51,25 @@ class ServiceError(ApplianceError):
     """The core service's local API failed or answered with an error (``status``: its HTTP
     status, 0 when it did not answer)."""
 
-    def __init__(self, message: str, status: int = 0) -> None:
+    def __init__(
+        self, message: str, status: int = 0, *, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after_s = retry_after_s
+        """The service's ``Retry-After`` (a 503 when busy, a 401 when sign-ins are throttled)."""
+
+
+class Busy(ApplianceError):
+    """The queue in front of the chat model is longer than its limit (HTTP 503 with
+    ``Retry-After``): the question was not taken, and asking again in ``retry_after_s``
+    seconds likely finds room."""
+
+    http_status = 503
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class AuthError(ApplianceError):

@@ -46,7 +46,8 @@ class Chunk:
     """One piece of a document as indexed. ``start``/``end`` are character offsets in the
     extracted text (the sections joined by blank lines); a table chunk's text is its section's
     header followed by ``extracted[start:end]`` (the rows). ``ocr_confidence`` as in
-    :class:`Section`."""
+    :class:`Section`; ``table`` is true for the rows of a table section, which retrieval
+    searches on their own as well (see ``ingest.retrieval``)."""
 
     index: int
     text: str
@@ -55,6 +56,7 @@ class Chunk:
     page: int | None
     heading: str | None
     ocr_confidence: float | None = None
+    table: bool = False
 
 
 # --- vectors ---------------------------------------------------------------------------------

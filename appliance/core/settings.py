@@ -246,6 +246,20 @@ class ServiceSettings(_Section):
     max_body_mb: int = Field(
         320, ge=1, description="Largest request body (an uploaded document, base64-encoded)."
     )
+    queue_limit: int = Field(
+        32,
+        ge=0,
+        le=100_000,
+        description="Questions that may wait for the chat model (beyond those being answered); "
+        "one more is refused with HTTP 503 and Retry-After, and the UI says when to try again.",
+    )
+    queue_per_user: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Answers of one signed-in user generated at once; their other questions "
+        "wait while other users' pass (local tools holding the service token are not capped).",
+    )
 
 
 class MetricsSettings(_Section):
@@ -284,6 +298,15 @@ class FinetuneSettings(_Section):
         None,
         description="An Ollama server to register exported models with (its host must be "
         "allowed by the offline guard). Empty: export writes the Modelfile only.",
+    )
+    max_loaded_versions: int = Field(
+        3,
+        ge=1,
+        le=16,
+        description="Model versions the core service keeps loaded at once (llama.cpp): users not "
+        "granted every collection the active version was trained on are answered by another "
+        "version. The active one and the base, once loaded, are always kept; the least "
+        "recently used other version is unloaded first.",
     )
 
 

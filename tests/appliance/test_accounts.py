@@ -367,6 +367,40 @@ def test_parallel_guesses_are_all_counted_and_argon2_is_bounded(path: Path, cloc
         assert hasher.peak <= 2
 
 
+def test_a_burst_of_right_passwords_from_one_address_all_signs_in(path: Path, clock: Clock) -> None:
+    """Staff behind one address (a proxy, an office NAT) signing in at once: the attempts in
+    progress count as failures until they succeed, so the sixth would be throttled; it waits
+    for them instead. Guesses of other names from that address are still held to the limit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    hasher = CountingHasher()
+    with Accounts(path, max_failures=3, lockout_base_s=60, hasher=hasher, clock=clock) as accounts:
+        for n in range(20):
+            accounts.add_user(f"staff{n}", f"{PASSWORD}-{n}", role="staff")
+
+        def sign_in(n: int) -> str:
+            try:
+                accounts.login(f"staff{n}", f"{PASSWORD}-{n}", client="10.0.0.9")
+            except AuthError as exc:
+                return exc.reason
+            return "signed in"
+
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            assert list(pool.map(sign_in, range(20))) == ["signed in"] * 20
+
+        def guess(n: int) -> str:
+            try:
+                accounts.login(f"staff{n}", "wrong password", client="10.0.0.9")
+            except AuthError as exc:
+                return exc.reason
+            return "signed in"
+
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            reasons = list(pool.map(guess, range(20)))
+        assert reasons.count("bad_password") == 3
+        assert reasons.count("throttled") == 17
+
+
 def test_a_guesser_locks_out_only_itself(accounts: Accounts) -> None:
     for _ in range(3):
         with pytest.raises(AuthError):

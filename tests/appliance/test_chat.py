@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from appliance.chat.factory import build_chat_model
-from appliance.chat.llamacpp import LlamaCppChatModel, _split_at_stop
+from appliance.chat.llamacpp import LlamaCppChatModel, split_at_stop
 from appliance.chat.servers import OllamaChatModel, OpenAICompatibleChatModel
 from appliance.chat.template import CHATML_TEMPLATE, ChatTemplate
 from appliance.core.chat_settings import ChatSettings, default_chat_model_path
@@ -252,7 +252,7 @@ def test_chatml_fallback_and_transformers_extensions() -> None:
 def test_stop_strings_are_held_back_until_decided(
     pending: str, expected: tuple[str, str, bool]
 ) -> None:
-    assert _split_at_stop(pending, ("<|im_end|>", "STOP")) == expected
+    assert split_at_stop(pending, ("<|im_end|>", "STOP")) == expected
 
 
 # --- server backends against replayed wire formats -------------------------------------------

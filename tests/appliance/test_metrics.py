@@ -335,6 +335,11 @@ def test_dashboard_queries_only_use_defined_metrics() -> None:
         "appliance_ingest_last_success_timestamp_seconds",
         "appliance_feedback_total",
         "appliance_active_model_info",
+        "appliance_chat_queue_depth",
+        "appliance_chat_queue_wait_seconds_bucket",
+        "appliance_chat_active_slots",
+        "appliance_chat_decode_batch_size_bucket",
+        "appliance_chat_decode_tokens_total",
     ):
         assert needed in used, needed
 

@@ -12,7 +12,7 @@ import pytest
 
 from appliance.core.protocols import ChatStream, Generation
 from appliance.core.settings import load_settings
-from appliance.turnstile import Turnstile, Unqueued
+from appliance.turnstile import FairQueue, Turnstile, Unqueued
 
 TIMEOUT = 120.0
 
@@ -146,7 +146,8 @@ def answerer(tmp_path: Path, real_embedder):  # type: ignore[no-untyped-def]
         "# Office hours\n\nThe office opens at 8 am and closes at 6 pm on weekdays.\n"
     )
     settings = load_settings(
-        env={}, overrides={"data_dir": str(tmp_path / "data"), "chat": {"n_threads": 2}}
+        env={},
+        overrides={"data_dir": str(tmp_path / "data"), "chat": {"n_threads": 2, "parallel": 1}},
     )
     ingestion = open_ingestion(settings, docs, role="tests", embedder=real_embedder)
     ingestion.indexer.reconcile()
@@ -155,7 +156,8 @@ def answerer(tmp_path: Path, real_embedder):  # type: ignore[no-untyped-def]
 
 
 def test_a_second_question_waits_behind_the_first_and_is_told_so(answerer: Any) -> None:
-    assert isinstance(answerer.queue, Turnstile)
+    assert isinstance(answerer.queue, FairQueue)
+    assert answerer.queue.slots == 1  # chat.parallel: the serial engine
     first = answerer.stream("How many days of paid annual leave does an employee get?")
     # Hold the first question mid-generation: it has the model's turn until it is finished.
     for event in first:

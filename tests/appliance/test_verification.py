@@ -158,3 +158,24 @@ def test_the_shipped_threshold_holds_on_the_labelled_cases(real_embedder) -> Non
     # the figures printed by benchmarks/claim_calibration.py, with a little room
     assert result.precision >= 0.95, result.line()
     assert result.recall >= 0.88, result.line()
+
+
+def test_quotes_are_sentences_or_labelled_rows_never_footers() -> None:
+    from appliance.answering import _informative
+
+    assert _informative("Total net sales increased 8% compared to the same quarter in 2022.")
+    assert _informative("Total net sales | Three Months Ended July 1, 2023: 81,797 | 82,959")
+    assert not _informative("Apple Inc. | Q3 2023 Form 10-Q | 17")
+    assert not _informative("NOTE 9 — DEBT")
+    assert not _informative("Nine Months Ended March 31, 2023")
+
+
+def test_question_evidence_weighs_its_dates_and_rare_words() -> None:
+    text = (
+        "Revenue was stable across the year.\n"
+        "Total revenue | Three Months Ended March 31, 2023: 52,857 | 2022: 49,360\n"
+        "Total revenue | Nine Months Ended March 31, 2023: 157,438 | 2022: 150,160\n"
+    )
+    v = Verifier([P(1, text)], None)
+    best = v.evidence("What was total revenue in the three months ended March 31, 2023?")[0]
+    assert "52,857" in best.segment.text

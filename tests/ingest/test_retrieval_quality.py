@@ -16,7 +16,14 @@ import pytest
 
 from appliance.core.protocols import Hit
 from ingest.embedders import Bm25Encoder
-from ingest.retrieval import asks_for_latest, expand_query, latest_date, rerank
+from ingest.retrieval import (
+    asks_for_latest,
+    expand_query,
+    latest_date,
+    rerank,
+    table_slots,
+    with_table_rows,
+)
 
 SEC10Q = Path(__file__).resolve().parents[3] / "shared" / "eval" / "sec10q"
 
@@ -191,3 +198,37 @@ def test_hybrid_retrieval_finds_the_filing_a_question_names(sec10q_index: Any) -
     assert scores.questions == 122
     assert scores.recall_at_5 >= max(RECALL_AT_5 - MARGIN_RECALL, NAIVE_RECALL_AT_5)
     assert scores.top1 >= max(TOP1 - MARGIN_TOP1, NAIVE_TOP1)
+
+
+# --- table rows beside the text -------------------------------------------------------------
+
+
+def _ids(hits: list[Hit]) -> list[str]:
+    return [h.id for h in hits]
+
+
+def _plain(*names: str) -> list[Hit]:
+    return [Hit(id=n, score=1.0, payload={"path": "a.pdf"}) for n in names]
+
+
+@pytest.mark.parametrize(("k", "slots"), [(0, 0), (1, 0), (2, 1), (3, 2), (5, 3), (10, 5)])
+def test_table_rows_take_at_most_half_the_places_and_never_the_first(k: int, slots: int) -> None:
+    assert table_slots(k) == slots
+
+
+def test_table_rows_follow_the_best_chunk_and_alternate_with_the_text() -> None:
+    main = _plain("m0", "m1", "m2", "m3", "m4")
+    rows = _plain("t0", "t1", "t2", "t3")
+    assert _ids(with_table_rows(main, rows, 5)) == ["m0", "t0", "m1", "t1", "t2"]
+
+
+def test_rows_already_in_the_top_are_not_repeated_and_short_lists_are_filled() -> None:
+    main = _plain("m0", "t0", "m1", "m2", "m3")
+    assert _ids(with_table_rows(main, _plain("t0", "t1"), 5)) == ["m0", "t1", "t0", "m1", "m2"]
+    assert _ids(with_table_rows(main, [], 5)) == _ids(main)
+    assert _ids(with_table_rows(_plain("m0"), _plain("t0", "t1", "t2"), 5)) == [
+        "m0",
+        "t0",
+        "t1",
+        "t2",
+    ]

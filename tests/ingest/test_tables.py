@@ -11,6 +11,7 @@ from appliance.core.protocols import Section
 from ingest.chunking import chunk_sections, extracted_text
 from ingest.parsers import DEFAULT_OPTIONS, ParseOptions, parse_file
 from ingest.pdf_tables import looks_tabular
+from ingest.retrieval import search
 from ingest.tables import grid_table, row_line
 from tests.ingest.fixtures import make_pdf, make_table_pdf
 
@@ -53,6 +54,42 @@ def test_pdf_rows_keep_headers_caption_and_units(tmp_path: Path) -> None:
         "Operating income | Three Months Ended July 1, 2023: 22,998 | "
         "June 25, 2022: 23,076 (in millions)",
     ]
+
+
+def test_pdf_units_beside_the_column_headers_reach_every_row(tmp_path: Path) -> None:
+    """A statement laid out with its unit line at the height of a column header line (as
+    Microsoft's 10-Q income statements are): the unit names no column, and every row says it."""
+    from reportlab.pdfgen import canvas
+
+    path = tmp_path / "income.pdf"
+    pdf = canvas.Canvas(str(path), invariant=1)
+    pdf.setFont("Helvetica", 10)
+    pdf.drawCentredString(306, 740, "INCOME STATEMENTS")
+    pdf.drawRightString(436, 720, "Three Months Ended")
+    pdf.drawString(16, 708, "(In millions, except per share amounts) (Unaudited)")
+    pdf.drawRightString(436, 708, "December 31,")
+    pdf.drawRightString(363, 696, "2022")
+    pdf.drawRightString(436, 696, "2021")
+    y = 680
+    for label, now, before in (
+        ("Total revenue", "52,747", "51,728"),
+        ("Gross margin", "35,259", "34,768"),
+        ("Operating income", "20,399", "22,247"),
+    ):
+        pdf.drawString(16, y, label)
+        pdf.drawRightString(363, y, now)
+        pdf.drawRightString(436, y, before)
+        y -= 14
+    pdf.showPage()
+    pdf.save()
+    (table,) = tables_of(path)
+    assert table.header == "INCOME STATEMENTS (in millions)"
+    rows = table.text.split("\n")[1:]
+    assert len(rows) == 3
+    assert all(row.endswith("(in millions)") for row in rows)
+    assert rows[0].startswith("Total revenue | ")
+    assert "52,747" in rows[0]
+    assert "(In millions" not in table.text
 
 
 def test_pdf_tables_can_be_turned_off(tmp_path: Path) -> None:
@@ -201,3 +238,84 @@ def test_compact_rows_follow_a_column_line_in_every_chunk(tmp_path: Path) -> Non
     section = grid_table(grid, "Kept (in thousands)", header_rows=1, style="compact")
     assert section is not None
     assert section.text == "Kept (in thousands)\n| 2023 | 2022\nInvoices | 7 | -"
+
+
+# --- table rows in the index and in retrieval ------------------------------------------------
+
+PROSE = " ".join(
+    f"Paragraph {i}: net sales and gross margin were discussed at length by management, "
+    "with sales trends, margin pressure and the outlook for sales in every region."
+    for i in range(12)
+)
+RESULTS_PAGE = f"""<html><body><main><h2>Results</h2><p>{PROSE}</p>
+<table><caption>Statements of Operations (in millions)</caption>
+  <thead><tr><th></th><th>July 1, 2023</th><th>June 25, 2022</th></tr></thead>
+  <tbody><tr><td>Total net sales</td><td>81,797</td><td>82,959</td></tr>
+         <tr><td>Gross margin</td><td>36,413</td><td>35,885</td></tr></tbody>
+</table><p>{PROSE}</p></main></body></html>"""
+
+
+def test_table_chunks_are_marked_and_only_they_are(tmp_path: Path) -> None:
+    table = big_table()
+    chunks = chunk_sections(
+        [Section("Intro text before the table.", page=4), table],
+        word_spans,
+        max_tokens=60,
+        overlap_tokens=8,
+    )
+    assert [c.table for c in chunks] == ["Line item" in c.text for c in chunks]
+    assert any(c.table for c in chunks)
+    assert not chunks[0].table
+
+
+def test_search_returns_table_rows_beside_the_prose(make_indexer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Prose that repeats the question's words outranks the rows that hold the figures; the
+    table pass of retrieval still puts the rows in the top k, after the best chunk, and the
+    mark survives a rename (chunks reused from the state, not parsed again)."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.html").write_text(RESULTS_PAGE, encoding="utf-8")
+    indexer = make_indexer(docs)
+    indexer.reconcile()
+    question = "What were total net sales and gross margin?"
+    hits = search(indexer, question, 3)
+    assert len(hits) == 3
+    assert "81,797" not in hits[0]["text"] or "Total net sales |" in hits[0]["text"]
+    assert any("Total net sales | July 1, 2023: 81,797" in h["text"] for h in hits[1:])
+    texts = {h["text"] for h in search(indexer, question, 10, mode="dense")}
+    assert sum("81,797" in t for t in texts) >= 1
+    (docs / "results.html").rename(docs / "renamed.html")
+    indexer.reconcile()
+    rows = indexer.state.live_chunks_of_path(indexer.collection, "renamed.html")
+    assert any(r.chunk.table for r in rows)
+    assert not all(r.chunk.table for r in rows)
+    again = search(indexer, question, 3)
+    assert any("Total net sales |" in h["text"] for h in again[1:])
+
+
+def test_a_state_written_before_table_marks_reads_as_text(tmp_path: Path) -> None:
+    import sqlite3
+
+    from ingest.state import IngestState
+
+    path = tmp_path / "ingest.sqlite3"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE chunks (collection TEXT NOT NULL, point_id TEXT NOT NULL, "
+        "path TEXT NOT NULL, sha256 TEXT NOT NULL, idx INTEGER NOT NULL, status TEXT NOT NULL, "
+        "text_key TEXT NOT NULL, text TEXT NOT NULL, start INTEGER NOT NULL, "
+        "end_ INTEGER NOT NULL, page INTEGER, heading TEXT, ocr_confidence REAL, "
+        "PRIMARY KEY (collection, point_id))"
+    )
+    old.execute(
+        "INSERT INTO chunks VALUES ('c', 'p1', 'a.pdf', 'h', 0, 'live', 'k', 't', 0, 1, 1, NULL, "
+        "NULL)"
+    )
+    old.commit()
+    old.close()
+    state = IngestState(path)
+    try:
+        (row,) = state.live_chunks_of_path("c", "a.pdf")
+        assert row.chunk.table is False
+    finally:
+        state.close()

@@ -13,6 +13,7 @@ import pytest
 
 from appliance.core.hashing import file_sha256
 from ingest.pipeline import Indexer
+from ingest.retrieval import search
 from ingest.safe_open import Staging, UnsafeDocument, open_document
 
 pytestmark = pytest.mark.integration
@@ -53,9 +54,9 @@ def test_symlinks_stay_inside_their_collection(make_indexer: Any, tmp_path: Path
     why = reasons(indexer)
     assert why["legal/leak.md"] == "symlink points outside its collection folder"
     assert why["shared-leak.md"].startswith("symlink points outside the top of the documents")
-    paths = {h["path"] for h in indexer.search("bravosalary", 10, mode="sparse")}
+    paths = {h["path"] for h in search(indexer, "bravosalary", 10, mode="sparse")}
     assert paths == {"hr/salaries.md"}  # readers of legal/ or of the shared top never see it
-    assert {h["path"] for h in indexer.search("charliecontract", 10, mode="sparse")} == {
+    assert {h["path"] for h in search(indexer, "charliecontract", 10, mode="sparse")} == {
         "legal/contract.md",
         "legal/alias.md",
     }

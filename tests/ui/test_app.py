@@ -130,6 +130,8 @@ def test_an_answer_streams_in_with_its_sources_and_a_download(app: MakeApp) -> N
     at = ask(sign_in(app(), ADMIN), ACME)
     shown = unescape(texts(at))
     assert "36 months" in shown
+    # which model answered: the registry version this user may be served (issue 13)
+    assert "Answered by model base (SmolLM2" in shown
     expanders = [e for e in at.expander if "contract.md" in unescape(e.label)]
     assert expanders, [e.label for e in at.expander]
     source = expanders[0]

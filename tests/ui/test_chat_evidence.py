@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 from tests.ui.conftest import ADMIN, STAFF, Core
@@ -150,17 +151,20 @@ def test_a_real_answer_highlights_its_evidence_and_links_its_citations(app: Make
     assert re.search(r"\(#source-\d+-of-answer-1\)", "\n".join(m.value for m in at.markdown))
 
 
-def test_a_waiting_question_is_told_its_place(app: MakeApp, core: Core) -> None:
+def test_a_waiting_question_is_told_its_place(
+    app: MakeApp, core: Core, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The model is busy with another question (held mid-answer here); the page's question
     waits behind it and the page says so."""
     at = sign_in(app(), STAFF)
+    monkeypatch.setattr(core.service.answerer.queue, "slots", 1)  # whatever the engine batches
     busy = core.service.answerer.stream(LEAVE)
     assert next(e for e in busy if e["type"] == "token")  # holds the model's turn
 
     def finish_later() -> None:
-        # the turnstile has the page's question in line once it is one longer
+        # the page's question waits for the model once its retrieval is done
         for _ in range(600):
-            if core.service.answerer.queue.length >= 2:
+            if core.service.answerer.queue.ready >= 1:
                 break
             threading.Event().wait(0.1)
         list(busy)

@@ -17,12 +17,13 @@ def test_ask_stream_prints_its_place_while_the_model_is_busy(
 ) -> None:
     monkeypatch.setenv("APPLIANCE_DATA_DIR", str(core.data_dir))
     answerer = core.service.answerer
+    monkeypatch.setattr(answerer.queue, "slots", 1)  # whatever the engine decodes together
     busy = answerer.stream(LEAVE)
     assert next(e for e in busy if e["type"] == "token")  # another question holds the model
 
     def finish_when_queued() -> None:
         for _ in range(600):
-            if answerer.queue.length >= 2:
+            if answerer.queue.ready >= 1:  # its retrieval done, it waits for the model
                 break
             threading.Event().wait(0.1)
         list(busy)

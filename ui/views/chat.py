@@ -4,6 +4,7 @@ While a question is answered the page shows, in this order, what the answer stre
 
     sources event  ─► the passages found, best-matching spans highlighted (before the model)
     queue events   ─► "Waiting for the model: N questions ahead of yours."
+    a 503 (busy)   ─► "The assistant is busy ...: try again in N s." (the queue is full)
     token events   ─► the draft, greyed out: not yet checked against the sources
     answer event   ─► the answer as the service checked it: each citation a link to its
                       source's anchor below, the supporting spans highlighted there; a quoted
@@ -15,6 +16,7 @@ delete. Everything from documents or the model is escaped (:mod:`ui.safe`, :mod:
 
 from __future__ import annotations
 
+import math
 import mimetypes
 from typing import Any
 
@@ -81,7 +83,20 @@ def _message(answer: dict[str, Any], message_id: Any, question: str) -> dict[str
         "unsupported_claims": evidence.claims_of(answer, "unsupported_claims"),
         "mode": answer.get("mode") if answer.get("mode") in ("generated", "quoted") else None,
         "waited": int(answer.get("waited") or 0),
+        "served_by": _served_by(answer),
     }
+
+
+def _served_by(answer: dict[str, Any]) -> str:
+    """Which model wrote the answer: its registry version (which depends on the collections
+    the user may read) and file, or the model's name (older messages, model servers)."""
+    served = answer.get("served_by")
+    if isinstance(served, dict) and served.get("version"):
+        name = str(served.get("name") or "").split("@", 1)[0]
+        return f"{served['version']}" + (f" ({name})" if name else "")
+    return str((served or {}).get("name") if isinstance(served, dict) else "") or str(
+        answer.get("model") or ""
+    )
 
 
 def _exchange(
@@ -133,7 +148,10 @@ def _ask(api: ServiceClient, question: str) -> None:
                     final = event
         except ServiceError as exc:
             _unfinished(status, box, text)
-            session.show_error(exc)
+            if exc.status == 503:  # the queue is full: say when to come back, not an error
+                st.warning(busy(exc.retry_after_s), icon=":material/hourglass_top:")
+            else:
+                session.show_error(exc)
             return
         if final is None:
             _unfinished(status, box, text)
@@ -177,6 +195,13 @@ def _queue(position: int) -> str:
     return f"Waiting for the model: {ahead} ahead of yours."
 
 
+def busy(retry_after_s: float | None) -> str:
+    """The message for a question the service refused because too many were waiting."""
+    wait = max(1, math.ceil(retry_after_s)) if retry_after_s else None
+    when = f"try again in {wait} s" if wait else "try again in a moment"
+    return f"The assistant is busy answering other questions: {when}. Your question was not sent."
+
+
 def _draft(checked: int) -> str:
     done = f" ({checked} sentence{'s' if checked != 1 else ''} checked)" if checked else ""
     return f"Draft, not yet checked against the sources{done}…"
@@ -211,6 +236,8 @@ def _answer(message: dict[str, Any], position: int) -> None:
     if message.get("waited"):
         ahead = "1 question" if message["waited"] == 1 else f"{message['waited']} questions"
         st.caption(f"Waited for the model behind {ahead}.")
+    if message.get("served_by") and not message.get("abstained"):
+        st.caption(md(f"Answered by model {message['served_by']}."))
 
 
 def _evidence(sources: list[dict[str, Any]]) -> None:

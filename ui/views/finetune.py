@@ -8,6 +8,7 @@ from typing import Any
 import streamlit as st
 
 from appliance.api import ServiceClient, ServiceError
+from appliance.core.audience import describe
 from ui import session
 from ui.safe import md
 
@@ -62,7 +63,7 @@ def _run_details(api: ServiceClient, run: dict[str, Any]) -> None:
     st.write(
         md(
             f"Dataset {run.get('dataset') or ''} · requested by {run.get('requested_by') or ''}"
-            f" · {_when(run.get('created'))}"
+            f" · {_when(run.get('created'))} · trained on {describe(run.get('audience'))}"
         )
     )
     if run.get("error"):

@@ -7,6 +7,7 @@ from typing import Any
 import streamlit as st
 
 from appliance.api import ServiceClient
+from appliance.core.audience import describe
 from ui import session
 from ui.safe import md
 
@@ -38,6 +39,8 @@ def _versions(api: ServiceClient, versions: list[dict[str, Any]]) -> None:
                 "Active": "●" if v.get("active") else "",
                 "Created": v.get("created") or "",
                 "Run": v.get("run_id") or "",
+                # who it may answer: users granted every collection it was trained on
+                "Trained on": describe(v.get("audience")),
                 "Gate": _gate_summary(v),
                 "GGUF": v.get("gguf") or "",
             }
@@ -82,6 +85,10 @@ def render(api: ServiceClient) -> None:
     )
     if info.get("switch_error"):
         st.error(md(info["switch_error"]))
+    st.caption(
+        "Each user is answered by the active version only when they may read every collection "
+        "it was trained on; otherwise by the newest version they may use, or the base."
+    )
     _versions(api, info.get("versions") or [])
     st.subheader("Embedding model")
     st.text(str(info.get("embedding") or "unknown"))
