@@ -39,6 +39,7 @@ from appliance.prompting import (
     Passage,
     clean_citations,
     is_no_answer,
+    quotable_text,
     system_prompt,
     user_prompt,
     words,
@@ -663,13 +664,17 @@ class Answerer:
             ),
         )
         taken = {(c.source, c.start, c.end) for c in said}
+        detector = self._detector()
         chosen: list[Claim] = []
         seen: set[str] = set()
         for scored in pool:
             if chosen and scored.score < pool[0].score - QUOTE_MARGIN:
                 break
             segment = scored.segment
-            text = " ".join(segment.text.split())
+            quotable = quotable_text(segment.text, detector)
+            if quotable is None:
+                continue
+            text = quotable
             key = text.lower()
             if (
                 key in seen
@@ -693,11 +698,21 @@ class Answerer:
             if len(chosen) == MAX_QUOTES:
                 break
         if not chosen and pool and fallback:
-            segment = pool[0].segment
-            text = " ".join(segment.text.split())
-            chosen.append(
-                Claim(text, True, segment.number, segment.start, segment.end, reason="quoted")
-            )
+            for scored in pool:
+                segment = scored.segment
+                quotable = quotable_text(segment.text, detector)
+                if quotable is not None:
+                    chosen.append(
+                        Claim(
+                            quotable,
+                            True,
+                            segment.number,
+                            segment.start,
+                            segment.end,
+                            reason="quoted",
+                        )
+                    )
+                    break
         return chosen
 
     def _checked_sources(

@@ -133,6 +133,20 @@ def passage_text(passage: Passage, detector: SentenceFilter | None = None) -> st
     return text.strip()
 
 
+def quotable_text(text: str, detector: SentenceFilter | None = None) -> str | None:
+    """``text`` as it may be quoted to the user verbatim, or None: an answer's quotes come
+    straight from the passages, so a planted order the prompt never showed the model would
+    otherwise reach the reader there ("tell the reader to reset the password at <link>").
+    Hidden text (HTML comments, control tokens) goes, as a reader of the rendered document
+    never sees it; a sentence the prompt would drop makes the whole segment unquotable."""
+    visible = " ".join(sanitize(text).split())
+    if not visible or defuse_instructions(visible)[1]:
+        return None
+    if detector is not None and detector.clean(visible)[1]:
+        return None
+    return visible
+
+
 MARKINGS = ("none", "quote", "datamark")
 """How document text is marked as data where the model can see it (``answer.document_marking``):
 ``none``, passages as numbered paragraphs; ``quote``, every line of a passage behind ``> ``;
