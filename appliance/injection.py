@@ -11,10 +11,16 @@ mean of its two best cosine similarities. A sentence is instruction-like when
 
 - it is close to the orders (``floor``) and closer to them than to the ordinary sentences by
   ``margin``; or
-- it names an AI, a model or an automated summariser (in any of a dozen languages: a closed
-  word list, :data:`_ADDRESSEE`) and is at least as close to the orders as to the ordinary
-  sentences, above a lower floor: MiniLM alone separates orders from prose only roughly, and
-  naming the machine is what an order to it almost always does.
+- it speaks to an AI, a model or an automated summariser (named in any of a dozen languages,
+  :data:`_ADDRESSEE`, *as the addressee*: "any model", "for the assistant", "Model, ...", or
+  named beside "you"; :func:`addresses_the_machine`) and either is at least as close to the
+  orders as to the ordinary sentences, above a lower floor, or directs its answer as an order
+  ("end the reply with", "respond only with", "append"...; :func:`directs_the_answer`):
+  MiniLM alone separates orders from prose only roughly, and speaking to the machine is what
+  an order to it almost always does. A sentence that merely names one ("The model must be
+  calibrated annually", "AI algorithms may be flawed") is judged by the first rule only.
+
+A sentence right after a flagged one that directs the answer is part of the same order.
 
 The numbers were calibrated on the tuning cases of ``benchmarks/prompt_injection.py`` and on
 sentences of the shared 10-Q and regulated PDFs (ordinary text: it must stay); the held-out
