@@ -636,6 +636,11 @@ class Answerer:
                 lines += [UNVERIFIED + c.text for c in claims if not c.supported]
             block = QUOTE_LABEL + "\n" + "\n".join(lines)
             body = f"{body}\n\n{block}" if body else block
+        if not body:
+            # nothing supported and nothing quotable (every candidate sentence was an order to
+            # the machine): say the documents hold no answer rather than show nothing
+            body = self._abstention(passages)
+            answer.abstained = True
         answer.answer = body
         answer.mode = "quoted" if not shown_claims else "generated"
         answer.claims = [dict(c.as_json(), shown=c in shown_claims) for c in claims]
