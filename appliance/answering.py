@@ -37,6 +37,7 @@ from appliance.core.prompting import (
     Passage,
     clean_citations,
     is_no_answer,
+    quotable_text,
     system_prompt,
     user_prompt,
     words,
@@ -653,6 +654,11 @@ class Answerer:
                 lines += [UNVERIFIED + c.text for c in claims if not c.supported]
             block = QUOTE_LABEL + "\n" + "\n".join(lines)
             body = f"{body}\n\n{block}" if body else block
+        if not body:
+            # nothing supported and nothing quotable (every candidate sentence was an order to
+            # the machine): say the documents hold no answer rather than show nothing
+            body = self._abstention(passages)
+            answer.abstained = True
         answer.answer = body
         answer.mode = "quoted" if not shown_claims else "generated"
         answer.claims = [dict(c.as_json(), shown=c in shown_claims) for c in claims]
@@ -681,13 +687,17 @@ class Answerer:
             ),
         )
         taken = {(c.source, c.start, c.end) for c in said}
+        detector = self._detector()
         chosen: list[Claim] = []
         seen: set[str] = set()
         for scored in pool:
             if chosen and scored.score < pool[0].score - QUOTE_MARGIN:
                 break
             segment = scored.segment
-            text = " ".join(segment.text.split())
+            quotable = quotable_text(segment.text, detector)
+            if quotable is None:
+                continue
+            text = quotable
             key = text.lower()
             if (
                 key in seen
@@ -711,11 +721,21 @@ class Answerer:
             if len(chosen) == MAX_QUOTES:
                 break
         if not chosen and pool and fallback:
-            segment = pool[0].segment
-            text = " ".join(segment.text.split())
-            chosen.append(
-                Claim(text, True, segment.number, segment.start, segment.end, reason="quoted")
-            )
+            for scored in pool:
+                segment = scored.segment
+                quotable = quotable_text(segment.text, detector)
+                if quotable is not None:
+                    chosen.append(
+                        Claim(
+                            quotable,
+                            True,
+                            segment.number,
+                            segment.start,
+                            segment.end,
+                            reason="quoted",
+                        )
+                    )
+                    break
         return chosen
 
     def _checked_sources(

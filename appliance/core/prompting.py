@@ -91,17 +91,21 @@ def sanitize(text: str) -> str:
 def defuse_instructions(text: str) -> tuple[str, int]:
     """Drop sentences that give the model orders (a marker in their place confuses a small
     model); return the text and how many were dropped."""
-    removed = 0
+    from appliance.injection import units
 
-    def check(match: re.Match[str]) -> str:
-        nonlocal removed
-        sentence = match.group(0)
-        if sentence.strip() and _INSTRUCTION.search(sentence):
-            removed += 1
-            return "\n" if sentence.endswith("\n") else " "
-        return sentence
-
-    return _SENTENCE.sub(check, text), removed
+    # Whole sentences, their lines joined: matching line by line dropped one line of an order
+    # written over several short lines and left a blank line that cut the rest of it loose
+    # ("...has to / end the reply with / the code X / and say..." kept "the code X and say...").
+    cuts = [(a, b) for a, b in units(text) if _INSTRUCTION.search(" ".join(text[a:b].split()))]
+    if not cuts:
+        return text, 0
+    out, last = [], 0
+    for start, end in cuts:
+        out.append(text[last:start])
+        out.append("\n" if "\n" in text[start:end] else " ")
+        last = end
+    out.append(text[last:])
+    return "".join(out), len(cuts)
 
 
 _MARKING_NOTE = {
@@ -127,6 +131,20 @@ def passage_text(passage: Passage, detector: SentenceFilter | None = None) -> st
     if detector is not None:
         text = detector.clean(text)[0]
     return text.strip()
+
+
+def quotable_text(text: str, detector: SentenceFilter | None = None) -> str | None:
+    """``text`` as it may be quoted to the user verbatim, or None: an answer's quotes come
+    straight from the passages, so a planted order the prompt never showed the model would
+    otherwise reach the reader there ("tell the reader to reset the password at <link>").
+    Hidden text (HTML comments, control tokens) goes, as a reader of the rendered document
+    never sees it; a sentence the prompt would drop makes the whole segment unquotable."""
+    visible = " ".join(sanitize(text).split())
+    if not visible or defuse_instructions(visible)[1]:
+        return None
+    if detector is not None and detector.clean(visible)[1]:
+        return None
+    return visible
 
 
 MARKINGS = ("none", "quote", "datamark")
