@@ -32,6 +32,7 @@ from appliance.core.audience import readable_of, served_by
 from appliance.core.chat_settings import ChatSettings
 from appliance.core.errors import ConfigError, missing_dependency
 from appliance.core.figures import extract_figures
+from appliance.core.injection import InstructionDetector
 from appliance.core.prompting import (
     LeakGuard,
     Passage,
@@ -52,7 +53,6 @@ from appliance.core.protocols import (
     VectorStore,
 )
 from appliance.core.settings import AnswerSettings
-from appliance.injection import InstructionDetector
 from appliance.turnstile import ModelQueue, Ticket, Unqueued
 from appliance.verification import (
     Claim,

@@ -2,9 +2,9 @@
 PDFs the injection defences would drop from a prompt (each one is a fact the model no longer
 sees, so the figure must stay near 0).
 
-Every unit (sentence, table cell, heading; ``appliance.injection.units``) of every PDF is
-checked by the cheap rules: the English patterns (``appliance.prompting``) and the addressed-
-order rule (``appliance.injection.addresses_the_machine`` + ``directs_the_answer``). The
+Every unit (sentence, table cell, heading; ``appliance.core.injection.units``) of every PDF is
+checked by the cheap rules: the English patterns (``appliance.core.prompting``) and the addressed-
+order rule (``appliance.core.injection.addresses_the_machine`` + ``directs_the_answer``). The
 embedding detector runs on every unit that names a machine (where its looser rule applies) and
 on a seeded random sample of the rest.
 
@@ -22,8 +22,8 @@ from _common import CorpusMissing, corpus_pdfs, print_json, quiet_libraries, set
 
 
 def corpus_units() -> list[str]:
-    from appliance.injection import units
-    from appliance.prompting import sanitize
+    from appliance.core.injection import units
+    from appliance.core.prompting import sanitize
     from ingest.chunking import extracted_text
     from ingest.parsers import parse_file
 
@@ -35,13 +35,13 @@ def corpus_units() -> list[str]:
 
 
 def run(sample: int, seed: int) -> dict[str, Any]:
-    from appliance.injection import (
+    from appliance.core.injection import (
         _ADDRESSEE,
         InstructionDetector,
         addresses_the_machine,
         directs_the_answer,
     )
-    from appliance.prompting import _INSTRUCTION
+    from appliance.core.prompting import _INSTRUCTION
     from ingest.embedders import SentenceTransformerEmbedder
 
     sentences = corpus_units()

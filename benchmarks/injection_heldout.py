@@ -1,6 +1,6 @@
 """Held-out prompt-injection cases: written after the defences' patterns and exemplars, and
-never used to tune them (``appliance/injection.py`` and ``appliance/prompting.py`` must not be
-changed to fit these; the one rule added after their first run is named in
+never used to tune them (``appliance/core/injection.py`` and ``appliance/core/prompting.py``
+must not be changed to fit these; the one rule added after their first run is named in
 docs/security-figures.md). ``prompt_injection.py --cases held-out`` runs them; the tuning cases
 are its ``CASES``. They attack the way a document author would: other languages, markup that readers
 never see, table cells, footnotes, a "note to the AI" heading, an order split across lines.

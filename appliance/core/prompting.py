@@ -91,7 +91,7 @@ def sanitize(text: str) -> str:
 def defuse_instructions(text: str) -> tuple[str, int]:
     """Drop sentences that give the model orders (a marker in their place confuses a small
     model); return the text and how many were dropped."""
-    from appliance.injection import units
+    from appliance.core.injection import units
 
     # Whole sentences, their lines joined: matching line by line dropped one line of an order
     # written over several short lines and left a blank line that cut the rest of it loose
@@ -119,7 +119,7 @@ def system_prompt(custom: str | None = None, marking: str = "none") -> str:
 
 
 class SentenceFilter(Protocol):
-    """Drops instruction-like sentences in any language (``appliance.injection``)."""
+    """Drops instruction-like sentences in any language (``appliance.core.injection``)."""
 
     def clean(self, text: str) -> tuple[str, int]: ...
 

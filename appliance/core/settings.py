@@ -222,7 +222,7 @@ class AnswerSettings(_Section):
     detect_instructions: bool = Field(
         True,
         description="Drop passage sentences that read as orders to the model in any language "
-        "(judged with the embedding model; appliance/injection.py), besides the English "
+        "(judged with the embedding model; appliance/core/injection.py), besides the English "
         "patterns that always apply.",
     )
     max_question_chars: int = Field(
