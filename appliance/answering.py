@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from appliance.conversations import ConversationStore, Exchange, standalone_question
 from appliance.core.audience import readable_of, served_by
 from appliance.core.chat_settings import ChatSettings
+from appliance.core.embedding_cache import CachedEmbedder
 from appliance.core.errors import ConfigError, missing_dependency
 from appliance.core.figures import extract_figures
 from appliance.core.injection import InstructionDetector
@@ -281,13 +282,24 @@ class Answerer:
         self.reranker = reranker
         self.system = system_prompt(settings.system_prompt, settings.document_marking)
         self._detectors: dict[str, InstructionDetector] = {}
+        self._embedders: dict[str, CachedEmbedder] = {}
+
+    def _embedder(self) -> CachedEmbedder:
+        """The index's embedding model, with answering's cache (one per model: vectors belong
+        to the model that made them)."""
+        embedder = self._index().embedder
+        key = embedder.model_id
+        cached = self._embedders.get(key)
+        if cached is None:
+            cached = self._embedders[key] = CachedEmbedder(embedder, self.settings.embedding_cache)
+        return cached
 
     def _detector(self) -> InstructionDetector | None:
         """Instruction-like sentences in any language, judged with the index's own embedding
         model (one detector per model: its exemplar vectors belong to that model)."""
         if not self.settings.detect_instructions:
             return None
-        embedder = self._index().embedder
+        embedder = self._embedder()
         key = embedder.model_id
         if key not in self._detectors:
             self._detectors[key] = InstructionDetector(embedder)
@@ -302,7 +314,7 @@ class Answerer:
         passages = merge_passages(hits)
         if not passages:
             return []
-        embedder = self._index().embedder
+        embedder = self._embedder()
         query_vec = embedder.embed_query(query)
         vectors = embedder.embed([p.text for p in passages])
         scored = sorted(
@@ -331,7 +343,7 @@ class Answerer:
         index = self._index()
         hits = retrieve(
             index.store,
-            index.embedder,
+            self._embedder(),
             index.sparse,
             query,
             k * 3 if self.reranker else k,
@@ -433,7 +445,7 @@ class Answerer:
         """A claim verifier over one answer's passages, with the loaded embedding model."""
         return Verifier(
             passages,
-            _one_thread(self._index().embedder.embed),
+            _one_thread(self._embedder().embed),
             threshold=self.settings.support_threshold,
             lexical_weight=self.settings.support_lexical_weight,
         )

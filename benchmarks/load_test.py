@@ -64,12 +64,18 @@ class Results:
     ttft_s: list[float] = field(default_factory=list)
     total_s: list[float] = field(default_factory=list)
     evidence_s: list[float] = field(default_factory=list)
+    completion_tokens: list[int] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     abstained: int = 0
     logins: int = 0
     resets: int = 0
     busy: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def mean_or_none(values: list[int]) -> float | None:
+    return round(sum(values) / len(values), 1) if values else None
 
 
 def corpus(args: argparse.Namespace, docs: Path) -> tuple[str, list[str]]:
@@ -254,6 +260,10 @@ def user_loop(
             results.total_s.append(done - started)
             results.ttft_s.append((first or done) - started)
             results.evidence_s.append((evidence or done) - started)
+            timings = final.get("timings") or {}
+            if timings.get("completion_tokens") is not None:
+                results.completion_tokens.append(int(timings["completion_tokens"]))
+                results.prompt_tokens.append(int(timings.get("prompt_tokens") or 0))
             results.abstained += bool(final["abstained"])
 
 
@@ -383,6 +393,12 @@ def run_engine(
         "ttft": latency_summary(results.ttft_s) if completed else None,
         "first_evidence": latency_summary(results.evidence_s) if completed else None,
         "total": latency_summary(results.total_s) if completed else None,
+        # what the model wrote and read per answer: the decode work behind the times above
+        "answer_tokens_mean": mean_or_none(results.completion_tokens),
+        "prompt_tokens_mean": mean_or_none(results.prompt_tokens),
+        "answer_tokens_per_min": (
+            round(60 * sum(results.completion_tokens) / wall, 1) if wall else None
+        ),
         "rss_mb": {
             "start": round(rss_values[0], 1) if rss_values else None,
             "peak": round(max(rss_values), 1) if rss_values else None,
@@ -475,6 +491,9 @@ def print_report(r: dict[str, Any]) -> None:
         ("connection resets", [str(e["resets"]) for e in engines]),
         ("503 (queue full)", [str(e["busy_503"]) for e in engines]),
         ("abstained", [str(e["abstained"]) for e in engines]),
+        ("answer tokens, mean", [_cell(e.get("answer_tokens_mean")) for e in engines]),
+        ("prompt tokens, mean", [_cell(e.get("prompt_tokens_mean")) for e in engines]),
+        ("answer tokens per minute", [_cell(e.get("answer_tokens_per_min")) for e in engines]),
     ]
     for name, label in (
         ("first_evidence", "first evidence"),

