@@ -335,7 +335,7 @@ class LocalAppliance:
         """A stored source as this user may see it now: its text only while they may still
         read its collection and the document is still indexed (a revoked grant or a deleted
         document leaves "source no longer available", without its name or text)."""
-        from ingest.pipeline import collection_of
+        from appliance.core.audience import collection_of
 
         path = str(source.get("path") or "")
         readable = bool(path) and who.may_read(collection_of(path))
@@ -476,7 +476,7 @@ class LocalAppliance:
         """The file of an indexed document ``who`` may read (else "no such document")."""
         from pathlib import PurePosixPath
 
-        from ingest.pipeline import collection_of
+        from appliance.core.audience import collection_of
 
         pure = PurePosixPath(rel)
         if pure.is_absolute() or ".." in pure.parts or not rel:

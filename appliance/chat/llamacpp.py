@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.chat.base import BaseChatModel, Usage, check_messages, decode_rate
-from appliance.chat.template import CHATML_TEMPLATE, ChatTemplate
+from appliance.core.chat_template import CHATML_TEMPLATE, ChatTemplate
 from appliance.core.errors import ConfigError, ModelError, missing_dependency
 from appliance.core.hashing import file_sha256
 from appliance.core.protocols import ChatMessage, GenerationParams
