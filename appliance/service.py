@@ -512,60 +512,34 @@ class CoreService:
     # --- users and models --------------------------------------------------------------------
 
     def _user_create(self, who: Identity, body: dict[str, Any]) -> Any:
-        accounts = self._accounts()
-        username = str(body["username"])
-        accounts.add_user(
-            username,
+        return self.local.add_user(
+            str(body["username"]),
             str(body["password"]),
             role=str(body.get("role", "staff")),
             groups=list(body.get("groups") or []),
+            operator=str(body.get("operator") or ""),
+            who=who,
         )
-        self.audit_event(
-            "admin",
-            who.username,
-            action="user_create",
-            target=username,
-            role=body.get("role", "staff"),
-        )
-        return accounts.user(username)
 
     def _user_update(self, who: Identity, body: dict[str, Any]) -> Any:
-        accounts = self._accounts()
-        username = str(body["username"])
-        if accounts.user(username) is None:
-            raise ValueError(f"no user {username!r}")
-        changes = []
-        if "role" in body:
-            accounts.set_role(username, str(body["role"]))
-            changes.append(f"role={body['role']}")
-        if "disabled" in body:
-            accounts.set_disabled(username, bool(body["disabled"]))
-            changes.append(f"disabled={bool(body['disabled'])}")
-        if "groups" in body:
-            accounts.set_groups(username, list(body["groups"] or []))
-            changes.append(f"groups={list(body['groups'] or [])}")
-        if body.get("password"):
-            from appliance.first_admin import forget_initial_password
-
-            accounts.set_password(username, str(body["password"]))
-            accounts.end_sessions(username)
-            user = cast(dict[str, Any], accounts.user(username))
-            forget_initial_password(self.settings.data_dir, user["username"])
-            changes.append("password reset")
-        self.audit_event(
-            "admin", who.username, action="user_update", target=username, changes=changes
+        return self.local.update_user(
+            str(body["username"]),
+            role=str(body["role"]) if "role" in body else None,
+            disabled=bool(body["disabled"]) if "disabled" in body else None,
+            groups=list(body["groups"] or []) if "groups" in body else None,
+            password=str(body["password"]) if body.get("password") else None,
+            operator=str(body.get("operator") or ""),
+            who=who,
         )
-        return accounts.user(username)
 
     def _grants(self, who: Identity, body: dict[str, Any]) -> Any:
-        group = str(body["group"])
-        grant = list(body.get("grant") or [])
-        revoke = list(body.get("revoke") or [])
-        groups = self.local.grant(group, grant, revoke)
-        self.audit_event(
-            "admin", who.username, action="grants", target=group, grant=grant, revoke=revoke
+        return self.local.grant(
+            str(body["group"]),
+            list(body.get("grant") or []),
+            list(body.get("revoke") or []),
+            operator=str(body.get("operator") or ""),
+            who=who,
         )
-        return groups
 
     def _model_version(self) -> str:
         return self.local.model_version()
