@@ -25,7 +25,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict
+
+if TYPE_CHECKING:
+    from appliance.core.evaluation import GoldenItem
 
 SearchMode = Literal["hybrid", "dense", "sparse"]
 Progress = Callable[[str, int, int], None]
@@ -350,7 +353,7 @@ class Appliance(Protocol):
         operator: str = "",
     ) -> Activated: ...
 
-    def evaluate(self, gguf: Path, items: Sequence[Any]) -> dict[str, Any]:
+    def evaluate(self, gguf: Path, items: Sequence[GoldenItem]) -> dict[str, Any]:
         """The golden set (``appliance.core.evaluation.GoldenItem``) answered with the chat model
         in ``gguf`` over this appliance's index (the fine-tuning gate)."""
         ...

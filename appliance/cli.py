@@ -16,11 +16,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance import __version__
 from appliance.core.errors import ApplianceError, ServiceError, StoreLockedError
 from appliance.core.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from appliance.service import CoreService
 
 log = logging.getLogger("appliance")
 
@@ -164,7 +167,7 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _ensure_first_admin(service: Any, settings: Settings) -> None:
+def _ensure_first_admin(service: CoreService, settings: Settings) -> None:
     from appliance.first_admin import ensure_first_admin
 
     ensure_first_admin(service.accounts, service.audit, settings.data_dir)

@@ -12,6 +12,7 @@ opens, it first holds the data folder's ownership lock, so a second writer is re
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from appliance.answering import Answerer
     from appliance.conversations import ConversationStore
     from appliance.core.audit import AuditLog
+    from appliance.core.evaluation import GoldenItem
     from appliance.core.ownership import DataDirLock
     from appliance.core.settings import Settings
     from appliance.turnstile import Ticket
@@ -58,7 +60,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_UNBUILT: Any = object()
+
+class _Unbuilt(enum.Enum):
+    UNBUILT = enum.auto()
+
+
+_UNBUILT = _Unbuilt.UNBUILT
 """The answering engine was not asked for yet (None: built, or refused, as absent)."""
 
 
@@ -88,7 +95,7 @@ class LocalAppliance:
         role: str,
         docs_dir: Path | None = None,
         ingestion: Ingestion | None = None,
-        answerer: Answerer | Any | None = _UNBUILT,
+        answerer: Answerer | _Unbuilt | None = _UNBUILT,
         conversations: ConversationStore | None = None,
         accounts: Accounts | None = None,
         audit: AuditLog | None = None,
@@ -145,12 +152,12 @@ class LocalAppliance:
 
     def answerer(self) -> Answerer | None:
         """The answering engine; None where the core service runs without one."""
-        if self._answerer is _UNBUILT:
+        if isinstance(self._answerer, _Unbuilt):
             if self._build_answerer is None:
                 raise ApplianceError("this appliance was built without a chat model")
             ingestion = self.ingestion()
             self._answerer = self._build_answerer(self.settings, ingestion, owner=self._stack)
-        return cast("Answerer | None", self._answerer)
+        return self._answerer
 
     def _answering(self) -> Answerer:
         answerer = self.answerer()
@@ -329,7 +336,7 @@ class LocalAppliance:
         return cast(Answer, self._answering().answer(question).as_json())
 
     def evaluate(
-        self, gguf: Path, items: Sequence[Any], *, who: Identity = LOCAL
+        self, gguf: Path, items: Sequence[GoldenItem], *, who: Identity = LOCAL
     ) -> dict[str, Any]:
         from appliance.golden import evaluate_with_model
 
@@ -573,7 +580,7 @@ class LocalAppliance:
             )
         # Only a model that is already serving follows the switch at once; a command's
         # appliance builds none for it (the next start serves the new active version).
-        answerer = self._answerer if self._answerer is not _UNBUILT else None
+        answerer = None if isinstance(self._answerer, _Unbuilt) else self._answerer
         chat = answerer.chat if answerer is not None else None
         reload_now = getattr(chat, "reload_now", None)
         if reload_now is not None:

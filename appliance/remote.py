@@ -33,6 +33,7 @@ from appliance.core.errors import ApplianceError
 
 if TYPE_CHECKING:
     from appliance.api import ServiceClient
+    from appliance.core.evaluation import GoldenItem
 
 
 class RemoteAppliance:
@@ -181,7 +182,7 @@ class RemoteAppliance:
         body = {"version": version, "force": force, "rollback": rollback, "operator": operator}
         return cast(Activated, self._call("POST", "/admin/models/activate", body))
 
-    def evaluate(self, gguf: Path, items: Sequence[Any]) -> dict[str, Any]:
+    def evaluate(self, gguf: Path, items: Sequence[GoldenItem]) -> dict[str, Any]:
         rows = [asdict(i) if is_dataclass(i) and not isinstance(i, type) else i for i in items]
         body = {"gguf": str(gguf), "items": rows}
         return cast(dict[str, Any], self._call("POST", "/admin/finetune/evaluate", body))

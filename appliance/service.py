@@ -24,7 +24,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from appliance.api import Raw, Request
+from appliance.api import Handler, Raw, Request
 from appliance.appliance import LOCAL, UNAVAILABLE, Identity, local_user
 from appliance.core.errors import AccessDenied, ApplianceError, AuthError
 
@@ -133,10 +133,10 @@ class CoreService:
     def conversations(self) -> ConversationStore | None:
         return self.local.conversation_store
 
-    def routes(self) -> dict[tuple[str, str], Callable[[Request], Any]]:
+    def routes(self) -> dict[tuple[str, str], Handler]:
         """Every route of the local API: ``(method, path) -> handler(Request)``."""
         user, admin = self._as_user, self.as_admin
-        routes: dict[tuple[str, str], Callable[[Request], Any]] = {
+        routes: dict[tuple[str, str], Handler] = {
             ("POST", "/auth/login"): self._login,
             ("POST", "/auth/logout"): self._logout,
             ("GET", "/auth/me"): lambda request: self._me(self.identify(request)),
@@ -193,14 +193,10 @@ class CoreService:
             raise AccessDenied("change your password first (it was set for a first sign-in)")
         return who
 
-    def _as_user(
-        self, handler: Callable[[Identity, dict[str, Any]], Any]
-    ) -> Callable[[Request], Any]:
+    def _as_user(self, handler: Callable[[Identity, dict[str, Any]], Any]) -> Handler:
         return lambda request: handler(self._acting(request), request.body)
 
-    def as_admin(
-        self, handler: Callable[[Identity, dict[str, Any]], Any]
-    ) -> Callable[[Request], Any]:
+    def as_admin(self, handler: Callable[[Identity, dict[str, Any]], Any]) -> Handler:
         def check(request: Request) -> Any:
             who = self._acting(request)
             if not who.is_admin:

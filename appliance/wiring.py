@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from appliance.core.errors import ApplianceError, ModelError, StoreLockedError
 from appliance.core.offline import allowed_hosts_from_urls, enforce_offline
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     # Annotations only: importing these at run time would load the model libraries.
     from appliance.accounts import Accounts
     from appliance.answering import Answerer
-    from appliance.api import ApiServer, Request, ServiceClient
+    from appliance.api import ApiServer, Handler, ServiceClient
     from appliance.appliance import Appliance
     from appliance.chat.base import BaseChatModel
     from appliance.chat.llamacpp import LlamaCppChatModel
@@ -375,9 +375,7 @@ def build_watcher(
     return FolderWatcher(ingestion.indexer, settings.ingest, on_report=on_report)
 
 
-def build_api_server(
-    settings: Settings, routes: dict[tuple[str, str], Callable[[Request], Any]]
-) -> ApiServer:
+def build_api_server(settings: Settings, routes: dict[tuple[str, str], Handler]) -> ApiServer:
     """The local API (it listens at once: a taken port fails here, before anything runs)."""
     from appliance.api import ApiServer
 
