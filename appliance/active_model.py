@@ -47,6 +47,7 @@ class Registry(Protocol):
 
     def verified_gguf(self, version: str | None = None) -> Path: ...
 
+
 DEFAULT_MAX_LOADED = 3
 
 
