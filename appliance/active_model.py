@@ -95,7 +95,7 @@ class ServedModel(BaseChatModel):
     def _generate(
         self, messages: list[ChatMessage], params: GenerationParams
     ) -> Generator[str, None, Usage]:
-        return (yield from self._model._generate(messages, params))
+        return (yield from self._model.pieces(messages, params))
 
     def _close(self) -> None:
         self._owner._release(self._model)
@@ -309,7 +309,7 @@ class RegistryChatModel(BaseChatModel):
     ) -> Generator[str, None, Usage]:
         served = self.serve(None)
         try:
-            return (yield from served._generate(messages, params))
+            return (yield from served.pieces(messages, params))
         finally:
             served.close()
 

@@ -240,17 +240,28 @@ def base_modules(tree: ast.Module, modules: dict[str, Path]) -> dict[str, set[st
     return found
 
 
-def self_reads(tree: ast.Module) -> Iterator[tuple[str, ast.Attribute]]:
-    """``self._x`` reads, each with the class whose method makes it."""
+def attribute_reads(tree: ast.Module) -> Iterator[tuple[str, ast.Attribute]]:
+    """Attribute reads inside classes, each with the class whose body makes it."""
     for cls in ast.walk(tree):
         if isinstance(cls, ast.ClassDef):
             for node in ast.walk(cls):
-                if (
-                    isinstance(node, ast.Attribute)
-                    and isinstance(node.value, ast.Name)
-                    and node.value.id == "self"
-                ):
+                if isinstance(node, ast.Attribute):
                     yield cls.name, node
+
+
+def _is_self_or_super(value: ast.expr) -> bool:
+    return (isinstance(value, ast.Name) and value.id in ("self", "cls")) or (
+        isinstance(value, ast.Call)
+        and isinstance(value.func, ast.Name)
+        and value.func.id == "super"
+    )
+
+
+def self_reads(tree: ast.Module) -> Iterator[tuple[str, ast.Attribute]]:
+    """``self._x`` reads, each with the class whose method makes it."""
+    for cls, node in attribute_reads(tree):
+        if isinstance(node.value, ast.Name) and node.value.id == "self":
+            yield cls, node
 
 
 def test_no_module_reaches_into_another_modules_private_names() -> None:
@@ -269,6 +280,16 @@ def test_no_module_reaches_into_another_modules_private_names() -> None:
             for cls, node in self_reads(tree)
             if any(node.attr in defined[module] for module in bases.get(cls, ()))
         }
+        # ``other._x`` inside such a subclass, where ``_x`` is the project base's: the class
+        # defines ``_x`` too (an override), but the object read is another model's, not itself.
+        found += [
+            f"{name}:{node.lineno} reads ._{node.attr.lstrip('_')} of another object"
+            for cls, node in attribute_reads(tree)
+            if node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and not _is_self_or_super(node.value)
+            and any(node.attr in defined[module] for module in bases.get(cls, ()))
+        ]
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module != name:
                 found += [
