@@ -9,9 +9,10 @@
 
 Plus: no import cycles among the project's modules, and no module reaches into another's
 private names (``service._as_admin``); a class reads ``self._x`` only where its module, or
-the module of a project base class it derives from, defines ``_x``. ``KNOWN_*`` list what
-the code still does against the rules; they may only shrink (a listed edge that is gone fails
-too, so the lists stay true).
+the module of a project base class it derives from, defines ``_x``, and never reads such an
+inherited ``_x`` on another object (a wrapper calls its inner model's public methods).
+``KNOWN_*`` list what the code still does against the rules; they may only shrink (a listed
+edge that is gone fails too, so the lists stay true).
 """
 
 from __future__ import annotations
