@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.chat.base import BaseChatModel, Usage
 from appliance.chat.llamacpp import LlamaCppChatModel
@@ -31,7 +31,22 @@ from appliance.core.protocols import ChatMessage, GenerationParams
 
 log = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+    from appliance.chat.batching import StepObserver
+
 Loader = Callable[[Path], BaseChatModel]
+
+
+class Registry(Protocol):
+    """What serving reads of the model registry (``finetune.registry.ModelRegistry``, which
+    wiring hands in: this layer does not import ``finetune``)."""
+
+    def stamp(self) -> int: ...
+
+    def serving_order(self) -> list[dict[str, Any]]: ...
+
+    def verified_gguf(self, version: str | None = None) -> Path: ...
+
 
 DEFAULT_MAX_LOADED = 3
 
@@ -80,7 +95,7 @@ class ServedModel(BaseChatModel):
     def _generate(
         self, messages: list[ChatMessage], params: GenerationParams
     ) -> Generator[str, None, Usage]:
-        return (yield from self._model._generate(messages, params))
+        return (yield from self._model.pieces(messages, params))
 
     def _close(self) -> None:
         self._owner._release(self._model)
@@ -93,7 +108,7 @@ class RegistryChatModel(BaseChatModel):
 
     def __init__(
         self,
-        registry: Any,  # finetune.registry.ModelRegistry: imported lazily by the caller
+        registry: Registry,
         loader: Loader,
         *,
         default_params: GenerationParams | None = None,
@@ -114,7 +129,7 @@ class RegistryChatModel(BaseChatModel):
         self._stamp: int | None = None
         self._last_check = 0.0
         self._version = ""
-        self._step_observers: list[Any] = []
+        self._step_observers: list[StepObserver] = []
         self.switch_error: str | None = None
         with self._lock:
             self._refresh(force=True)
@@ -263,7 +278,7 @@ class RegistryChatModel(BaseChatModel):
         at a time in front of a batching engine."""
         return int(getattr(self.current(), "slots", 1) or 1)
 
-    def add_step_observer(self, observer: Any) -> None:
+    def add_step_observer(self, observer: StepObserver) -> None:
         """Hear every decode step of every loaded version, also of those loaded later."""
         with self._lock:
             self._step_observers.append(observer)
@@ -294,7 +309,7 @@ class RegistryChatModel(BaseChatModel):
     ) -> Generator[str, None, Usage]:
         served = self.serve(None)
         try:
-            return (yield from served._generate(messages, params))
+            return (yield from served.pieces(messages, params))
         finally:
             served.close()
 
@@ -306,7 +321,7 @@ class RegistryChatModel(BaseChatModel):
             self._retired.clear()
 
 
-def _observe_steps(model: BaseChatModel, observer: Any) -> None:
+def _observe_steps(model: BaseChatModel, observer: StepObserver) -> None:
     """Register ``observer`` with an engine that reports its decode steps (the batching one)."""
     add = getattr(model, "add_step_observer", None)
     if add is not None:

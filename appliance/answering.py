@@ -50,8 +50,7 @@ from appliance.core.protocols import (
     Embedder,
     GenerationParams,
     Hit,
-    SparseEncoder,
-    VectorStore,
+    SearchMode,
 )
 from appliance.core.settings import AnswerSettings
 from appliance.turnstile import ModelQueue, Ticket, Unqueued
@@ -63,7 +62,6 @@ from appliance.verification import (
     finished_sentences,
     sentence_spans,
 )
-from ingest.retrieval import retrieve
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +161,21 @@ class Prepared:
 
 
 class SearchIndex(Protocol):
-    """What answering needs of an index (an ``ingest.pipeline.Indexer``)."""
+    """What answering needs of an index (an ``ingest.pipeline.Indexer``): its embedding model
+    and its retrieval (``ingest.retrieval``, which answering does not import: the index
+    brings it)."""
 
-    store: VectorStore
     embedder: Embedder
-    sparse: SparseEncoder
+
+    def retrieve(
+        self,
+        query: str,
+        k: int,
+        *,
+        mode: SearchMode = "hybrid",
+        where: Mapping[str, Sequence[str]] | None = None,
+        embedder: Embedder | None = None,
+    ) -> list[Hit]: ...
 
 
 class CrossEncoderReranker:
@@ -340,15 +348,12 @@ class Answerer:
 
     def retrieve(self, query: str, where: Mapping[str, Sequence[str]] | None = None) -> list[Hit]:
         k = self.settings.top_k
-        index = self._index()
-        hits = retrieve(
-            index.store,
-            self._embedder(),
-            index.sparse,
+        hits = self._index().retrieve(
             query,
             k * 3 if self.reranker else k,
             mode=self.settings.retrieval_mode,
             where=where,
+            embedder=self._embedder(),
         )
         if self.reranker is not None:
             hits = self.reranker.rerank(query, hits)[:k]

@@ -25,7 +25,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict
+
+if TYPE_CHECKING:
+    from appliance.core.evaluation import GoldenItem
 
 SearchMode = Literal["hybrid", "dense", "sparse"]
 Progress = Callable[[str, int, int], None]
@@ -240,7 +243,12 @@ class Chunk(TypedDict):
 
 
 class Appliance(Protocol):
-    """What every client of a data folder may do, local or through the running service."""
+    """What every client of a data folder may do, local or through the running service.
+
+    Restoring a backup is deliberately not an operation: it replaces the data folder itself,
+    which no running service may do to the folder it owns. ``appliance restore`` asks
+    ``wiring.stopped(settings, ...)`` for the folder instead, which refuses with
+    ``StoreLockedError`` ("stop it before restoring") while a core service answers."""
 
     kind: Literal["local", "remote"]
     """Where the operations run; clients only name it in reports (``chunks_read_from``)."""
@@ -287,21 +295,65 @@ class Appliance(Protocol):
 
     def feedback_stats(self) -> FeedbackStats: ...
 
+    # Changes to accounts, grants and the served model are audited where they are made, in the
+    # name of the signed-in admin or, for the host's operator, of ``operator`` (``local:``
+    # and the OS user, see ``local_user``).
+
     def users(self) -> list[dict[str, Any]]: ...
+
+    def add_user(
+        self,
+        username: str,
+        password: str,
+        *,
+        role: str = "staff",
+        groups: Sequence[str] = (),
+        operator: str = "",
+    ) -> dict[str, Any]:
+        """Create an account; the user as ``users()`` lists them."""
+        ...
+
+    def update_user(
+        self,
+        username: str,
+        *,
+        role: str | None = None,
+        disabled: bool | None = None,
+        groups: Sequence[str] | None = None,
+        password: str | None = None,
+        operator: str = "",
+    ) -> dict[str, Any]:
+        """Change what is given (a new password ends the user's sessions); the user."""
+        ...
 
     def groups(self) -> Groups: ...
 
     def grant(
-        self, group: str, grant: Sequence[str] = (), revoke: Sequence[str] = ()
+        self,
+        group: str,
+        grant: Sequence[str] = (),
+        revoke: Sequence[str] = (),
+        *,
+        operator: str = "",
     ) -> Groups: ...
 
     def models(self) -> Models: ...
 
+    def model_versions(self) -> list[dict[str, Any]]:
+        """The model registry's versions (``ModelRegistry.versions()``), without loading any
+        model (``appliance models list``)."""
+        ...
+
     def activate_model(
-        self, version: str = "", *, force: bool = False, rollback: bool = False
+        self,
+        version: str = "",
+        *,
+        force: bool = False,
+        rollback: bool = False,
+        operator: str = "",
     ) -> Activated: ...
 
-    def evaluate(self, gguf: Path, items: Sequence[Any]) -> dict[str, Any]:
+    def evaluate(self, gguf: Path, items: Sequence[GoldenItem]) -> dict[str, Any]:
         """The golden set (``appliance.core.evaluation.GoldenItem``) answered with the chat model
         in ``gguf`` over this appliance's index (the fine-tuning gate)."""
         ...

@@ -48,12 +48,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from appliance import __version__
 from appliance.core.errors import ApplianceError
 from appliance.core.hashing import file_sha256
 from appliance.core.settings import Settings
+
+if TYPE_CHECKING:
+    from appliance.wiring import Ingestion
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +232,7 @@ def create_backup(
     dest: Path,
     *,
     include_models: bool = False,
-    ingestion: Any = None,
+    ingestion: Ingestion | None = None,
 ) -> dict[str, Any]:
     """Write a backup of the data folder to ``dest`` and return its manifest.
 

@@ -16,11 +16,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance import __version__
 from appliance.core.errors import ApplianceError, ServiceError, StoreLockedError
 from appliance.core.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from appliance.service import CoreService
 
 log = logging.getLogger("appliance")
 
@@ -164,7 +167,7 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _ensure_first_admin(service: Any, settings: Settings) -> None:
+def _ensure_first_admin(service: CoreService, settings: Settings) -> None:
     from appliance.first_admin import ensure_first_admin
 
     ensure_first_admin(service.accounts, service.audit, settings.data_dir)
@@ -506,80 +509,51 @@ def _read_password(args: argparse.Namespace, prompt: str) -> str:
 
 
 def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
-    """Accounts live in SQLite beside the index; these commands work with or without the
-    service running (SQLite serialises the writers)."""
-    from appliance.accounts import Accounts
-    from appliance.core.audit import open_audit_log
+    """Through the data folder's appliance (``wiring.connect``): the running core service when
+    there is one, else the accounts' SQLite in this process (no index is opened, so these
+    commands need no ownership of the folder). Changes are audited where they are made, in
+    the name of the OS user who ran the command."""
+    from appliance.wiring import connect
 
-    audit = open_audit_log(settings)
     operator = _current_user()
-    with Accounts(settings.accounts_path) as accounts:
+    with connect(settings, role="appliance users") as appliance:
         action = args.action
         if action == "list":
-            users = accounts.users()
+            users = appliance.users()
+            groups = appliance.groups()["groups"]
             if args.json:
-                _print_json({"users": users, "groups": accounts.groups()})
+                _print_json({"users": users, "groups": groups})
                 return 0
             for user in users:
                 flags = " (disabled)" if user.get("disabled") else ""
-                groups = ", ".join(user.get("groups") or [])
-                print(f"{user['username']:24s} {user['role']:6s} groups: {groups or '-'}{flags}")
-            for group, collections in accounts.groups().items():
+                names = ", ".join(user.get("groups") or [])
+                print(f"{user['username']:24s} {user['role']:6s} groups: {names or '-'}{flags}")
+            for group, collections in groups.items():
                 print(f"group {group}: {', '.join(c or '(shared)' for c in collections)}")
             return 0
         if action == "add":
             role = "admin" if args.admin else "staff"
             password = _read_password(args, f"password for {args.name}: ")
-            user = accounts.add_user(args.name, password, role=role, groups=args.groups or [])
-            name = user["username"]
-            audit.record("admin", operator, action="user_create", target=name, role=role)
-            print(f"added {role} {name}")
+            user = appliance.add_user(
+                args.name, password, role=role, groups=args.groups or [], operator=operator
+            )
+            print(f"added {role} {user['username']}")
         elif action in ("disable", "enable"):
-            accounts.set_disabled(args.name, action == "disable")
-            if action == "disable":
-                accounts.end_sessions(args.name)
-            audit.record("admin", operator, action=f"user_{action}", target=args.name)
+            appliance.update_user(args.name, disabled=action == "disable", operator=operator)
             print(f"{action}d {args.name}")
         elif action == "reset-password":
-            accounts.set_password(
-                args.name, _read_password(args, f"new password for {args.name}: ")
-            )
-            accounts.end_sessions(args.name)
-            from appliance.first_admin import forget_initial_password
-
-            forget_initial_password(settings.data_dir, args.name.lower())
-            audit.record(
-                "admin",
-                operator,
-                action="user_update",
-                target=args.name,
-                changes=["password reset"],
-            )
+            password = _read_password(args, f"new password for {args.name}: ")
+            appliance.update_user(args.name, password=password, operator=operator)
             print(f"password of {args.name} reset; their sessions ended")
         elif action == "role":
-            accounts.set_role(args.name, args.role)
-            audit.record(
-                "admin",
-                operator,
-                action="user_update",
-                target=args.name,
-                changes=[f"role={args.role}"],
-            )
+            appliance.update_user(args.name, role=args.role, operator=operator)
         elif action == "groups":
-            accounts.set_groups(args.name, args.groups or [])
-            audit.record(
-                "admin",
-                operator,
-                action="user_update",
-                target=args.name,
-                changes=[f"groups={args.groups}"],
-            )
+            appliance.update_user(args.name, groups=args.groups or [], operator=operator)
         elif action in ("grant", "revoke"):
-            getattr(accounts, action)(args.group, args.collections)
-            audit.record(
-                "admin", operator, action="grants", target=args.group, **{action: args.collections}
-            )
-            print(f"group {args.group}: {', '.join(accounts.groups().get(args.group, [])) or '-'}")
+            given = args.collections if action == "grant" else []
+            taken = args.collections if action == "revoke" else []
+            now = appliance.grant(args.group, given, taken, operator=operator)["groups"]
+            print(f"group {args.group}: {', '.join(now.get(args.group, [])) or '-'}")
     return 0
 
 

@@ -36,6 +36,7 @@ from appliance.core.errors import ApplianceError
 from appliance.core.settings import Settings, load_settings
 
 if TYPE_CHECKING:
+    from appliance.api import ServiceClient
     from appliance.appliance import Appliance
 
 Status = Literal["ok", "warn", "fail"]
@@ -388,7 +389,7 @@ def _answers(host: str, port: int, path: str, expect: Callable[[bytes], bool]) -
         conn.close()
 
 
-def check_ports(settings: Settings, client: Any) -> list[Check]:
+def check_ports(settings: Settings, client: ServiceClient | None) -> list[Check]:
     ours: list[tuple[str, str, int, Callable[[], bool]]] = [
         (
             "port-api",

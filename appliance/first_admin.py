@@ -14,13 +14,19 @@ import os
 import secrets
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from appliance.accounts import Accounts
+    from appliance.core.audit import AuditLog
 
 INITIAL_PASSWORD_FILE = "initial-admin-password"
 FIRST_ADMIN = "admin"
 
 
-def ensure_first_admin(accounts: Any, audit: Any, data_dir: Path) -> Path | None:
+def ensure_first_admin(
+    accounts: Accounts | None, audit: AuditLog | None, data_dir: Path
+) -> Path | None:
     """Create the first admin when there are no accounts; the password file's path, if made."""
     if accounts is None or accounts.users():
         return None

@@ -12,6 +12,7 @@ opens, it first holds the data folder's ownership lock, so a second writer is re
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
@@ -41,6 +42,7 @@ from appliance.appliance import (
     ReconcileReport,
     SearchMode,
     Status,
+    local_user,
 )
 from appliance.core.errors import AccessDenied, ApplianceError
 
@@ -48,6 +50,8 @@ if TYPE_CHECKING:
     from appliance.accounts import Accounts
     from appliance.answering import Answerer
     from appliance.conversations import ConversationStore
+    from appliance.core.audit import AuditLog
+    from appliance.core.evaluation import GoldenItem
     from appliance.core.ownership import DataDirLock
     from appliance.core.settings import Settings
     from appliance.turnstile import Ticket
@@ -56,8 +60,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_UNBUILT: Any = object()
+
+class _Unbuilt(enum.Enum):
+    UNBUILT = enum.auto()
+
+
+_UNBUILT = _Unbuilt.UNBUILT
 """The answering engine was not asked for yet (None: built, or refused, as absent)."""
+
+
+def acting(who: Identity, operator: str) -> str:
+    """Who an admin change is recorded for: the signed-in user, or the host's operator as the
+    command names them (``local:`` and the OS user; ``local:operator`` when unnamed)."""
+    return local_user(operator) if who == LOCAL else who.username
 
 
 def check_search(k: int, mode: str) -> None:
@@ -80,9 +95,10 @@ class LocalAppliance:
         role: str,
         docs_dir: Path | None = None,
         ingestion: Ingestion | None = None,
-        answerer: Answerer | Any | None = _UNBUILT,
+        answerer: Answerer | _Unbuilt | None = _UNBUILT,
         conversations: ConversationStore | None = None,
         accounts: Accounts | None = None,
+        audit: AuditLog | None = None,
         open_ingestion: Callable[..., Ingestion] | None = None,
         build_answerer: Callable[..., Answerer] | None = None,
     ) -> None:
@@ -99,6 +115,7 @@ class LocalAppliance:
         self._answerer = answerer
         self._conversations = conversations
         self._accounts = accounts
+        self._audit = audit
         # Over the core service's parts nothing more is ever opened: absent means absent.
         self._serving = ingestion is not None
 
@@ -135,12 +152,12 @@ class LocalAppliance:
 
     def answerer(self) -> Answerer | None:
         """The answering engine; None where the core service runs without one."""
-        if self._answerer is _UNBUILT:
+        if isinstance(self._answerer, _Unbuilt):
             if self._build_answerer is None:
                 raise ApplianceError("this appliance was built without a chat model")
             ingestion = self.ingestion()
             self._answerer = self._build_answerer(self.settings, ingestion, owner=self._stack)
-        return cast("Answerer | None", self._answerer)
+        return self._answerer
 
     def _answering(self) -> Answerer:
         answerer = self.answerer()
@@ -157,6 +174,16 @@ class LocalAppliance:
             self._conversations = ConversationStore(self.settings.conversations_path)
             self._stack.callback(self._conversations.close)
         return self._conversations
+
+    def _record(self, who: Identity, operator: str, event: str, **data: Any) -> None:
+        """Audit a change in the name of whoever made it (see ``acting``). A command opens
+        the data folder's audit log; the core service hands in its own (or runs without)."""
+        if self._audit is None and not self._serving:
+            from appliance.core.audit import open_audit_log
+
+            self._audit = self._stack.enter_context(open_audit_log(self.settings))
+        if self._audit is not None:
+            self._audit.record(event, acting(who, operator), **data)
 
     @property
     def conversation_store(self) -> ConversationStore | None:
@@ -309,7 +336,7 @@ class LocalAppliance:
         return cast(Answer, self._answering().answer(question).as_json())
 
     def evaluate(
-        self, gguf: Path, items: Sequence[Any], *, who: Identity = LOCAL
+        self, gguf: Path, items: Sequence[GoldenItem], *, who: Identity = LOCAL
     ) -> dict[str, Any]:
         from appliance.golden import evaluate_with_model
 
@@ -335,7 +362,7 @@ class LocalAppliance:
         """A stored source as this user may see it now: its text only while they may still
         read its collection and the document is still indexed (a revoked grant or a deleted
         document leaves "source no longer available", without its name or text)."""
-        from ingest.pipeline import collection_of
+        from appliance.core.audience import collection_of
 
         path = str(source.get("path") or "")
         readable = bool(path) and who.may_read(collection_of(path))
@@ -385,12 +412,75 @@ class LocalAppliance:
         )
         return {"groups": self._accounts_store().groups(), "collections": known}
 
-    def grant(self, group: str, grant: Sequence[str] = (), revoke: Sequence[str] = ()) -> Groups:
+    def add_user(
+        self,
+        username: str,
+        password: str,
+        *,
+        role: str = "staff",
+        groups: Sequence[str] = (),
+        operator: str = "",
+        who: Identity = LOCAL,
+    ) -> dict[str, Any]:
+        accounts = self._accounts_store()
+        user = accounts.add_user(username, password, role=role, groups=list(groups))
+        name = str(user["username"])
+        self._record(who, operator, "admin", action="user_create", target=name, role=role)
+        return cast(dict[str, Any], accounts.user(name))
+
+    def update_user(
+        self,
+        username: str,
+        *,
+        role: str | None = None,
+        disabled: bool | None = None,
+        groups: Sequence[str] | None = None,
+        password: str | None = None,
+        operator: str = "",
+        who: Identity = LOCAL,
+    ) -> dict[str, Any]:
+        accounts = self._accounts_store()
+        if accounts.user(username) is None:
+            raise ValueError(f"no user {username!r}")
+        changes = []
+        if role is not None:
+            accounts.set_role(username, role)
+            changes.append(f"role={role}")
+        if disabled is not None:
+            accounts.set_disabled(username, disabled)  # disabling ends the user's sessions
+            changes.append(f"disabled={disabled}")
+        if groups is not None:
+            accounts.set_groups(username, list(groups))
+            changes.append(f"groups={list(groups)}")
+        if password:
+            from appliance.first_admin import forget_initial_password
+
+            accounts.set_password(username, password)
+            accounts.end_sessions(username)
+            user = cast(dict[str, Any], accounts.user(username))
+            forget_initial_password(self.settings.data_dir, user["username"])
+            changes.append("password reset")
+        self._record(who, operator, "admin", action="user_update", target=username, changes=changes)
+        return cast(dict[str, Any], accounts.user(username))
+
+    def grant(
+        self,
+        group: str,
+        grant: Sequence[str] = (),
+        revoke: Sequence[str] = (),
+        *,
+        operator: str = "",
+        who: Identity = LOCAL,
+    ) -> Groups:
         accounts = self._accounts_store()
         if grant:
             accounts.grant(group, list(grant))
         if revoke:
             accounts.revoke(group, list(revoke))
+        self._record(
+            who, operator, "admin", action="grants", target=group,
+            grant=list(grant), revoke=list(revoke),
+        )  # fmt: skip
         return self.groups()
 
     # --- models ------------------------------------------------------------------------------
@@ -451,19 +541,46 @@ class LocalAppliance:
             info["versions"], info["registry_error"] = [], str(exc)
         return info
 
-    def activate_model(
-        self, version: str = "", *, force: bool = False, rollback: bool = False
-    ) -> Activated:
-        from finetune.registry import ModelRegistry
+    def model_versions(self) -> list[dict[str, Any]]:
+        from finetune.registry import registry_for
 
-        registry = ModelRegistry(self.settings.models_dir)
+        return registry_for(self.settings).versions()
+
+    def activate_model(
+        self,
+        version: str = "",
+        *,
+        force: bool = False,
+        rollback: bool = False,
+        operator: str = "",
+        who: Identity = LOCAL,
+    ) -> Activated:
+        from finetune.registry import registry_for
+
+        registry = registry_for(self.settings)
+        previous = registry.active_version()
+        by = acting(who, operator)
         if rollback:
-            version = registry.rollback()
+            version = registry.rollback(by=by)
+            self._record(
+                who, operator, "admin", action="model_rollback", target=version, previous=previous
+            )
         else:
-            registry.activate(version, force=force)
+            record = registry.activate(version, force=force, by=by)
+            gate = record.get("gate") or {}
+            self._record(
+                who,
+                operator,
+                "admin",
+                action="model_activate",
+                target=version,
+                previous=previous,
+                forced=bool(force and gate.get("passed") is False),
+                sha256=record["gguf"]["sha256"],
+            )
         # Only a model that is already serving follows the switch at once; a command's
         # appliance builds none for it (the next start serves the new active version).
-        answerer = self._answerer if self._answerer is not _UNBUILT else None
+        answerer = None if isinstance(self._answerer, _Unbuilt) else self._answerer
         chat = answerer.chat if answerer is not None else None
         reload_now = getattr(chat, "reload_now", None)
         if reload_now is not None:
@@ -476,7 +593,7 @@ class LocalAppliance:
         """The file of an indexed document ``who`` may read (else "no such document")."""
         from pathlib import PurePosixPath
 
-        from ingest.pipeline import collection_of
+        from appliance.core.audience import collection_of
 
         pure = PurePosixPath(rel)
         if pure.is_absolute() or ".." in pure.parts or not rel:

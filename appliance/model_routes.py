@@ -69,16 +69,13 @@ def model_routes(service: CoreService) -> dict[tuple[str, str], Callable[[Reques
         return dict(service.local.models())
 
     def activate(who: Identity, body: dict[str, Any]) -> dict[str, Any]:
-        rollback = bool(body.get("rollback"))
         result = service.local.activate_model(
-            str(body.get("version", "")), force=bool(body.get("force")), rollback=rollback
-        )
-        service.audit_event(
-            "admin",
-            who.username,
-            action="model_rollback" if rollback else "model_activate",
-            target=result["active"],
-        )
+            str(body.get("version", "")),
+            force=bool(body.get("force")),
+            rollback=bool(body.get("rollback")),
+            operator=str(body.get("operator") or ""),
+            who=who,
+        )  # audited there, with the previous version and the GGUF's hash
         return dict(result)
 
     def runs(_who: Identity, _body: dict[str, Any]) -> dict[str, Any]:

@@ -29,9 +29,11 @@ from appliance.appliance import (
     SearchMode,
     Status,
 )
+from appliance.core.errors import ApplianceError
 
 if TYPE_CHECKING:
     from appliance.api import ServiceClient
+    from appliance.core.evaluation import GoldenItem
 
 
 class RemoteAppliance:
@@ -107,23 +109,80 @@ class RemoteAppliance:
     def users(self) -> list[dict[str, Any]]:
         return cast(list[dict[str, Any]], self._call("GET", "/admin/users"))
 
+    def add_user(
+        self,
+        username: str,
+        password: str,
+        *,
+        role: str = "staff",
+        groups: Sequence[str] = (),
+        operator: str = "",
+    ) -> dict[str, Any]:
+        body = {
+            "username": username,
+            "password": password,
+            "role": role,
+            "groups": list(groups),
+            "operator": operator,
+        }
+        return cast(dict[str, Any], self._call("POST", "/admin/users/create", body))
+
+    def update_user(
+        self,
+        username: str,
+        *,
+        role: str | None = None,
+        disabled: bool | None = None,
+        groups: Sequence[str] | None = None,
+        password: str | None = None,
+        operator: str = "",
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"username": username, "operator": operator}
+        if role is not None:
+            body["role"] = role
+        if disabled is not None:
+            body["disabled"] = disabled
+        if groups is not None:
+            body["groups"] = list(groups)
+        if password:
+            body["password"] = password
+        return cast(dict[str, Any], self._call("POST", "/admin/users/update", body))
+
     def groups(self) -> Groups:
         return cast(Groups, self._call("GET", "/admin/groups"))
 
-    def grant(self, group: str, grant: Sequence[str] = (), revoke: Sequence[str] = ()) -> Groups:
-        body = {"group": group, "grant": list(grant), "revoke": list(revoke)}
+    def grant(
+        self,
+        group: str,
+        grant: Sequence[str] = (),
+        revoke: Sequence[str] = (),
+        *,
+        operator: str = "",
+    ) -> Groups:
+        body = {"group": group, "grant": list(grant), "revoke": list(revoke), "operator": operator}
         return cast(Groups, self._call("POST", "/admin/grants", body))
 
     def models(self) -> Models:
         return cast(Models, self._call("GET", "/admin/models"))
 
+    def model_versions(self) -> list[dict[str, Any]]:
+        models = self.models()
+        if "registry_error" in models:
+            raise ApplianceError(models["registry_error"])
+        return list(models.get("versions", []))
+
     def activate_model(
-        self, version: str = "", *, force: bool = False, rollback: bool = False
+        self,
+        version: str = "",
+        *,
+        force: bool = False,
+        rollback: bool = False,
+        operator: str = "",
     ) -> Activated:
-        body = {"version": version, "force": force, "rollback": rollback}
+        body = {"version": version, "force": force, "rollback": rollback, "operator": operator}
         return cast(Activated, self._call("POST", "/admin/models/activate", body))
 
-    def evaluate(self, gguf: Path, items: Sequence[Any]) -> dict[str, Any]:
+    def evaluate(self, gguf: Path, items: Sequence[GoldenItem]) -> dict[str, Any]:
         rows = [asdict(i) if is_dataclass(i) and not isinstance(i, type) else i for i in items]
         body = {"gguf": str(gguf), "items": rows}
         return cast(dict[str, Any], self._call("POST", "/admin/finetune/evaluate", body))

@@ -9,13 +9,14 @@ the index), else the data folder opened in this process.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from appliance.chat.factory import smoke_chat_model
 from appliance.core.evaluation import GoldenItem
 from appliance.core.settings import Settings
+from finetune.gate import GoldenEvaluator
 from finetune.runs import RunTools
 
 
@@ -30,7 +31,7 @@ def run_tools(settings: Settings) -> RunTools:
     )
 
 
-def golden_evaluator(settings: Settings) -> Callable[[Path, Sequence[GoldenItem]], Any]:
+def golden_evaluator(settings: Settings) -> GoldenEvaluator:
     """Evaluate through the running core service (it owns the index) or, when none runs, by
     opening the index in this process."""
 

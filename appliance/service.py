@@ -24,7 +24,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from appliance.api import Raw, Request
+from appliance.api import Handler, Raw, Request
 from appliance.appliance import LOCAL, UNAVAILABLE, Identity, local_user
 from appliance.core.errors import AccessDenied, ApplianceError, AuthError
 
@@ -133,10 +133,10 @@ class CoreService:
     def conversations(self) -> ConversationStore | None:
         return self.local.conversation_store
 
-    def routes(self) -> dict[tuple[str, str], Callable[[Request], Any]]:
+    def routes(self) -> dict[tuple[str, str], Handler]:
         """Every route of the local API: ``(method, path) -> handler(Request)``."""
         user, admin = self._as_user, self.as_admin
-        routes: dict[tuple[str, str], Callable[[Request], Any]] = {
+        routes: dict[tuple[str, str], Handler] = {
             ("POST", "/auth/login"): self._login,
             ("POST", "/auth/logout"): self._logout,
             ("GET", "/auth/me"): lambda request: self._me(self.identify(request)),
@@ -193,14 +193,10 @@ class CoreService:
             raise AccessDenied("change your password first (it was set for a first sign-in)")
         return who
 
-    def _as_user(
-        self, handler: Callable[[Identity, dict[str, Any]], Any]
-    ) -> Callable[[Request], Any]:
+    def _as_user(self, handler: Callable[[Identity, dict[str, Any]], Any]) -> Handler:
         return lambda request: handler(self._acting(request), request.body)
 
-    def as_admin(
-        self, handler: Callable[[Identity, dict[str, Any]], Any]
-    ) -> Callable[[Request], Any]:
+    def as_admin(self, handler: Callable[[Identity, dict[str, Any]], Any]) -> Handler:
         def check(request: Request) -> Any:
             who = self._acting(request)
             if not who.is_admin:
@@ -512,60 +508,34 @@ class CoreService:
     # --- users and models --------------------------------------------------------------------
 
     def _user_create(self, who: Identity, body: dict[str, Any]) -> Any:
-        accounts = self._accounts()
-        username = str(body["username"])
-        accounts.add_user(
-            username,
+        return self.local.add_user(
+            str(body["username"]),
             str(body["password"]),
             role=str(body.get("role", "staff")),
             groups=list(body.get("groups") or []),
+            operator=str(body.get("operator") or ""),
+            who=who,
         )
-        self.audit_event(
-            "admin",
-            who.username,
-            action="user_create",
-            target=username,
-            role=body.get("role", "staff"),
-        )
-        return accounts.user(username)
 
     def _user_update(self, who: Identity, body: dict[str, Any]) -> Any:
-        accounts = self._accounts()
-        username = str(body["username"])
-        if accounts.user(username) is None:
-            raise ValueError(f"no user {username!r}")
-        changes = []
-        if "role" in body:
-            accounts.set_role(username, str(body["role"]))
-            changes.append(f"role={body['role']}")
-        if "disabled" in body:
-            accounts.set_disabled(username, bool(body["disabled"]))
-            changes.append(f"disabled={bool(body['disabled'])}")
-        if "groups" in body:
-            accounts.set_groups(username, list(body["groups"] or []))
-            changes.append(f"groups={list(body['groups'] or [])}")
-        if body.get("password"):
-            from appliance.first_admin import forget_initial_password
-
-            accounts.set_password(username, str(body["password"]))
-            accounts.end_sessions(username)
-            user = cast(dict[str, Any], accounts.user(username))
-            forget_initial_password(self.settings.data_dir, user["username"])
-            changes.append("password reset")
-        self.audit_event(
-            "admin", who.username, action="user_update", target=username, changes=changes
+        return self.local.update_user(
+            str(body["username"]),
+            role=str(body["role"]) if "role" in body else None,
+            disabled=bool(body["disabled"]) if "disabled" in body else None,
+            groups=list(body["groups"] or []) if "groups" in body else None,
+            password=str(body["password"]) if body.get("password") else None,
+            operator=str(body.get("operator") or ""),
+            who=who,
         )
-        return accounts.user(username)
 
     def _grants(self, who: Identity, body: dict[str, Any]) -> Any:
-        group = str(body["group"])
-        grant = list(body.get("grant") or [])
-        revoke = list(body.get("revoke") or [])
-        groups = self.local.grant(group, grant, revoke)
-        self.audit_event(
-            "admin", who.username, action="grants", target=group, grant=grant, revoke=revoke
+        return self.local.grant(
+            str(body["group"]),
+            list(body.get("grant") or []),
+            list(body.get("revoke") or []),
+            operator=str(body.get("operator") or ""),
+            who=who,
         )
-        return groups
 
     def _model_version(self) -> str:
         return self.local.model_version()

@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from appliance.core.errors import ApplianceError, ModelError
+from appliance.core.errors import ApplianceError, ModelError, StoreLockedError
 from appliance.core.offline import allowed_hosts_from_urls, enforce_offline
 from appliance.core.ownership import DataDirLock
 from appliance.core.protocols import Embedder, StoreBackend
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     # Annotations only: importing these at run time would load the model libraries.
     from appliance.accounts import Accounts
     from appliance.answering import Answerer
-    from appliance.api import ApiServer, Request, ServiceClient
+    from appliance.api import ApiServer, Handler, ServiceClient
     from appliance.appliance import Appliance
     from appliance.chat.base import BaseChatModel
     from appliance.chat.llamacpp import LlamaCppChatModel
@@ -375,9 +375,7 @@ def build_watcher(
     return FolderWatcher(ingestion.indexer, settings.ingest, on_report=on_report)
 
 
-def build_api_server(
-    settings: Settings, routes: dict[tuple[str, str], Callable[[Request], Any]]
-) -> ApiServer:
+def build_api_server(settings: Settings, routes: dict[tuple[str, str], Handler]) -> ApiServer:
     """The local API (it listens at once: a taken port fails here, before anything runs)."""
     from appliance.api import ApiServer
 
@@ -423,6 +421,7 @@ def assemble_core_service(
         answerer=answerer,
         conversations=conversations,
         accounts=accounts,
+        audit=audit,
     )
     service = CoreService(local, accounts=accounts, audit=audit, metrics=metrics, stack=stack)
     service.attach(
@@ -505,3 +504,17 @@ def connect(settings: Settings, *, role: str, docs_dir: Path | None = None) -> A
         open_ingestion=open_ingestion,
         build_answerer=build_answerer,
     )
+
+
+@contextmanager
+def stopped(settings: Settings, *, role: str, doing: str) -> Iterator[None]:
+    """The data folder held under its ownership lock by this process, for what replaces the
+    folder itself (``appliance restore``) and so is no ``Appliance`` operation: refused with
+    ``StoreLockedError`` while a core service answers for the folder (it owns it), never done
+    behind the service's back. ``doing`` ends the refusal: "stop it before restoring"."""
+    if find_service(settings) is not None:
+        raise StoreLockedError(
+            f"the core service is running on {settings.data_dir}: stop it before {doing}"
+        )
+    with DataDirLock(settings.data_dir, role):
+        yield

@@ -46,7 +46,7 @@ from finetune.data import (
     validate_name,
 )
 from finetune.near_duplicates import NearDuplicateIndex
-from finetune.sources import collect, strip_citations
+from finetune.sources import SourceReader, collect, strip_citations
 from finetune.synthetic import DEFAULT_LIMITS, FilterLimits, Generate
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,7 @@ def _prepare(
     limits: FilterLimits,
     golden_threshold: float,
     collections: frozenset[str] | None = None,
+    reader: SourceReader | None = None,
 ) -> _Prepared:
     if not sources:
         raise DatasetError("give at least one source: --from feedback, docs or a FILE")
@@ -151,6 +152,7 @@ def _prepare(
         settings,
         sources,
         system,
+        reader=reader,
         seed=seed,
         limit=limit,
         generate=generate,
@@ -264,12 +266,15 @@ def build_dataset(
     limits: FilterLimits = DEFAULT_LIMITS,
     golden_threshold: float = GOLDEN_THRESHOLD,
     collections: Iterable[str] | None = None,
+    reader: SourceReader | None = None,
 ) -> DatasetInfo:
     """Build ``settings.datasets_dir/NAME`` from ``sources`` ("feedback", "docs" or a file
     path; several combine). ``limit`` caps each source (chunks sampled, for docs);
     ``golden`` overrides ``settings.finetune.golden_path``; ``generate`` replaces the
     configured chat model for synthetic pairs; ``collections`` keeps only records drawn
-    from those collections (``""`` the documents at the root)."""
+    from those collections (``""`` the documents at the root). ``reader`` reads the
+    feedback and the chunks and builds the chat model (``appliance.commands.dataset``
+    hands one in); a file alone needs none."""
     name = validate_name(name) if name is not None else _default_name(settings)
     final = settings.datasets_dir / name
     if final.exists():
@@ -287,6 +292,7 @@ def build_dataset(
         limits=limits,
         golden_threshold=golden_threshold,
         collections=None if collections is None else frozenset(collections),
+        reader=reader,
     )
     return _write(settings, name, prepared)
 

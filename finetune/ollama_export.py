@@ -118,7 +118,7 @@ def model_for(
 def _end_markers(source: str | None) -> list[str]:
     if not source:
         return []
-    from appliance.chat.template import ChatTemplate
+    from appliance.core.chat_template import ChatTemplate
 
     try:
         return list(ChatTemplate(source).end_markers())
@@ -239,7 +239,7 @@ def create_in_ollama(
         model = parse_modelfile(Path(modelfile_or_record))
     if not model.gguf.is_file():
         raise ExportError(f"the GGUF {model.gguf} to send to Ollama does not exist")
-    from appliance.chat.servers import server_url
+    from appliance.core.chat_settings import server_url
 
     host = server_url(url, "finetune.ollama_url (or --url)")
     # trust_env=False: no proxy or netrc from the environment; the URL is the whole story.

@@ -30,7 +30,10 @@ from appliance.core.settings import Settings
 
 if TYPE_CHECKING:
     from appliance.core.protocols import ChatModel
-    from finetune.gate import GoldenEvaluator
+    from finetune.config import RunConfig
+    from finetune.data import DatasetInfo
+    from finetune.gate import GateReport, GoldenEvaluator
+    from finetune.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +334,7 @@ def _execute(
 def _train(
     folder: Path,
     dataset_dir: Path,
-    config: Any,
+    config: RunConfig,
     base_dir: Path,
     progress: bool,
     stop: threading.Event | None,
@@ -360,11 +363,11 @@ def _gate(
     settings: Settings,
     folder: Path,
     tools: RunTools,
-    registry: Any,
-    dataset: Any,
+    registry: ModelRegistry,
+    dataset: DatasetInfo,
     candidate: Path,
     say: Callable[[str], None],
-) -> Any:
+) -> GateReport:
     from finetune.gate import run_gate, write_report
 
     active = registry.active()

@@ -22,9 +22,10 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from appliance.core.prompting import Passage, user_prompt
 from appliance.core.settings import Settings
@@ -37,8 +38,6 @@ from finetune.synthetic import (
     Generate,
     SourceChunk,
     generate_pairs,
-    model_generator,
-    sample_chunks,
 )
 
 DEFAULT_DOCS_LIMIT = 50
@@ -340,53 +339,39 @@ def preference_pairs(
     return list(pairs.values())
 
 
-def read_feedback(settings: Settings) -> list[dict[str, Any]]:
-    """Every rated answer. SQLite lets this read beside a running core service."""
-    from appliance.conversations import ConversationStore
+# --- what the feedback and docs sources read -----------------------------------------------------
 
-    if not settings.conversations_path.exists():
-        return []
-    store = ConversationStore(settings.conversations_path)
-    try:
-        return store.feedback()
-    finally:
-        store.close()
+
+class SourceReader(Protocol):
+    """What the ``feedback`` and ``docs`` sources read, handed in by the application layer
+    (``appliance.commands.dataset.ApplianceSources``: the conversations, the appliance's chunk
+    sample and the configured chat model), so this package opens no store of another layer."""
+
+    def feedback(self) -> list[dict[str, Any]]:
+        """Every rated answer (``ConversationStore.feedback()`` rows)."""
+        ...
+
+    def chunks(
+        self, limit: int, seed: int, collections: frozenset[str] | None
+    ) -> tuple[list[SourceChunk], str]:
+        """A seeded sample of indexed chunks (of ``collections`` only, when given) and where
+        it was read ("service" or "local"); ``DatasetError`` when nothing is indexed."""
+        ...
+
+    def generator(self, seed: int) -> AbstractContextManager[tuple[Generate, str]]:
+        """The configured chat model as a ``Generate`` and its name (closed on exit)."""
+        ...
+
+
+def _reader(reader: SourceReader | None, spec: str) -> SourceReader:
+    if reader is None:
+        raise DatasetError(
+            f"--from {spec} reads the appliance's data: the caller must hand in a SourceReader"
+        )
+    return reader
 
 
 # --- source: the documents ----------------------------------------------------------------------
-
-
-def read_chunks(
-    settings: Settings, limit: int, seed: int, collections: frozenset[str] | None = None
-) -> tuple[list[SourceChunk], str]:
-    """A seeded sample of indexed chunks (of ``collections`` only, when given) and where it was
-    read: from the running core service (the index's one owner) when there is one, else from
-    the ingestion state under the data folder's ownership lock. The state keeps every chunk's
-    text, so neither the store nor the embedding model is opened."""
-    from appliance.api import ServiceClient
-
-    client = ServiceClient.find(settings.data_dir)
-    if client is not None:
-        body: dict[str, Any] = {"limit": limit, "seed": seed}
-        if collections is not None:
-            body["collections"] = sorted(collections)
-        rows = client.call("POST", "/admin/chunks", body)
-        return [SourceChunk.from_json(r) for r in rows], "service"
-    if not settings.state_path.exists():
-        raise DatasetError(
-            f"nothing is indexed in {settings.data_dir}: run `appliance ingest FOLDER` first"
-        )
-    from appliance.core.ownership import DataDirLock
-    from ingest.state import ACTIVE_COLLECTION, IngestState
-
-    with DataDirLock(settings.data_dir, "appliance dataset build"):
-        state = IngestState(settings.state_path)
-        try:
-            collection = state.get_meta(ACTIVE_COLLECTION) or ""
-            chunks = sample_chunks(state, collection, limit, seed, readable=collections)
-            return chunks, "local"
-        finally:
-            state.close()
 
 
 def synthetic_examples(
@@ -424,6 +409,7 @@ def collect(
     sources: Sequence[str],
     system: str,
     *,
+    reader: SourceReader | None,
     seed: int,
     limit: int | None,
     generate: Generate | None,
@@ -433,7 +419,7 @@ def collect(
     out = Collected()
     for spec in dict.fromkeys(sources):  # a source named twice is read once
         if spec == "feedback":
-            rows = read_feedback(settings)
+            rows = _reader(reader, spec).feedback()
             models = audience.model_audiences(settings.models_dir) if rows else {}
             examples, rejected = feedback_examples(rows, system, models)
             prefs = preference_pairs(rows, system, limits.near_duplicate_threshold, models)
@@ -456,12 +442,12 @@ def collect(
             )
         elif spec == "docs":
             wanted = limit or DEFAULT_DOCS_LIMIT
-            chunks, origin = read_chunks(settings, wanted, seed, collections)
+            chunks, origin = _reader(reader, spec).chunks(wanted, seed, collections)
             if generate is not None:
                 examples, rejected = synthetic_examples(chunks, generate, system, limits)
                 model = "injected"
             else:
-                with model_generator(settings.chat, seed=seed) as (real, model):
+                with _reader(reader, spec).generator(seed) as (real, model):
                     examples, rejected = synthetic_examples(chunks, real, system, limits)
             out.rejected.update(rejected)
             out.examples.extend(examples)

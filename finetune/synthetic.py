@@ -29,9 +29,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from appliance.core.chat_settings import ChatSettings
+from appliance.core.audience import collection_of
 from appliance.core.errors import ApplianceError
 from appliance.core.evaluation import containment, normalize
+from appliance.core.protocols import ChatModel, GenerationParams
 from finetune.near_duplicates import DEFAULT_THRESHOLD, NearDuplicateIndex
 
 Generate = Callable[[str], str]
@@ -239,8 +240,6 @@ def sample_chunks(
     (which keeps every chunk's text), without loading all texts: positions are drawn from the
     per-file counts and only the files drawn are read. ``readable``: only documents of these
     document collections (top-level folders; ``""`` the shared one); None: all."""
-    from ingest.pipeline import collection_of
-
     counts = sorted(
         (path, n)
         for path, n in state.live_counts(collection).items()
@@ -278,14 +277,10 @@ def sample_chunks(
 
 @contextmanager
 def model_generator(
-    chat: ChatSettings, *, seed: int = 0, max_tokens: int = 96
+    model: ChatModel, *, seed: int = 0, max_tokens: int = 96
 ) -> Iterator[tuple[Generate, str]]:
-    """The configured chat model as a ``Generate`` (greedy, seeded) and its name; the model is
-    closed on exit."""
-    from appliance.chat.factory import build_chat_model
-    from appliance.core.protocols import GenerationParams
-
-    model = build_chat_model(chat)
+    """A chat model (built by the caller, from the settings: ``appliance.chat.factory``) as a
+    ``Generate`` (greedy, seeded) and its name; the model is closed on exit."""
     params = GenerationParams(max_tokens=max_tokens, temperature=0.0, seed=seed)
     try:
 

@@ -28,17 +28,20 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from appliance.core.audience import collection_of
 from appliance.core.errors import IngestError, ParseError
 from appliance.core.protocols import (
     Chunk,
     Embedder,
+    Hit,
     ParsedDocument,
     Point,
+    SearchMode,
     Section,
     SparseEncoder,
     VectorStore,
@@ -53,7 +56,7 @@ from ingest.disk_guard import (
     free_bytes,
 )
 from ingest.identity import file_name_terms, identity_line
-from ingest.retrieval import TABLE_KIND, TEXT_KIND
+from ingest.retrieval import TABLE_KIND, TEXT_KIND, retrieve
 from ingest.safe_open import Staging, UnsafeDocument
 from ingest.scan import FoundFile, walk
 from ingest.state import ChunkRow, FileRow, IngestState
@@ -94,11 +97,6 @@ class IngestReport:
 
 ProgressFn = Callable[[str, int, int], None]
 """Called with (relative path, files done, files to do)."""
-
-
-def collection_of(rel: str) -> str:
-    """The access collection of a document: its top-level subfolder ('' at the root)."""
-    return rel.split("/", 1)[0] if "/" in rel else ""
 
 
 def display_path(rel: str) -> str:
@@ -643,6 +641,22 @@ class Indexer:
         }
 
     # --- reading -----------------------------------------------------------------------------
+
+    def retrieve(
+        self,
+        query: str,
+        k: int,
+        *,
+        mode: SearchMode = "hybrid",
+        where: Mapping[str, Sequence[str]] | None = None,
+        embedder: Embedder | None = None,
+    ) -> list[Hit]:
+        """The top ``k`` chunks for ``query`` under ``where`` (``ingest.retrieval.retrieve``
+        over this indexer's store and encoders): what answering retrieves through.
+        ``embedder``: this indexer's model behind a cache of the caller's (answering's)."""
+        return retrieve(
+            self.store, embedder or self.embedder, self.sparse, query, k, mode=mode, where=where
+        )
 
     def status(self) -> dict[str, Any]:
         out = index_status(self.state, self.collection, stuck_after_s=self.settings.stuck_after_s)

@@ -192,6 +192,14 @@ class BaseChatModel(ABC):
             raise ModelError(f"the chat model {self.name} is closed")
         return PieceStream(self._generate(check_messages(messages), params or self.default_params))
 
+    def pieces(
+        self, messages: list[ChatMessage], params: GenerationParams
+    ) -> Generator[str, None, Usage]:
+        """The backend's own generator (``_generate``), for a model that answers through
+        another (``appliance.active_model``): its caller's ``stream`` checked the messages and
+        turns the pieces into one ``PieceStream``."""
+        return self._generate(messages, params)
+
     def complete(
         self, messages: Sequence[ChatMessage], params: GenerationParams | None = None
     ) -> tuple[str, Generation]:

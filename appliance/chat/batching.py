@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.chat.base import Usage, decode_rate
-from appliance.chat.llamacpp import LlamaCppChatModel, split_at_stop
+from appliance.chat.llamacpp import LlamaCppChatModel, llama_model, split_at_stop
 from appliance.core.errors import ModelError
 from appliance.core.protocols import ChatMessage, GenerationParams
 
@@ -236,7 +236,7 @@ class BatchedLlamaCppChatModel(LlamaCppChatModel):
         llama_cpp = self._llama_cpp
         # The Llama object's own context is never decoded with: a small one keeps its KV tiny.
         llm = super()._load(min(n_ctx, 256))
-        model = llm._model.model
+        model = llama_model(llm).model
         self._slot_ctx = n_ctx
         self._kv_per_token = kv_bytes_per_token(llama_cpp, model)
         if not self._slots_n:
@@ -263,8 +263,8 @@ class BatchedLlamaCppChatModel(LlamaCppChatModel):
         self._ctx = ctx
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
-        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(llm._model.vocab))
-        self._vocab = llm._model.vocab
+        self._vocab = llama_model(llm).vocab
+        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         per_seq = int(llama_cpp.llama_n_ctx_seq(ctx))
         if per_seq < n_ctx:
             log.info("llama.cpp gave each slot %d tokens of context, not %d", per_seq, n_ctx)

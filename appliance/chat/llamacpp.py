@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.chat.base import BaseChatModel, Usage, check_messages, decode_rate
-from appliance.chat.template import CHATML_TEMPLATE, ChatTemplate
+from appliance.core.chat_template import CHATML_TEMPLATE, ChatTemplate
 from appliance.core.errors import ConfigError, ModelError, missing_dependency
 from appliance.core.hashing import file_sha256
 from appliance.core.protocols import ChatMessage, GenerationParams
@@ -44,6 +44,13 @@ def split_at_stop(pending: str, stops: Sequence[str]) -> tuple[str, str, bool]:
                 hold = k
                 break
     return pending[: len(pending) - hold], pending[len(pending) - hold :], False
+
+
+def llama_model(llm: Any) -> Any:
+    """The ``llama_cpp`` model wrapper (``LlamaModel``: ``.model``, ``.vocab``, the special
+    tokens) of a ``llama_cpp.Llama``, which offers no public handle on it. The one place that
+    reads the library's private ``Llama._model``."""
+    return llm._model
 
 
 class LlamaCppChatModel(BaseChatModel):
@@ -91,7 +98,7 @@ class LlamaCppChatModel(BaseChatModel):
             n_ctx = n_train
         self._llm: Any = self._load(n_ctx)
         self._n_ctx = int(self._llm.n_ctx())
-        model = self._llm._model
+        model = llama_model(self._llm)
         bos, eos = model.token_bos(), model.token_eos()
         source = self._llm.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
         if source is CHATML_TEMPLATE:
@@ -229,7 +236,7 @@ class LlamaCppChatModel(BaseChatModel):
             seed = params.seed if params.seed is not None else self._seed
             llm.set_seed(seed if seed is not None else self._llama_cpp.LLAMA_DEFAULT_SEED)
             stops = (*self._stops, *params.stop)
-            vocab = llm._model.vocab
+            vocab = llama_model(llm).vocab
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             pending, at_start, stopped = "", True, False
             finish = "length"

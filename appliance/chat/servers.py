@@ -9,22 +9,13 @@ import json
 import logging
 from collections.abc import Generator, Iterable, Iterator
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
 
 from appliance.chat.base import BaseChatModel, Usage, estimate_prompt_tokens, estimate_tokens
-from appliance.core.errors import ConfigError, ModelError, missing_dependency
+from appliance.core.chat_settings import server_url
+from appliance.core.errors import ModelError, missing_dependency
 from appliance.core.protocols import ChatMessage, GenerationParams
 
 log = logging.getLogger(__name__)
-
-
-def server_url(url: str, setting: str = "chat.url (APPLIANCE_CHAT__URL)") -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise ConfigError(
-            f"{setting} must be an http(s) URL such as http://127.0.0.1:11434, not {url!r}"
-        )
-    return url.rstrip("/")
 
 
 class ServerChatModel(BaseChatModel):

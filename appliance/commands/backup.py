@@ -1,6 +1,7 @@
 """The `appliance backup` and `appliance restore` commands (the archive format and its checks
 live in ``appliance.backup``). A backup goes through the appliance ``wiring.connect`` picks;
-a restore replaces the data folder itself, so it only checks that no service owns it."""
+a restore replaces the data folder itself, which is no ``Appliance`` operation: it is refused
+while a core service runs (``wiring.stopped``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from appliance.backup import BackupError, restore_backup
+from appliance.backup import restore_backup
 from appliance.core.settings import Settings
 
 
@@ -39,16 +40,11 @@ def backup_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def restore_command(args: argparse.Namespace, settings: Settings) -> int:
-    from appliance.core.ownership import DataDirLock
-    from appliance.wiring import find_service
+    from appliance.wiring import stopped
 
-    # Restoring replaces the data folder itself, which is no operation of an appliance: it
-    # only needs to know that no service owns the folder.
-    if find_service(settings) is not None:
-        raise BackupError(
-            f"the core service is running on {settings.data_dir}: stop it before restoring"
-        )
-    with DataDirLock(settings.data_dir, "appliance restore"):
+    # Restoring replaces the data folder itself, which is no operation of an appliance: it is
+    # refused while a core service owns the folder (``wiring.stopped``), never done behind it.
+    with stopped(settings, role="appliance restore", doing="restoring"):
         result = restore_backup(settings, Path(args.file), force=args.force)
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")

@@ -8,10 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.core.settings import Settings
+
+if TYPE_CHECKING:
+    from finetune.synthetic import Generate, SourceChunk
 
 
 def _print_json(data: Any) -> None:
@@ -20,6 +25,55 @@ def _print_json(data: Any) -> None:
 
 def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+
+
+class ApplianceSources:
+    """What ``--from feedback`` and ``--from docs`` read (``finetune.sources.SourceReader``),
+    from this layer, which may open them: the rated answers from the conversations (SQLite
+    reads beside a running service), the chunk sample through the data folder's appliance
+    (``wiring.connect``: the running service when one answers, else the ingestion state under
+    the folder's lock) and the configured chat model."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def feedback(self) -> list[dict[str, Any]]:
+        from appliance.conversations import ConversationStore
+
+        if not self.settings.conversations_path.exists():
+            return []
+        store = ConversationStore(self.settings.conversations_path)
+        try:
+            return store.feedback()
+        finally:
+            store.close()
+
+    def chunks(
+        self, limit: int, seed: int, collections: frozenset[str] | None
+    ) -> tuple[list[SourceChunk], str]:
+        """The state keeps every chunk's text, so neither the store nor the embedding model
+        is opened."""
+        from appliance.wiring import connect
+        from finetune.data import DatasetError
+        from finetune.synthetic import SourceChunk
+
+        with connect(self.settings, role="appliance dataset build") as appliance:
+            if appliance.kind == "local" and not self.settings.state_path.exists():
+                raise DatasetError(
+                    f"nothing is indexed in {self.settings.data_dir}: "
+                    "run `appliance ingest FOLDER` first"
+                )
+            rows = appliance.chunks(limit, seed, collections)
+            origin = "service" if appliance.kind == "remote" else "local"
+        return [SourceChunk.from_json(dict(r)) for r in rows], origin
+
+    @contextmanager
+    def generator(self, seed: int) -> Iterator[tuple[Generate, str]]:
+        from appliance.chat.factory import build_chat_model
+        from finetune.synthetic import model_generator
+
+        with model_generator(build_chat_model(self.settings.chat), seed=seed) as made:
+            yield made
 
 
 def cmd_build(args: argparse.Namespace, settings: Settings) -> int:
@@ -34,6 +88,7 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> int:
         limit=args.limit,
         golden=Path(args.golden) if args.golden else None,
         collections=parse_collections(args.collections),
+        reader=ApplianceSources(settings),
     )
     if args.json:
         _print_json(info.summary())

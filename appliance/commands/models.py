@@ -1,8 +1,10 @@
 """``appliance models ...``: list, activate and roll back model versions; export to Ollama.
 
-These commands work with or without the core service running: the registry file is shared
-under a lock, and the service notices an activation by the registry's stamp. Activations and
-rollbacks are recorded in the audit log, like account changes.
+``list``, ``activate`` and ``rollback`` go through the data folder's appliance
+(``wiring.connect``): the running core service when there is one (its model follows at once),
+else the registry file in this process (shared under a lock; a service started later serves the
+new active version). Activations and rollbacks are audited where they are made, like account
+changes.
 """
 
 from __future__ import annotations
@@ -36,10 +38,15 @@ def _fmt_metrics(metrics: Any) -> str:
     return " ".join(parts[:4]) or "-"
 
 
-def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
-    from finetune.registry import registry_for
+def _active(versions: list[dict[str, Any]]) -> str | None:
+    return next((str(v["version"]) for v in versions if v["active"]), None)
 
-    versions = registry_for(settings).versions()
+
+def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
+    from appliance.wiring import connect
+
+    with connect(settings, role="appliance models") as appliance:
+        versions = appliance.model_versions()
     if args.json:
         _print_json(versions)
         return 0
@@ -55,39 +62,22 @@ def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_activate(args: argparse.Namespace, settings: Settings) -> int:
-    from appliance.core.audit import open_audit_log
-    from finetune.registry import registry_for
+    from appliance.wiring import connect
 
-    registry = registry_for(settings)
-    previous = registry.active_version()
-    operator = _operator()
-    record = registry.activate(args.version, force=args.force, by=operator)
-    gate = record.get("gate") or {}
-    open_audit_log(settings).record(
-        "admin",
-        operator,
-        action="model_activate",
-        target=args.version,
-        previous=previous,
-        forced=bool(args.force and gate.get("passed") is False),
-        sha256=record["gguf"]["sha256"],
-    )
+    with connect(settings, role="appliance models") as appliance:
+        previous = _active(appliance.model_versions())
+        appliance.activate_model(args.version, force=args.force, operator=_operator())
     print(f"activated {args.version} (was {previous}); a running service switches to it")
     return 0
 
 
 def cmd_models_rollback(args: argparse.Namespace, settings: Settings) -> int:
-    from appliance.core.audit import open_audit_log
-    from finetune.registry import registry_for
+    from appliance.wiring import connect
 
-    registry = registry_for(settings)
-    previous = registry.active_version()
-    operator = _operator()
-    target = registry.rollback(by=operator)
-    open_audit_log(settings).record(
-        "admin", operator, action="model_rollback", target=target, previous=previous
-    )
-    print(f"rolled back from {previous} to {target}")
+    with connect(settings, role="appliance models") as appliance:
+        previous = _active(appliance.model_versions())
+        result = appliance.activate_model(rollback=True, operator=_operator())
+    print(f"rolled back from {previous} to {result['active']}")
     return 0
 
 

@@ -29,9 +29,8 @@ Audience = frozenset[str]
 
 
 def collection_of(path: str) -> str:
-    """A document's collection: its top-level folder, ``""`` at the root (as ingestion and the
-    grants define it, ``ingest.pipeline.collection_of``; repeated here so that reading an
-    audience needs no ingestion import)."""
+    """A document's collection (its access collection): its top-level folder, ``""`` at the
+    root. Ingestion writes it into every chunk's payload and the grants are given in it."""
     return path.split("/", 1)[0] if "/" in path else SHARED
 
 

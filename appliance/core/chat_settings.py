@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -122,3 +123,14 @@ def default_chat_model_path() -> Path:
     raise ConfigError(
         f"the {DEFAULT_CHAT_PACKAGE} package holds no {DEFAULT_CHAT_FILE}; reinstall it: {fix}"
     )
+
+
+def server_url(url: str, setting: str = "chat.url (APPLIANCE_CHAT__URL)") -> str:
+    """``url`` checked as a model server's (http or https, with a host), without a trailing
+    slash; ``setting`` names where it was configured in the error."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ConfigError(
+            f"{setting} must be an http(s) URL such as http://127.0.0.1:11434, not {url!r}"
+        )
+    return url.rstrip("/")

@@ -313,3 +313,95 @@ def test_models_have_the_same_shape(sides) -> None:  # type: ignore[no-untyped-d
     local, remote = _both(sides, lambda a: a.models())
     assert local["embedding"] == remote["embedding"]
     assert local["active"]["backend"] == remote["active"]["backend"] == "llamacpp"
+
+
+# --- accounts, models and restore: the admin commands ----------------------------------------
+
+
+def text_cli(
+    side: Side,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    *argv: str,
+    stdin: str = "",
+) -> tuple[int, str, str]:
+    import io
+
+    monkeypatch.setenv("APPLIANCE_DATA_DIR", str(side.data))
+    monkeypatch.setenv("APPLIANCE_INGEST__DOCS_DIR", str(side.docs))
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_users_commands_print_the_same(sides, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from appliance.core.audit import read
+
+    for kind in KINDS:
+        side = sides[kind]
+        steps = [
+            (
+                ("users", "add", "Carol", "--groups", "team", "--password-stdin"),
+                "added staff carol",
+            ),
+            (("users", "grant", "team", "legal", "hr"), "group team: hr, legal"),
+            (("users", "revoke", "team", "hr"), "group team: legal"),
+            (("users", "groups", "carol", "team", "other"), ""),
+            (("users", "disable", "carol"), "disabled carol"),
+        ]
+        for argv, printed in steps:
+            code, out, err = text_cli(side, monkeypatch, capsys, *argv, stdin="a long passphrase\n")
+            assert code == 0, (kind, argv, err)
+            assert out.strip() == printed, (kind, argv)
+        # Audited where the change was made, in the name of who ran the command.
+        records = [r for r in read(side.settings.audit_path) if r["event"] == "admin"]
+        actions = [
+            r["data"]["action"] for r in records if r["data"].get("target") in ("carol", "team")
+        ]
+        assert actions == ["user_create", "grants", "grants", "user_update", "user_update"], kind
+        assert {r["user"] for r in records[-5:]} == {records[-1]["user"]}
+        assert str(records[-1]["user"]).startswith("local:")
+        assert records[-1]["user"] != "local:operator"
+    local, remote = both(sides, monkeypatch, capsys, "users", "list", "--json")
+    assert local["groups"] == remote["groups"] == {"other": [], "team": ["legal"]}
+    carol = [
+        next(u for u in listed["users"] if u["username"] == "carol") for listed in (local, remote)
+    ]
+    moments = ("created", "password_changed")
+    assert [{k: v for k, v in c.items() if k not in moments} for c in carol] == [
+        {k: v for k, v in carol[1].items() if k not in moments}
+    ] * 2
+    assert carol[0]["role"] == "staff"
+    assert sorted(carol[0]["groups"]) == ["other", "team"]
+    assert carol[0]["disabled"]
+
+
+def test_models_commands_print_the_same(sides, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    local, remote = both(sides, monkeypatch, capsys, "models", "list", "--json")
+    assert [(v["version"], v["active"]) for v in local] == [("base", True)]
+    assert [(v["version"], v["active"]) for v in remote] == [("base", True)]
+    for kind in KINDS:
+        code, out, err = text_cli(sides[kind], monkeypatch, capsys, "models", "activate", "base")
+        assert code == 0, err
+        assert out.startswith("activated base (was base)")
+    local, remote = _both(sides, lambda a: a.activate_model("base", operator="contract"))
+    assert local == remote == {"active": "base", "switch_error": None}
+
+
+def test_restore_is_refused_while_a_service_owns_the_folder(
+    sides, monkeypatch, capsys, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    code, out, err = text_cli(
+        sides["remote"], monkeypatch, capsys, "restore", str(tmp_path / "x.tar")
+    )
+    assert code != 0
+    assert out == ""
+    assert "the core service is running" in err
+    assert "stop it before restoring" in err
+    # Without a service the restore itself runs (and reads the file it is given).
+    code, out, err = text_cli(
+        sides["local"], monkeypatch, capsys, "restore", str(tmp_path / "x.tar")
+    )
+    assert code != 0
+    assert "the core service is running" not in err

@@ -20,8 +20,8 @@ import pytest
 from appliance.chat.factory import build_chat_model
 from appliance.chat.llamacpp import LlamaCppChatModel, split_at_stop
 from appliance.chat.servers import OllamaChatModel, OpenAICompatibleChatModel
-from appliance.chat.template import CHATML_TEMPLATE, ChatTemplate
 from appliance.core.chat_settings import ChatSettings, default_chat_model_path
+from appliance.core.chat_template import CHATML_TEMPLATE, ChatTemplate
 from appliance.core.errors import ConfigError, ModelError
 from appliance.core.protocols import ChatMessage, ChatModel, Generation, GenerationParams
 

@@ -118,6 +118,28 @@ def appliance(*argv: str, data: Path, **kwargs) -> subprocess.Popen:  # type: ig
     )
 
 
+def test_python_dash_m_appliance_is_the_appliance_command(tmp_path: Path) -> None:
+    """``python -m appliance`` runs the same ``main`` as the installed ``appliance`` script."""
+    proc = appliance("status", "--json", data=tmp_path / "data")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["documents"] == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env["APPLIANCE_DATA_DIR"] = str(tmp_path / "data")
+    module = subprocess.run(
+        [sys.executable, "-m", "appliance", "status", "--json"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert module.returncode == 0, module.stderr
+    assert json.loads(module.stdout) == json.loads(out)
+    bad = subprocess.run(
+        [sys.executable, "-m", "appliance", "no-such-command"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "invalid choice" in bad.stderr
+
+
 @pytest.fixture
 def service(docs: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:  # type: ignore[type-arg]
     data = tmp_path / "svc-data"

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from appliance.cli import main
+from appliance.commands.dataset import ApplianceSources
 from appliance.conversations import ConversationStore
 from appliance.core.errors import ApplianceError
 from appliance.core.settings import Settings
@@ -84,7 +85,7 @@ def test_feedback_records_name_collections_and_users(settings: Settings) -> None
     )
     store.close()
 
-    info = build_dataset(settings, ["feedback"], "everything")
+    info = build_dataset(settings, ["feedback"], "everything", reader=ApplianceSources(settings))
     by_question = {
         r["messages"][1]["content"].rsplit("Question: ", 1)[1]: r for r in all_records(info)
     }
@@ -100,7 +101,13 @@ def test_feedback_records_name_collections_and_users(settings: Settings) -> None
     assert info.manifest["feedback_users"] == ["clerk", "lawyer"]
     assert info.summary()["audience"] == ["", "hr", "legal"]
 
-    narrow = build_dataset(settings, ["feedback"], "legal-only", collections=["legal", ""])
+    narrow = build_dataset(
+        settings,
+        ["feedback"],
+        "legal-only",
+        collections=["legal", ""],
+        reader=ApplianceSources(settings),
+    )
     assert narrow.audience == ["", "legal"]
     kept = all_records(narrow)
     assert {tuple(r["collections"]) for r in kept} <= {("",), ("", "legal")}
@@ -145,7 +152,7 @@ def test_feedback_from_a_version_of_unknown_audience_is_left_out(settings: Setti
         )
         store.add_feedback("lawyer", message, "up", "")
     store.close()
-    info = build_dataset(settings, ["feedback"], "lineage")
+    info = build_dataset(settings, ["feedback"], "lineage", reader=ApplianceSources(settings))
     assert info.rejected["model_audience_unknown"] == 1
     by_question = {
         r["messages"][1]["content"].rsplit("Question: ", 1)[1]: r["collections"]
@@ -191,17 +198,33 @@ def indexed(settings: Settings) -> Iterator[Any]:
 
 def test_docs_are_sampled_only_from_the_collections_named(settings: Settings, indexed: Any) -> None:
     indexed.close()  # the build takes the data folder's ownership itself
-    info = build_dataset(settings, ["docs"], "hr-docs", generate=grounded_seam, collections=["hr"])
+    info = build_dataset(
+        settings,
+        ["docs"],
+        "hr-docs",
+        generate=grounded_seam,
+        collections=["hr"],
+        reader=ApplianceSources(settings),
+    )
     assert info.audience == ["hr"]
     assert {tuple(r["collections"]) for r in all_records(info)} == {("hr",)}
     assert all(
         "hr/leave.md" in r["messages"][1]["content"] or r["collections"] == ["hr"]
         for r in all_records(info)
     )
-    everything = build_dataset(settings, ["docs"], "all-docs", generate=grounded_seam)
+    everything = build_dataset(
+        settings, ["docs"], "all-docs", generate=grounded_seam, reader=ApplianceSources(settings)
+    )
     assert everything.audience == ["", "hr", "legal"]
     with pytest.raises(ApplianceError, match="no folder 'payroll'"):
-        build_dataset(settings, ["docs"], "typo", generate=grounded_seam, collections=["payroll"])
+        build_dataset(
+            settings,
+            ["docs"],
+            "typo",
+            generate=grounded_seam,
+            collections=["payroll"],
+            reader=ApplianceSources(settings),
+        )
 
 
 @pytest.mark.integration
@@ -222,7 +245,12 @@ def test_the_service_route_narrows_chunk_reads_and_audits_them(
         assert rows
         assert {r["file"] for r in rows} == {"legal/deal.md"}
         info = build_dataset(
-            settings, ["docs"], "legal-docs", generate=grounded_seam, collections=["legal"]
+            settings,
+            ["docs"],
+            "legal-docs",
+            generate=grounded_seam,
+            collections=["legal"],
+            reader=ApplianceSources(settings),
         )
         assert info.audience == ["legal"]
         docs = next(s for s in info.manifest["sources"] if s["source"] == "docs")

@@ -97,12 +97,20 @@ def client_for(service: Any, username: str | None = None) -> ServiceClient:
 @pytest.fixture(scope="module")
 def tuned(service: Any) -> dict[str, Any]:
     """Dataset from the hr collection, fine-tuned, registered and activated."""
+    from appliance.commands.dataset import ApplianceSources
     from appliance.run_tools import run_tools
     from finetune import runs
     from finetune.dataset import build_dataset
 
     settings = service.settings
-    info = build_dataset(settings, ["docs"], "hr-only", generate=writer, collections=["hr"])
+    info = build_dataset(
+        settings,
+        ["docs"],
+        "hr-only",
+        generate=writer,
+        collections=["hr"],
+        reader=ApplianceSources(settings),
+    )
     records = [
         json.loads(line)
         for path in (info.train_path, info.heldout_path)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from appliance.cli import main
+from appliance.commands.dataset import ApplianceSources
 from appliance.conversations import ConversationStore
 from appliance.core.prompting import SYSTEM_PROMPT, Passage, user_prompt
 from appliance.core.settings import Settings
@@ -408,7 +409,14 @@ def indexed(settings: Settings, tmp_path: Path) -> Iterator[Any]:
 def test_docs_source_reads_chunks_locally(settings: Settings, indexed: Any) -> None:
     indexed.close()  # the build takes the data folder's ownership itself
     assert QA_PROMPT.startswith("Read the passage")
-    info = build_dataset(settings, ["docs"], "synthetic", generate=grounded_seam, limit=10)
+    info = build_dataset(
+        settings,
+        ["docs"],
+        "synthetic",
+        generate=grounded_seam,
+        limit=10,
+        reader=ApplianceSources(settings),
+    )
     docs = next(s for s in info.manifest["sources"] if s["source"] == "docs")
     assert docs["chunks_read_from"] == "local"
     assert docs["chunks_sampled"] == 3
@@ -425,7 +433,9 @@ def test_docs_source_reads_chunks_locally(settings: Settings, indexed: Any) -> N
 
 def test_docs_source_without_an_index_says_what_to_do(settings: Settings) -> None:
     with pytest.raises(DatasetError, match="appliance ingest"):
-        build_dataset(settings, ["docs"], "nothing", generate=grounded_seam)
+        build_dataset(
+            settings, ["docs"], "nothing", generate=grounded_seam, reader=ApplianceSources(settings)
+        )
 
 
 @pytest.mark.integration
@@ -446,7 +456,13 @@ def test_docs_source_reads_chunks_through_the_service(settings: Settings, indexe
         assert set(rows[0]) == {"chunk_id", "file", "location", "text"}
         with pytest.raises(ServiceError, match="limit"):
             client.call("POST", "/admin/chunks", {"limit": 0})
-        info = build_dataset(settings, ["docs"], "via-service", generate=grounded_seam)
+        info = build_dataset(
+            settings,
+            ["docs"],
+            "via-service",
+            generate=grounded_seam,
+            reader=ApplianceSources(settings),
+        )
         docs = next(s for s in info.manifest["sources"] if s["source"] == "docs")
         assert docs["chunks_read_from"] == "service"
         assert info.train + info.heldout == 3

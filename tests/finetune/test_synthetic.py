@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.chat.factory import build_chat_model
 from appliance.core.chat_settings import ChatSettings
 from appliance.core.errors import ModelError
 from finetune.near_duplicates import NearDuplicateIndex, deduplicate, shingles, similarity
@@ -202,7 +203,7 @@ def test_real_model_writes_filtered_pairs_from_real_chunks(tmp_path: Path, make_
     assert len(chunks) == 3
     replies: list[str] = []
     started = time.perf_counter()
-    with model_generator(ChatSettings(n_threads=2), seed=0) as (generate, name):
+    with model_generator(build_chat_model(ChatSettings(n_threads=2)), seed=0) as (generate, name):
 
         def recording(prompt: str) -> str:
             replies.append(generate(prompt))
@@ -217,7 +218,7 @@ def test_real_model_writes_filtered_pairs_from_real_chunks(tmp_path: Path, make_
     for pair in result.pairs:  # whatever the model wrote, what was kept passes every filter
         assert check_pair(pair.question, pair.answer, pair.chunk.text) is None
     # greedy decoding with a seed: the same chunks give the same pairs
-    with model_generator(ChatSettings(n_threads=2), seed=0) as (generate, _name):
+    with model_generator(build_chat_model(ChatSettings(n_threads=2)), seed=0) as (generate, _name):
         again = generate_pairs(chunks, generate)
     assert [(p.question, p.answer) for p in again.pairs] == [
         (p.question, p.answer) for p in result.pairs

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from appliance.core.audience import collection_of
 from appliance.core.settings import IngestSettings
-from ingest.pipeline import Indexer, collection_of
+from ingest.pipeline import Indexer
 from ingest.retrieval import search
 from tests.embedders import HashingEmbedder
 from tests.ingest.exactness import index_problems
