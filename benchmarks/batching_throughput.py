@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from appliance.core.chat_settings import default_chat_model_path
 
     at_start = machine()
-    path = default_chat_model_path()
+    path = args.model or default_chat_model_path()
     prompts = PROMPTS
     batched_rows: dict[int, list[dict]] = {c: [] for c in CONCURRENCY}
     serial_rows: list[dict] = []
@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=int, default=64, help="answer tokens at most")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of every engine")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--model", type=Path, help="a GGUF to measure (default: the shipped chat model)"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser

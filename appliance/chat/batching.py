@@ -20,6 +20,10 @@ the free slot whose cache shares the longest prefix with its prompt (the system 
 template, and the same passages: ``appliance.core.prompting`` puts passages before the question),
 and when another slot, busy or free, shares a longer one, its cache is copied over first
 (``llama_memory_seq_cp``) and trimmed to the common prefix. Only the rest is prefilled.
+Beyond the slots, the KV cache a slot is about to lose is saved in host memory
+(``llama_state_seq_get_data``, up to ``prefix_cache_bytes``, least recently used out first) and
+put back into a slot (``llama_state_seq_set_data``) when a later prompt shares more with it than
+with any slot: colleagues ask about the same passages long after eight other questions went by.
 
 Behaviour matches ``LlamaCppChatModel`` through the ``ChatModel`` interface: the same template
 and tokenisation (``prompt_tokens``), the same sampler chain and seeds, end-of-turn markers and
@@ -40,7 +44,7 @@ import os
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +63,9 @@ throughput (llama.cpp's own server starts with four)."""
 SLOTS_PER_CORE = 4
 KV_MEMORY_SHARE = 0.25
 """The share of available memory the automatic slot count may give to the KV cache."""
+PREFIX_CACHE_SHARE = 0.1
+"""The share of available memory the automatic host-memory prefix cache may take."""
+MAX_AUTO_PREFIX_CACHE = 1 << 30
 MIN_COPY_GAIN = 16
 """Prompt tokens another slot's cache must save beyond the chosen slot's own before it is
 copied (a copy moves the whole stream buffer; a few tokens are cheaper to prefill)."""
@@ -104,6 +111,10 @@ def auto_parallel(cores: int, memory: int, kv_per_slot: int) -> tuple[int, str]:
     )
 
 
+def _is_prefix(a: Sequence[int], b: Sequence[int]) -> bool:
+    return len(a) <= len(b) and _common_prefix(a, b) == len(a)
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -133,6 +144,11 @@ class EngineStats:
     """Of those, tokens whose KV cache was reused instead of prefilled."""
     copied_prefixes: int
     """Admissions that copied another slot's cache."""
+    restored_prefixes: int = 0
+    """Admissions that put back a cache saved in host memory."""
+    saved_prefixes: int = 0
+    saved_prefix_bytes: int = 0
+    """Caches kept in host memory now, and their size."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +177,15 @@ class _Request:
     out: queue.SimpleQueue[str | Usage | BaseException] = field(default_factory=queue.SimpleQueue)
     cancelled: bool = False
     done: bool = False
+
+
+@dataclass
+class _Saved:
+    """A sequence's KV cache kept in host memory, for the tokens it was computed from."""
+
+    tokens: list[int]
+    data: Any
+    size: int
 
 
 @dataclass
@@ -198,14 +223,26 @@ class BatchedLlamaCppChatModel(LlamaCppChatModel):
         n_threads: int | None = None,
         seed: int | None = None,
         prefill_chunk: int = 128,
+        prefix_cache_bytes: int | None = None,
         default_params: GenerationParams | None = None,
     ) -> None:
+        """``prefix_cache_bytes``: host memory for KV caches saved from slots (None: a tenth of
+        the available memory, at most 1 GiB; 0: none)."""
         if slots is not None and slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, not {prefill_chunk}")
         self._slots_n = slots or 0  # 0: sized in _load, once the model's KV size is known
         self._chunk = prefill_chunk
+        if prefix_cache_bytes is None:
+            prefix_cache_bytes = min(
+                MAX_AUTO_PREFIX_CACHE, int(available_memory() * PREFIX_CACHE_SHARE)
+            )
+        self._saved_limit = max(0, prefix_cache_bytes)
+        self._saved: OrderedDict[int, _Saved] = OrderedDict()
+        self._saved_bytes = 0
+        self._saved_ids = 0
+        self._restores = 0
         self._ctx: Any = None
         self._batch: Any = None
         self._thread: threading.Thread | None = None
@@ -313,6 +350,9 @@ class BatchedLlamaCppChatModel(LlamaCppChatModel):
                 prompt_tokens=self._prompt_total,
                 reused_prompt_tokens=self._reused,
                 copied_prefixes=self._copies,
+                restored_prefixes=self._restores,
+                saved_prefixes=len(self._saved),
+                saved_prefix_bytes=self._saved_bytes,
             )
 
     def _generate(
@@ -444,14 +484,30 @@ class BatchedLlamaCppChatModel(LlamaCppChatModel):
             key=lambda s: _common_prefix(s.cached, tokens),
             default=None,
         )
-        if donor is not None:
-            shared = _common_prefix(donor.cached, tokens)
-            if shared > reuse + MIN_COPY_GAIN:
-                # Another stream: the whole buffer is copied at the next decode, then trimmed.
-                llama_cpp.llama_memory_seq_cp(self._memory, donor.seq, slot.seq, -1, -1)
-                slot.cached = list(donor.cached)
-                reuse = shared
-                self._copies += 1
+        shared = _common_prefix(donor.cached, tokens) if donor is not None else 0
+        saved_key, kept = self._best_saved(tokens)
+        from_saved = kept > max(reuse, shared) + MIN_COPY_GAIN
+        from_donor = not from_saved and shared > reuse + MIN_COPY_GAIN
+        entry = self._saved.pop(saved_key) if from_saved else None
+        if entry is not None:
+            self._saved_bytes -= entry.size
+        if len(slot.cached) - (0 if from_saved or from_donor else reuse) > MIN_COPY_GAIN:
+            self._save(slot)  # what this slot holds beyond the prefix it keeps would be lost
+        if entry is not None:
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
+            restored = llama_cpp.llama_state_seq_set_data(
+                self._ctx, entry.data, entry.size, slot.seq
+            )
+            slot.cached = list(entry.tokens) if restored else []
+            reuse = kept if restored else 0
+            self._restores += bool(restored)
+        elif from_donor:
+            assert donor is not None
+            # Another stream: the whole buffer is copied at the next decode, then trimmed.
+            llama_cpp.llama_memory_seq_cp(self._memory, donor.seq, slot.seq, -1, -1)
+            slot.cached = list(donor.cached)
+            reuse = shared
+            self._copies += 1
         # The last prompt token is always decoded: its logits give the first answer token.
         reuse = min(reuse, len(tokens) - 1)
         if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, reuse, -1):
@@ -469,6 +525,36 @@ class BatchedLlamaCppChatModel(LlamaCppChatModel):
         slot.first = slot.last = None
         self._prompt_total += len(tokens)
         self._reused += reuse
+
+    def _best_saved(self, tokens: Sequence[int]) -> tuple[int, int]:
+        """The saved cache sharing the longest prefix with ``tokens``: (its key, the length)."""
+        best, length = -1, 0
+        for key, entry in self._saved.items():
+            n = _common_prefix(entry.tokens, tokens)
+            if n > length:
+                best, length = key, n
+        return best, length
+
+    def _save(self, slot: _Slot) -> None:
+        """Keep ``slot``'s KV cache in host memory (least recently saved out first); a saved
+        cache that this one extends is dropped."""
+        if self._saved_limit <= 0 or not slot.cached:
+            return
+        llama_cpp = self._llama_cpp
+        size = int(llama_cpp.llama_state_seq_get_size(self._ctx, slot.seq))
+        if not size or size > self._saved_limit:
+            return
+        data = (ctypes.c_uint8 * size)()
+        if int(llama_cpp.llama_state_seq_get_data(self._ctx, data, size, slot.seq)) != size:
+            return
+        for key in [k for k, e in self._saved.items() if _is_prefix(e.tokens, slot.cached)]:
+            self._saved_bytes -= self._saved.pop(key).size
+        self._saved_ids += 1
+        self._saved[self._saved_ids] = _Saved(list(slot.cached), data, size)
+        self._saved_bytes += size
+        while self._saved_bytes > self._saved_limit:
+            _key, dropped = self._saved.popitem(last=False)
+            self._saved_bytes -= dropped.size
 
     def _sampler(self, request: _Request) -> Any:
         """Llama.generate's chain: repetition penalties, then greedy or top-k, typical, top-p,

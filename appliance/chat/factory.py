@@ -30,6 +30,7 @@ def llamacpp_chat_model(chat: ChatSettings, path: Path) -> LlamaCppChatModel:
             n_threads=chat.n_threads,
             seed=chat.seed,
             prefill_chunk=chat.prefill_chunk,
+            prefix_cache_bytes=None if chat.prefix_cache_mb is None else chat.prefix_cache_mb << 20,
             default_params=params,
         )
     return LlamaCppChatModel(

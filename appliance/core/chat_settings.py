@@ -78,6 +78,15 @@ class ChatSettings(BaseModel):
         "(backend=llamacpp, parallel > 1): smaller keeps their tokens flowing while a long "
         "prompt is read; larger reads a prompt sooner.",
     )
+    prefix_cache_mb: int | None = Field(
+        None,
+        ge=0,
+        le=1 << 20,
+        description="Host memory, MiB, for the KV caches of earlier prompts (backend=llamacpp, "
+        "parallel > 1): a cache a slot is about to lose is kept here and put back when a "
+        "later prompt starts the same way (the same passages), so only the rest is read. "
+        "Empty: a tenth of the available memory, at most 1 GiB. 0: none.",
+    )
     max_tokens: int = Field(
         200, ge=1, le=32_768, description="Default upper bound on the tokens of one answer."
     )

@@ -267,6 +267,44 @@ def test_prefixes_are_reused_within_a_slot_and_copied_from_a_busy_one(
     assert [first, second, results["c"], results["d"]] == [reference[q][0] for q in QUESTIONS]
 
 
+OTHER_CONTEXT = (
+    "Context:\n[1] Visitors sign in at the front desk and wear a badge at all times; badges "
+    "are returned when they leave.\n\nQuestion: "
+)
+
+
+def test_a_cache_a_slot_loses_is_saved_and_put_back_for_the_same_passages(
+    reference: dict[str, tuple[str, Generation]],
+) -> None:
+    """One slot: other passages take it over, then a question over the first passages gets
+    their KV cache back from host memory instead of reading them again, and answers alike."""
+    path = default_chat_model_path()
+    other = [ChatMessage(role="user", content=OTHER_CONTEXT + "Who signs visitors in?")]
+    with BatchedLlamaCppChatModel(path, slots=1, n_ctx=1024, n_threads=1) as model:
+        first, _ = model.complete(grounded(QUESTIONS[0]), GREEDY)
+        model.complete(other, GREEDY)  # takes the only slot: the first cache is saved
+        saved = model.engine_stats()
+        assert saved.saved_prefixes == 1 and saved.saved_prefix_bytes > 0
+        again, _ = model.complete(grounded(QUESTIONS[1]), GREEDY)
+        done = model.engine_stats()
+    assert done.restored_prefixes == 1
+    assert done.reused_prompt_tokens - saved.reused_prompt_tokens > len(CONTEXT) // 8
+    assert done.saved_prefixes == 1  # the visitors' cache, saved in turn
+    assert [first, again] == [reference[q][0] for q in QUESTIONS[:2]]
+
+
+def test_no_prefix_cache_when_none_is_allowed() -> None:
+    path = default_chat_model_path()
+    with BatchedLlamaCppChatModel(
+        path, slots=1, n_ctx=1024, n_threads=1, prefix_cache_bytes=0
+    ) as model:
+        model.complete(grounded(QUESTIONS[0]), GREEDY)
+        model.complete([ChatMessage(role="user", content=OTHER_CONTEXT + "Who?")], GREEDY)
+        model.complete(grounded(QUESTIONS[1]), GREEDY)
+        stats = model.engine_stats()
+    assert stats.saved_prefixes == 0 and stats.restored_prefixes == 0
+
+
 def test_one_thread_may_hold_several_streams(batched: BatchedLlamaCppChatModel) -> None:
     with (
         batched.stream(grounded(QUESTIONS[0]), GREEDY) as a,
