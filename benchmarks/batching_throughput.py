@@ -177,6 +177,36 @@ def prefix_reuse(path: Path, threads: int, tokens: int) -> dict[str, Any]:
     }
 
 
+def host_prefix_cache(path: Path, threads: int, tokens: int) -> dict[str, Any]:
+    """More passage sets than slots: each of the ``len(PASSAGES)`` passages is asked about on
+    a 2-slot engine, then each again with another question, with the host-memory prefix cache
+    on and off (``chat.prefix_cache_mb`` 0). Without it the second round finds the passages
+    long gone from the slots and reads them again."""
+    from appliance.chat.batching import BatchedLlamaCppChatModel
+    from appliance.core.protocols import GenerationParams
+
+    params = GenerationParams(max_tokens=tokens, temperature=0.0)
+    out: dict[str, Any] = {"passage_sets": len(PASSAGES), "slots": 2}
+    for name, cache in (("off", 0), ("on", None)):
+        with BatchedLlamaCppChatModel(
+            path, slots=2, n_ctx=2048, n_threads=threads, prefix_cache_bytes=cache
+        ) as model:
+            for question in ("What does this passage require?", "Who is responsible here?"):
+                for passage in PASSAGES:
+                    model.complete(_messages(question, [passage]), params)
+            stats = model.engine_stats()
+        out[name] = {
+            "prompt_tokens": stats.prompt_tokens,
+            "prefilled_prompt_tokens": stats.prompt_tokens - stats.reused_prompt_tokens,
+            "restored_prefixes": stats.restored_prefixes,
+            "saved_mib": round(stats.saved_prefix_bytes / 2**20, 1),
+        }
+    out["prefilled_on_over_off"] = ratio(
+        out["on"]["prefilled_prompt_tokens"], out["off"]["prefilled_prompt_tokens"]
+    )
+    return out
+
+
 def kv_memory(path: Path, threads: int, n_ctx: int) -> dict[str, Any]:
     """The KV cache per slot as llama.cpp sizes it, and as resident memory grows with slots."""
     from appliance.chat.batching import BatchedLlamaCppChatModel
@@ -253,6 +283,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_efficiency_8_over_1": ratio(eight["tokens_per_cpu_s"], one["tokens_per_cpu_s"]),
         "kv_cache": kv_memory(path, args.threads, 4096),
         "prefix_reuse": prefix_reuse(path, args.threads, min(args.tokens, 24)),
+        "host_prefix_cache": host_prefix_cache(path, args.threads, min(args.tokens, 8)),
         "rounds_raw": {"serial": serial_rows, "batched": batched_rows},
     }
 
@@ -291,6 +322,14 @@ def print_report(r: dict[str, Any]) -> None:
         f"({p['saved_share']}), {p['copied_prefixes']} copied from a busy slot; time to first "
         f"token cold {p['ttft_cold_s']} s, warm {p['ttft_warm_mean_s']} s "
         f"(ratio {p['ttft_warm_over_cold']})"
+    )
+    h = r["host_prefix_cache"]
+    print(
+        f"  host-memory prefix cache, {h['passage_sets']} passage sets on {h['slots']} slots, "
+        f"each asked twice: prompt tokens prefilled {h['on']['prefilled_prompt_tokens']} with "
+        f"it, {h['off']['prefilled_prompt_tokens']} without (ratio "
+        f"{h['prefilled_on_over_off']}); {h['on']['restored_prefixes']} caches put back, "
+        f"{h['on']['saved_mib']} MiB kept"
     )
     print(f"  {load_note(r['machine'])}")
 
