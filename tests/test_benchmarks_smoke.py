@@ -207,5 +207,6 @@ def test_batching_throughput_at_tiny_size(script: Any, capsys: pytest.CaptureFix
     reuse = result["prefix_reuse"]
     assert 0 < reuse["reused_prompt_tokens"] < reuse["prompt_tokens"]
     host = result["host_prefix_cache"]
-    assert host["on"]["restored_prefixes"] > 0 and host["off"]["restored_prefixes"] == 0
+    assert host["on"]["restored_prefixes"] > 0
+    assert host["off"]["restored_prefixes"] == 0
     assert host["on"]["prefilled_prompt_tokens"] < host["off"]["prefilled_prompt_tokens"]

@@ -284,7 +284,8 @@ def test_a_cache_a_slot_loses_is_saved_and_put_back_for_the_same_passages(
         first, _ = model.complete(grounded(QUESTIONS[0]), GREEDY)
         model.complete(other, GREEDY)  # takes the only slot: the first cache is saved
         saved = model.engine_stats()
-        assert saved.saved_prefixes == 1 and saved.saved_prefix_bytes > 0
+        assert saved.saved_prefixes == 1
+        assert saved.saved_prefix_bytes > 0
         again, _ = model.complete(grounded(QUESTIONS[1]), GREEDY)
         done = model.engine_stats()
     assert done.restored_prefixes == 1
@@ -302,7 +303,8 @@ def test_no_prefix_cache_when_none_is_allowed() -> None:
         model.complete([ChatMessage(role="user", content=OTHER_CONTEXT + "Who?")], GREEDY)
         model.complete(grounded(QUESTIONS[1]), GREEDY)
         stats = model.engine_stats()
-    assert stats.saved_prefixes == 0 and stats.restored_prefixes == 0
+    assert stats.saved_prefixes == 0
+    assert stats.restored_prefixes == 0
 
 
 def test_one_thread_may_hold_several_streams(batched: BatchedLlamaCppChatModel) -> None:
