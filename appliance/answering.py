@@ -324,7 +324,7 @@ class Answerer:
             return []
         embedder = self._embedder()
         query_vec = embedder.embed_query(query)
-        vectors = embedder.embed([p.text for p in passages])
+        vectors = embedder.embed([p.text for p in passages], urgent=True)
         scored = sorted(
             (
                 (sum(a * b for a, b in zip(query_vec, vec, strict=True)), i, p)

@@ -128,8 +128,15 @@ class SentenceTransformerEmbedder:
         return out
 
     def embed_query(self, text: str) -> list[float]:
+        return self.embed_urgent([text])[0]
+
+    def embed_urgent(self, texts: Sequence[str]) -> list[list[float]]:
+        """``embed`` for the few texts a person's evidence waits on (the question, its
+        passages): before any bulk turn waiting, in one turn, on one intra-op thread."""
+        if not texts:
+            return []
         with _intra_op_threads(1):
-            return self._encode([text], URGENT)[0]
+            return self._encode(list(texts), URGENT)
 
     def _encode(self, texts: list[str], priority: int) -> list[list[float]]:
         with self._lock.hold(priority):

@@ -41,11 +41,15 @@ class CachedEmbedder:
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         return self._embedder.token_spans(text)
 
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+    def embed(self, texts: Sequence[str], *, urgent: bool = False) -> list[list[float]]:
+        """``urgent``: a person's evidence waits on these (the model's ``embed_urgent`` where
+        it has one: they go before bulk work queued for it)."""
         found = self._lookup([(False, t) for t in texts])
         missing = list(dict.fromkeys(t for t, v in zip(texts, found, strict=True) if v is None))
         if missing:
-            fresh = dict(zip(missing, self._embedder.embed(missing), strict=True))
+            encode = getattr(self._embedder, "embed_urgent", None) if urgent else None
+            vectors = (encode or self._embedder.embed)(missing)
+            fresh = dict(zip(missing, vectors, strict=True))
             self._store([((False, t), v) for t, v in fresh.items()])
             found = [v if v is not None else fresh[t] for t, v in zip(texts, found, strict=True)]
         return [list(map(float, v)) for v in found]

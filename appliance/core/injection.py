@@ -284,14 +284,18 @@ class InstructionDetector:
         self._cache: OrderedDict[str, bool] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self._exemplars_lock = threading.Lock()
 
     def _exemplars(self) -> tuple[Any, Any]:
-        if self._orders is None or self._ordinary is None:
-            import numpy as np
+        # One thread embeds them; the questions that arrive meanwhile wait for its vectors
+        # rather than each encoding the same exemplars again (a burst at start-up did, 20x).
+        with self._exemplars_lock:
+            if self._orders is None or self._ordinary is None:
+                import numpy as np
 
-            vectors = np.asarray(self._embedder.embed([*ORDERS, *ORDINARY]), dtype=np.float32)
-            self._orders, self._ordinary = vectors[: len(ORDERS)], vectors[len(ORDERS) :]
-        return self._orders, self._ordinary
+                vectors = np.asarray(self._embedder.embed([*ORDERS, *ORDINARY]), dtype=np.float32)
+                self._orders, self._ordinary = vectors[: len(ORDERS)], vectors[len(ORDERS) :]
+            return self._orders, self._ordinary
 
     def scores(self, sentences: Sequence[str]) -> list[tuple[float, float]]:
         """Per sentence: (its score against the orders, against the ordinary sentences)."""

@@ -48,3 +48,21 @@ def test_queries_are_remembered_and_zero_entries_keeps_nothing() -> None:
     off.embed(["x y"])
     off.embed(["x y"])
     assert off.hits == 0
+
+
+def test_urgent_texts_go_through_the_models_urgent_path_where_it_has_one() -> None:
+    class Urgent(HashingEmbedder):
+        urgent_calls = 0
+
+        def embed_urgent(self, texts: list[str]) -> list[list[float]]:
+            self.urgent_calls += 1
+            return self.embed(texts)
+
+    model = Urgent()
+    cached = CachedEmbedder(model, entries=10)
+    cached.embed(["a passage"], urgent=True)
+    cached.embed(["another passage"])
+    assert model.urgent_calls == 1
+    assert np.allclose(
+        CachedEmbedder(HashingEmbedder(), 0).embed(["x"], urgent=True), [model.embed(["x"])[0]]
+    )

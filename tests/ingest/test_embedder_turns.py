@@ -52,6 +52,8 @@ def test_bulk_embeds_in_turns_and_keeps_the_input_order(
     assert np.allclose(together, one_by_one, atol=1e-4)
     query = np.asarray(real_embedder.embed_query(texts[5]))
     assert np.allclose(query, one_by_one[5], atol=1e-4)
+    urgent = np.asarray(real_embedder.embed_urgent(texts[:4]))
+    assert np.allclose(urgent, one_by_one[:4], atol=1e-4)
 
 
 def test_a_query_overtakes_bulk_work_queued_before_it(
