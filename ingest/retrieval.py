@@ -34,11 +34,13 @@ Two stages:
    main list's best chunk (which keeps the first place), each scored by its re-ranked score
    plus ``LABEL_WEIGHT`` times how well one of its row labels (the text before a row's first
    figure, see ``label_match``) names what the question asks for. Prose and rows thus take
-   places by merit, not by a quota. A question that asks for reasons ("why", "what drove",
-   "which factors", see ``asks_for_reasons``) wants the narrative that gives them: it skips
-   the table query and keeps the main list (where table rows may still rank on their own).
-   Where no table was indexed the second query finds nothing and the top ``k`` is the main
-   list's.
+   places by merit, not by a quota. The main list is the text among the candidates: the
+   rows that the first query found compete through the second one, by their labels, and the
+   text keeps the places it held before tables were indexed (the row chunks would otherwise
+   push prose that holds a figure below the top 10). A question that asks for reasons
+   ("why", "what drove", "which factors", see ``asks_for_reasons``) wants the narrative
+   that gives them: it skips the table query and keeps the main list. Where no table was
+   indexed the second query finds nothing and the top ``k`` is the main list's.
 
 A question that names no document leaves the store's order as it is. The re-ranking is the
 same in every mode (it reads words of identities, whichever index found the chunks) and reads
@@ -293,23 +295,27 @@ def retrieve(
     mode: SearchMode = "hybrid",
     where: Mapping[str, Sequence[str]] | None = None,
 ) -> list[Hit]:
-    """The top ``k`` chunks for ``query``: the store's best ``max(k, CANDIDATES)`` under
-    ``where`` (dense, sparse or both fused, by ``mode``), re-ranked by document (``rerank``),
-    merged with the best table rows under ``where`` (``with_table_rows``) unless ``k`` is 1
-    or the question asks for reasons. Hit scores are the re-ranked scores, plus the label
-    match of the merge after the first place."""
+    """The top ``k`` chunks for ``query``: the text among the store's best
+    ``max(k, CANDIDATES)`` under ``where`` (dense, sparse or both fused, by ``mode``),
+    re-ranked by document (``rerank``), merged with the best table rows under ``where``
+    (``with_table_rows``) unless the question asks for reasons. Where the candidates are all
+    table rows they stand for the text; where the index holds no table rows, the candidates
+    are re-ranked as they are. Hit scores are the re-ranked scores, plus the label match of
+    the merge after the first place."""
     if k <= 0:
         return []
     dense = embedder.embed_query(query) if mode != "sparse" else None
     lexical = sparse.embed_query(expand_query(query)) if mode != "dense" else None
     hits = store.query(dense, lexical, max(k, CANDIDATES), mode=mode, where=where)
-    if k == 1 or asks_for_reasons(query):
-        return rerank(query, hits, sparse, k)
-    main = rerank(query, hits, sparse, max(k, POOL))
+    # The text is ranked on its own: the rows compete through their own query, by label.
+    text = [h for h in hits if h.payload.get("kind") != TABLE_KIND] or list(hits)
+    if asks_for_reasons(query):
+        return rerank(query, text, sparse, k)
     only_tables = {**(where or {}), "kind": [TABLE_KIND]}
     rows = store.query(dense, lexical, max(2 * k, TABLE_CANDIDATES), mode=mode, where=only_tables)
     if not rows:
-        return main[:k]
+        return rerank(query, hits, sparse, k)
+    main = rerank(query, text, sparse, max(k, POOL))
     return with_table_rows(query, main, rerank(query, rows, sparse, max(k, POOL)), sparse, k)
 
 

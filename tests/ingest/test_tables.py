@@ -320,12 +320,29 @@ def test_only_questions_for_figures_query_the_table_rows(make_indexer, tmp_path:
     hits = retrieve(store, indexer.embedder, indexer.sparse, why, 3)
     assert store.filters == [None]
     assert len(hits) == 3
+    assert all(h.payload.get("kind") == "text" for h in hits)
     store.filters.clear()
     hits = retrieve(store, indexer.embedder, indexer.sparse, "What was the gross margin?", 3)
     assert store.filters == [None, {"kind": ["table"]}]
     rows = [h for h in hits if h.payload.get("kind") == "table"]
     assert rows
     assert "Gross margin | July 1, 2023: 36,413" in str(rows[0].payload["text"])
+
+
+def test_a_document_of_rows_alone_still_answers_every_question(
+    make_indexer, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Where the candidates are all table rows, they stand for the text."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    table = RESULTS_PAGE[RESULTS_PAGE.index("<table>") : RESULTS_PAGE.index("</table>") + 8]
+    (docs / "rows.html").write_text(f"<html><body>{table}</body></html>", encoding="utf-8")
+    indexer = make_indexer(docs)
+    indexer.reconcile()
+    for question in ("Why did gross margin change?", "What was the gross margin?"):
+        hits = retrieve(indexer.store, indexer.embedder, indexer.sparse, question, 3)
+        assert hits
+        assert all(h.payload.get("kind") == "table" for h in hits)
 
 
 def test_a_state_written_before_table_marks_reads_as_text(tmp_path: Path) -> None:
