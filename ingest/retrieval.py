@@ -35,12 +35,13 @@ Two stages:
    plus ``LABEL_WEIGHT`` times how well one of its row labels (the text before a row's first
    figure, see ``label_match``) names what the question asks for. Prose and rows thus take
    places by merit, not by a quota. The main list is the text among the candidates: the
-   rows that the first query found compete through the second one, by their labels, and the
-   text keeps the places it held before tables were indexed (the row chunks would otherwise
-   push prose that holds a figure below the top 10). A question that asks for reasons
-   ("why", "what drove", "which factors", see ``asks_for_reasons``) wants the narrative
-   that gives them: it skips the table query and keeps the main list. Where no table was
-   indexed the second query finds nothing and the top ``k`` is the main list's.
+   rows that the first query found compete through the second one, by their labels, and
+   the text keeps the order it had before tables were indexed (on the 10-Q filings, with
+   the row chunks in the main list too, the prose questions stayed one below tables off).
+   A question that asks for reasons ("why", "what drove", "which factors", see
+   ``asks_for_reasons``) wants the narrative that gives them: it skips the table query and
+   keeps the main list. Where no table was indexed the second query finds nothing and the
+   top ``k`` is the main list's.
 
 A question that names no document leaves the store's order as it is. The re-ranking is the
 same in every mode (it reads words of identities, whichever index found the chunks) and reads
