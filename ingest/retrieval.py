@@ -25,11 +25,23 @@ Two stages:
    talks about the same line items: a row of figures under its headers reads, to the dense
    model and to BM25 alike, less like a question than a sentence does. Measured on the 10-Q
    filings, the chunk holding a gold answer's figure sat at rank 10 to 100 far more often
-   than in the top 5. So a second store query, under the same filter and restricted to table
-   chunks, fetches the best rows, re-ranked by document as above, and up to ``TABLE_SHARE``
-   of the ``k`` places go to them (never the first: the best chunk of the main list keeps
-   its place). Where no table was indexed the second query finds nothing and the top ``k`` is
-   the main list's.
+   than in the top 5, and among the table rows the best ranked were often rows of the right
+   table but the wrong line ("Net sales by reportable segment: Americas" for a question on
+   the Services segment): the table's caption and column headers, which every row of it
+   repeats, match the question as well as the right row does. So a second store query,
+   under the same filter and restricted to table chunks, fetches rows, re-ranked by
+   document as above; then the best ``POOL`` of each list compete for the places after the
+   main list's best chunk (which keeps the first place), each scored by its re-ranked score
+   plus ``LABEL_WEIGHT`` times how well one of its row labels (the text before a row's first
+   figure, see ``label_match``) names what the question asks for. Prose and rows thus take
+   places by merit, not by a quota. The main list is the text among the candidates: the
+   rows that the first query found compete through the second one, by their labels, and
+   the text keeps the order it had before tables were indexed (on the 10-Q filings, with
+   the row chunks in the main list too, the prose questions stayed one below tables off).
+   A question that asks for reasons ("why", "what drove", "which factors", see
+   ``asks_for_reasons``) wants the narrative that gives them: it skips the table query and
+   keeps the main list. Where no table was indexed the second query finds nothing and the
+   top ``k`` is the main list's.
 
 A question that names no document leaves the store's order as it is. The re-ranking is the
 same in every mode (it reads words of identities, whichever index found the chunks) and reads
@@ -43,7 +55,6 @@ import datetime as dt
 import math
 import re
 from collections.abc import Mapping, Sequence
-from itertools import zip_longest
 from typing import Any, Protocol
 
 from appliance.core.protocols import Embedder, Hit, SearchMode, SparseEncoder, VectorStore
@@ -63,9 +74,13 @@ REPEAT_DECAY = 0.8
 """A document's second chunk gets this share of its document score, the third its square..."""
 TIE_MARGIN = 0.1
 """Documents whose identity match is this close to the best count as equally well named."""
-TABLE_SHARE = 0.5
-"""Share of the top ``k`` (rounded up, at most ``k - 1``) given to table rows when the index
-holds any for the question."""
+POOL = 20
+"""Places of the main list and of the table rows' list that compete for the top ``k`` after
+the first (at least ``k`` of each)."""
+LABEL_WEIGHT = 0.5
+"""Weight of a chunk's best row-label match (0 to 1, see ``label_match``) against 1.0 for the
+top chunk of a fused list; on the 10-Q filings 0.3 to 0.5 did best, 1.0 let rows of a
+matching label but the wrong document crowd out the rest."""
 TABLE_CANDIDATES = 30
 """Table rows fetched by the second query. Re-ranking encodes every candidate's text for
 BM25 terms, so the rows' list is kept short; on the 10-Q filings 20 to 100 rows found the
@@ -91,6 +106,10 @@ _HALF_CODE = re.compile(r"\bh([12])\b", re.I)
 _FISCAL_CODE = re.compile(r"\bfy\s?'?(\d{2}|\d{4})\b", re.I)
 _RECENT = re.compile(
     r"\b(latest|newest|most\s+recent(ly)?|most\s+current|last\s+(filed|published))\b", re.I
+)
+_REASONS = re.compile(
+    r"\b(why|reasons?|caus(?:e|es|ed)|drivers?|driven|factors?|explain(?:s|ed)?|explanation)\b",
+    re.I,
 )
 _WORDS_OF = {1: "first", 2: "second", 3: "third", 4: "fourth"}
 
@@ -147,6 +166,12 @@ def expand_query(query: str) -> str:
 
 def asks_for_latest(query: str) -> bool:
     return bool(_RECENT.search(query))
+
+
+def asks_for_reasons(query: str) -> bool:
+    """Whether the question asks why, or for the drivers, causes or factors of something:
+    its answer is narrative, which table rows would crowd out."""
+    return bool(_REASONS.search(query))
 
 
 def _date(year: int, month: int, day: int) -> dt.date | None:
@@ -271,52 +296,98 @@ def retrieve(
     mode: SearchMode = "hybrid",
     where: Mapping[str, Sequence[str]] | None = None,
 ) -> list[Hit]:
-    """The top ``k`` chunks for ``query``: the store's best ``max(k, CANDIDATES)`` under
-    ``where`` (dense, sparse or both fused, by ``mode``), re-ranked by document (``rerank``),
-    with the best table rows under ``where`` beside them (``with_table_rows``). Hit scores are
-    the re-ranked scores (of the list each hit came from)."""
+    """The top ``k`` chunks for ``query``: the text among the store's best
+    ``max(k, CANDIDATES)`` under ``where`` (dense, sparse or both fused, by ``mode``),
+    re-ranked by document (``rerank``), merged with the best table rows under ``where``
+    (``with_table_rows``) unless the question asks for reasons. Where the candidates are all
+    table rows they stand for the text; where the index holds no table rows, the candidates
+    are re-ranked as they are. Hit scores are the re-ranked scores, plus the label match of
+    the merge after the first place."""
     if k <= 0:
         return []
     dense = embedder.embed_query(query) if mode != "sparse" else None
     lexical = sparse.embed_query(expand_query(query)) if mode != "dense" else None
     hits = store.query(dense, lexical, max(k, CANDIDATES), mode=mode, where=where)
-    main = rerank(query, hits, sparse, k)
-    slots = table_slots(k)
-    if not slots:
-        return main
+    # The text is ranked on its own: the rows compete through their own query, by label.
+    text = [h for h in hits if h.payload.get("kind") != TABLE_KIND] or list(hits)
+    if asks_for_reasons(query):
+        return rerank(query, text, sparse, k)
     only_tables = {**(where or {}), "kind": [TABLE_KIND]}
     rows = store.query(dense, lexical, max(2 * k, TABLE_CANDIDATES), mode=mode, where=only_tables)
     if not rows:
-        return main
-    return with_table_rows(main, rerank(query, rows, sparse, 2 * k), k)
+        return rerank(query, hits, sparse, k)
+    main = rerank(query, text, sparse, max(k, POOL))
+    return with_table_rows(query, main, rerank(query, rows, sparse, max(k, POOL)), sparse, k)
 
 
-def table_slots(k: int) -> int:
-    """Places of the top ``k`` that table rows may take: ``TABLE_SHARE`` of them, rounded up,
-    never the first."""
-    return min(k - 1, math.ceil(k * TABLE_SHARE)) if k > 1 else 0
+def row_labels(payload: Mapping[str, object]) -> list[str]:
+    """The row labels of a table chunk (payload ``kind`` "table"): each line after the
+    header's first, up to its first ``|`` (``Net sales by category: Services`` of
+    ``Net sales by category: Services | July 1, 2023: 21,213 | ...``). None for other text."""
+    if payload.get("kind") != TABLE_KIND:
+        return []
+    lines = str(payload.get("text") or "").split("\n")[1:]
+    return [line.split("|", 1)[0].strip() for line in lines if "|" in line]
 
 
-def with_table_rows(main: Sequence[Hit], rows: Sequence[Hit], k: int) -> list[Hit]:
-    """The top ``k``: the first ``k - n`` of ``main`` and the best ``n`` of ``rows`` not among
-    them (``n`` is ``table_slots(k)``, fewer where ``rows`` has fewer), main list first and
-    then alternating, so the best chunk keeps the first place. A short list is filled from
-    the other one."""
-    want = min(table_slots(k), len(rows))
-    chosen_main = list(main[: k - want])
-    ids = {h.id for h in chosen_main}
-    chosen_rows = [h for h in rows if h.id not in ids][:want]
-    ids |= {h.id for h in chosen_rows}
-    spare = [h for h in (*main[k - want :], *rows) if h.id not in ids]
-    merged: list[Hit] = chosen_main[:1]
-    for text, row in zip_longest(chosen_main[1:], chosen_rows):
-        merged += [h for h in (row, text) if h is not None]
-    for hit in spare:
-        if len(merged) >= k:
-            break
-        if hit.id not in {h.id for h in merged}:
-            merged.append(hit)
-    return merged[:k]
+def label_match(query: str, hits: Sequence[Hit], sparse: SparseEncoder) -> dict[str, float]:
+    """Per hit, how well its best row label names what ``query`` asks for, from 0 to 1: the
+    weights of the question's words (BM25 terms) that the label holds, over the weights of
+    all the question's words that any label among ``hits`` holds. A word weighs its inverse
+    frequency among those labels: "Services" in one row label of many counts, "net" or
+    "sales" in most of them hardly. Chunks that are not table rows score 0.
+
+    Only labels count, not the caption or column headers: every row of a table repeats those,
+    so they cannot tell its rows apart (the fused rank has already weighed them)."""
+    terms = set(sparse.embed_query(expand_query(query)).indices)
+    encoded: dict[str, frozenset[int]] = {}
+    labels: dict[str, list[frozenset[int]]] = {}
+    for hit in hits:
+        per_label: list[frozenset[int]] = []
+        for label in row_labels(hit.payload):
+            if label not in encoded:
+                encoded[label] = frozenset(sparse.embed_document(label).indices) & terms
+            per_label.append(encoded[label])
+        labels[hit.id] = per_label
+    every = [named for per_hit in labels.values() for named in per_hit]
+    n = len(every)
+    frequency: dict[int, int] = {}
+    for named in every:
+        for term in named:
+            frequency[term] = frequency.get(term, 0) + 1
+    weight = {t: math.log(1 + (n - f + 0.5) / (f + 0.5)) for t, f in frequency.items()}
+    total = sum(weight.values())
+    if not total:
+        return dict.fromkeys(labels, 0.0)
+    return {
+        key: max((sum(weight[t] for t in named) for named in per_hit), default=0.0) / total
+        for key, per_hit in labels.items()
+    }
+
+
+def with_table_rows(
+    query: str, main: Sequence[Hit], rows: Sequence[Hit], sparse: SparseEncoder, k: int
+) -> list[Hit]:
+    """The top ``k`` of two re-ranked lists: the first of ``main``, then the rest of both
+    (each chunk once, at its better score) by score plus ``LABEL_WEIGHT`` times its
+    ``label_match``, best first."""
+    if not main:
+        return list(rows[:k])
+    pool: dict[str, Hit] = {}
+    for hit in (*main, *rows):
+        if hit.id not in pool or hit.score > pool[hit.id].score:
+            pool[hit.id] = hit
+    match = label_match(query, list(pool.values()), sparse)
+    first = main[0]
+    rest = sorted(
+        (
+            Hit(id=h.id, score=h.score + LABEL_WEIGHT * match[h.id], payload=h.payload)
+            for h in pool.values()
+            if h.id != first.id
+        ),
+        key=lambda h: -h.score,
+    )
+    return [first, *rest][: max(k, 0)]
 
 
 class SearchIndex(Protocol):

@@ -18,10 +18,12 @@ from appliance.core.protocols import Hit
 from ingest.embedders import Bm25Encoder
 from ingest.retrieval import (
     asks_for_latest,
+    asks_for_reasons,
     expand_query,
+    label_match,
     latest_date,
     rerank,
-    table_slots,
+    row_labels,
     with_table_rows,
 )
 
@@ -207,28 +209,77 @@ def _ids(hits: list[Hit]) -> list[str]:
     return [h.id for h in hits]
 
 
-def _plain(*names: str) -> list[Hit]:
-    return [Hit(id=n, score=1.0, payload={"path": "a.pdf"}) for n in names]
+HEADER = "Net sales (in millions)"
 
 
-@pytest.mark.parametrize(("k", "slots"), [(0, 0), (1, 0), (2, 1), (3, 2), (5, 3), (10, 5)])
-def test_table_rows_take_at_most_half_the_places_and_never_the_first(k: int, slots: int) -> None:
-    assert table_slots(k) == slots
+def _text(name: str, score: float, text: str = "Net sales were discussed by management.") -> Hit:
+    return Hit(id=name, score=score, payload={"path": "a.pdf", "kind": "text", "text": text})
 
 
-def test_table_rows_follow_the_best_chunk_and_alternate_with_the_text() -> None:
-    main = _plain("m0", "m1", "m2", "m3", "m4")
-    rows = _plain("t0", "t1", "t2", "t3")
-    assert _ids(with_table_rows(main, rows, 5)) == ["m0", "t0", "m1", "t1", "t2"]
-
-
-def test_rows_already_in_the_top_are_not_repeated_and_short_lists_are_filled() -> None:
-    main = _plain("m0", "t0", "m1", "m2", "m3")
-    assert _ids(with_table_rows(main, _plain("t0", "t1"), 5)) == ["m0", "t1", "t0", "m1", "m2"]
-    assert _ids(with_table_rows(main, [], 5)) == _ids(main)
-    assert _ids(with_table_rows(_plain("m0"), _plain("t0", "t1", "t2"), 5)) == [
-        "m0",
-        "t0",
-        "t1",
-        "t2",
+def _rows(name: str, score: float, *labels: str) -> Hit:
+    lines = [
+        f"{label} | July 1, 2023: {n + 1},000 | June 25, 2022: 900"
+        for n, label in enumerate(labels)
     ]
+    text = "\n".join([HEADER, *lines])
+    return Hit(id=name, score=score, payload={"path": "a.pdf", "kind": "table", "text": text})
+
+
+SEGMENTS = ("Net sales by reportable segment: Americas", "Net sales by reportable segment: Europe")
+CATEGORIES = ("Net sales by category: iPhone", "Net sales by category: Services")
+
+
+def test_row_labels_are_the_text_before_each_rows_first_figure() -> None:
+    assert row_labels(_rows("t", 1.0, *CATEGORIES).payload) == list(CATEGORIES)
+    # Prose, even with a bar in it, has no row labels; nor has a chunk without a kind.
+    assert row_labels(_text("m", 1.0, "Intro\nA | B").payload) == []
+    assert row_labels({"text": "Intro\nA | B"}) == []
+
+
+def test_the_row_that_names_the_line_item_matches_best(bm25: Bm25Encoder) -> None:
+    """The caption and the words every row shares ("net sales", "segment") tell rows apart
+    hardly at all; the word that only one label holds ("Services") decides."""
+    hits = [_rows("segments", 1.0, *SEGMENTS), _rows("categories", 0.9, *CATEGORIES)]
+    match = label_match("What was the Services segment revenue?", hits, bm25)
+    assert match["categories"] > match["segments"]
+    assert 0 < match["categories"] <= 1
+    assert label_match("Who audits the company?", hits, bm25) == {
+        "segments": 0.0,
+        "categories": 0.0,
+    }
+    assert label_match("Services?", [_text("m", 1.0, "Services | grew")], bm25) == {"m": 0.0}
+
+
+def test_table_rows_compete_with_the_text_after_the_best_chunk(bm25: Bm25Encoder) -> None:
+    main = [_text("m0", 1.0), _text("m1", 0.9), _text("m2", 0.8), _text("m3", 0.7)]
+    rows = [_rows("segments", 0.95, *SEGMENTS), _rows("categories", 0.85, *CATEGORIES)]
+    top = with_table_rows("What was the Services segment revenue?", main, rows, bm25, 4)
+    # The best chunk keeps its place; the row naming Services passes the better-ranked rows
+    # of the wrong line and the prose; no quota: prose keeps the places it earns.
+    assert _ids(top) == ["m0", "categories", "segments", "m1"]
+
+
+def test_a_chunk_in_both_lists_comes_once_and_short_lists_are_filled(bm25: Bm25Encoder) -> None:
+    shared = _rows("t0", 0.6, *CATEGORIES)
+    main = [_text("m0", 1.0), shared, _text("m1", 0.5)]
+    rows = [Hit(id="t0", score=0.9, payload=shared.payload), _rows("t1", 0.4, *SEGMENTS)]
+    top = with_table_rows("How did iPhone sales change?", main, rows, bm25, 5)
+    assert sorted(_ids(top)) == ["m0", "m1", "t0", "t1"]
+    assert _ids(top)[:2] == ["m0", "t0"]
+    assert _ids(with_table_rows("iPhone?", main, [], bm25, 2)) == ["m0", "t0"]
+    assert _ids(with_table_rows("iPhone?", [], rows, bm25, 1)) == ["t0"]
+
+
+@pytest.mark.parametrize(
+    ("question", "reasons"),
+    [
+        ("Why did gross margin fall?", True),
+        ("What was the primary driver behind the change in net income?", True),
+        ("Which factors affected operating income?", True),
+        ("What caused the decline in inventories?", True),
+        ("What was total net sales in Q3 2023?", False),
+        ("How has the Services segment revenue changed over the quarters?", False),
+    ],
+)
+def test_questions_that_ask_for_reasons(question: str, reasons: bool) -> None:
+    assert asks_for_reasons(question) is reasons

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from appliance.core.protocols import Section
 from ingest.chunking import chunk_sections, extracted_text
 from ingest.parsers import DEFAULT_OPTIONS, ParseOptions, parse_file
 from ingest.pdf_tables import looks_tabular
-from ingest.retrieval import search
+from ingest.retrieval import retrieve, search
 from ingest.tables import grid_table, row_line
 from tests.ingest.fixtures import make_pdf, make_table_pdf
 
@@ -270,8 +271,9 @@ def test_table_chunks_are_marked_and_only_they_are(tmp_path: Path) -> None:
 
 def test_search_returns_table_rows_beside_the_prose(make_indexer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Prose that repeats the question's words outranks the rows that hold the figures; the
-    table pass of retrieval still puts the rows in the top k, after the best chunk, and the
-    mark survives a rename (chunks reused from the state, not parsed again)."""
+    table pass of retrieval still puts the rows whose labels name the question's line items
+    in the top k, after the best chunk, and the mark survives a rename (chunks reused from
+    the state, not parsed again)."""
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "results.html").write_text(RESULTS_PAGE, encoding="utf-8")
@@ -291,6 +293,56 @@ def test_search_returns_table_rows_beside_the_prose(make_indexer, tmp_path: Path
     assert not all(r.chunk.table for r in rows)
     again = search(indexer, question, 3)
     assert any("Total net sales |" in h["text"] for h in again[1:])
+
+
+class CountingStore:
+    """The indexer's real store, counting the queries it answers and their filters."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.filters: list[Any] = []
+
+    def query(self, *args: Any, **kwargs: Any) -> Any:
+        self.filters.append(kwargs.get("where"))
+        return self.store.query(*args, **kwargs)
+
+
+def test_only_questions_for_figures_query_the_table_rows(make_indexer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A question that asks why gets the main list alone (its answer is narrative); one that
+    asks for figures also queries the table rows, and their labels decide which row comes."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.html").write_text(RESULTS_PAGE, encoding="utf-8")
+    indexer = make_indexer(docs)
+    indexer.reconcile()
+    store = CountingStore(indexer.store)
+    why = "Why did net sales and gross margin change?"
+    hits = retrieve(store, indexer.embedder, indexer.sparse, why, 3)
+    assert store.filters == [None]
+    assert len(hits) == 3
+    assert all(h.payload.get("kind") == "text" for h in hits)
+    store.filters.clear()
+    hits = retrieve(store, indexer.embedder, indexer.sparse, "What was the gross margin?", 3)
+    assert store.filters == [None, {"kind": ["table"]}]
+    rows = [h for h in hits if h.payload.get("kind") == "table"]
+    assert rows
+    assert "Gross margin | July 1, 2023: 36,413" in str(rows[0].payload["text"])
+
+
+def test_a_document_of_rows_alone_still_answers_every_question(
+    make_indexer, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Where the candidates are all table rows, they stand for the text."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    table = RESULTS_PAGE[RESULTS_PAGE.index("<table>") : RESULTS_PAGE.index("</table>") + 8]
+    (docs / "rows.html").write_text(f"<html><body>{table}</body></html>", encoding="utf-8")
+    indexer = make_indexer(docs)
+    indexer.reconcile()
+    for question in ("Why did gross margin change?", "What was the gross margin?"):
+        hits = retrieve(indexer.store, indexer.embedder, indexer.sparse, question, 3)
+        assert hits
+        assert all(h.payload.get("kind") == "table" for h in hits)
 
 
 def test_a_state_written_before_table_marks_reads_as_text(tmp_path: Path) -> None:
