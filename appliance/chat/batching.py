@@ -416,6 +416,8 @@ class BatchedLlamaCppChatModel(LlamaCppChatModel):
                 request.done = True
                 request.out.put(closed)
         self._free_context()
+        self._saved.clear()
+        self._saved_bytes = 0
         if self._llm is not None:
             self._llm.close()
             self._llm = None
