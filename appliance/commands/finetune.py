@@ -80,25 +80,33 @@ def _one_run_at_a_time(settings: Settings) -> Iterator[None]:
         os.close(fd)
 
 
-def _stop_event(folder: Path) -> threading.Event:
+@contextmanager
+def _stop_event(folder: Path) -> Iterator[threading.Event]:
     """Set on SIGTERM/SIGINT or when a ``stop`` file appears in the run folder (the UI's and
-    ``appliance finetune stop``'s way to reach a run in another process)."""
+    ``appliance finetune stop``'s way to reach a run in another process). The previous signal
+    handlers are back on exit: a run started in a longer-lived process (a test run, a notebook)
+    must not leave Ctrl-C, or a forked child's SIGTERM, setting a dead run's event."""
     stop = threading.Event()
+    over = threading.Event()
 
     def on_signal(_signum: int, _frame: Any) -> None:
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     (folder / "stop").unlink(missing_ok=True)
 
     def watch() -> None:
-        while not stop.wait(1.0):
+        while not over.is_set() and not stop.wait(1.0):
             if (folder / "stop").exists():
                 stop.set()
 
     threading.Thread(target=watch, name="finetune-stop", daemon=True).start()
-    return stop
+    try:
+        yield stop
+    finally:
+        over.set()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
@@ -147,7 +155,11 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
 
     from appliance.core.audit import local_identity, open_audit_log
 
-    with _one_run_at_a_time(settings), open_audit_log(settings) as audit:
+    with (
+        _one_run_at_a_time(settings),
+        open_audit_log(settings) as audit,
+        _stop_event(folder) as stop,
+    ):
         operator = local_identity()
         audit.record("finetune", operator, action=args.action, run=folder.name)
         say(f"fine-tuning run {folder.name}")
@@ -158,7 +170,7 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
             folder,
             tools=run_tools(settings),
             progress=not quiet,
-            stop=_stop_event(folder),
+            stop=stop,
             activate=not args.no_activate,
             say=say,
         )

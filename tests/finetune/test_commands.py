@@ -98,3 +98,19 @@ def test_a_jsonl_file_is_built_into_a_dataset_before_the_run(
     assert "'sig' exists with other content, so the new one is 'sig-2'" in (capsys.readouterr().err)
     assert main([*args, "--dataset", str(tmp_path / "absent.jsonl")]) == 1
     assert "appliance dataset build" in capsys.readouterr().err  # not a file: a name, unknown
+
+
+def test_a_run_gives_back_the_signal_handlers_it_took(tmp_path: Path) -> None:
+    """A run started in a longer-lived process (this test session) must not leave its
+    SIGTERM/SIGINT handlers behind: a forked child would ignore SIGTERM, Ctrl-C would set a
+    finished run's event."""
+    import signal
+
+    from appliance.commands.finetune import _stop_event
+
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    with _stop_event(tmp_path) as stop:
+        assert signal.getsignal(signal.SIGTERM) not in before
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.is_set()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before

@@ -174,7 +174,9 @@ def _register_many(args: tuple[str, str, int]) -> list[str]:
 def test_concurrent_writers_lose_nothing(registry: ModelRegistry, tmp_path: Path) -> None:
     """Two processes, each with its own registry on one folder, register at the same time."""
     jobs = [(str(registry.models_dir), str(tmp_path / f"p{k}"), 8) for k in range(2)]
-    with multiprocessing.get_context("fork").Pool(2) as pool:
+    # spawned, not forked: a fork copies whatever this test process holds (signal handlers,
+    # threads of models other tests opened, their locks)
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
         results = pool.map(_register_many, jobs)
     ids = [v for r in results for v in r]
     assert sorted(ids, key=lambda v: int(v[1:])) == [f"v{i}" for i in range(1, 17)]
